@@ -1,0 +1,84 @@
+"""The index policy: how indices are checked, and what an out-of-range index does.
+
+* Concrete indices (NumPy arrays, Python lists, committed JAX arrays) are checked eagerly: any
+  index ``< 0`` or ``>= num_embeddings`` raises ``IndexError`` before anything is computed, so a
+  failed call changes nothing. Negative indices never wrap, as in torch.
+* Traced indices (inside ``jax.jit``, ``vmap``, ...) cannot be checked from Python. There every
+  out-of-range index, negative ones included, is mapped to ``num_embeddings``: the gather returns
+  a NaN row, the gradient drops it, and the renorm scatter skips it. Those gathers run in XLA's
+  "fill or drop" mode, so ``jax.experimental.checkify`` with ``checkify.index_checks`` reports the
+  offending index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxembed._validation import check_index_dtype
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def prepare_indices(indices: Any, num_embeddings: int, *, name: str = "indices") -> jax.Array:
+    """Checks ``indices`` and returns them as a JAX integer array of the same shape.
+
+    Raises:
+      TypeError: the indices are not integers.
+      IndexError: concrete indices hold a value outside ``[0, num_embeddings)``.
+    """
+    if not hasattr(indices, "dtype"):
+        arr = np.asarray(indices)
+        if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+            arr = arr.astype(np.int32)  # `[]` parses as float64; an empty list is a valid input
+        indices = arr
+    check_index_dtype(name, indices.dtype)
+    if not _is_traced(indices):
+        values = np.asarray(indices)
+        if values.size:
+            bad = (values < 0) | (values >= num_embeddings)
+            if bad.any():
+                first = values[bad].flat[0]
+                raise IndexError(
+                    f"{name} holds {first}, out of range for a table of {num_embeddings} rows "
+                    f"(valid: 0 <= index < {num_embeddings}; negative indices do not wrap)"
+                )
+    return jnp.asarray(indices, dtype=_working_dtype(indices.dtype))
+
+
+def _working_dtype(dtype: Any) -> Any:
+    wide = jax.config.jax_enable_x64 and np.dtype(dtype).itemsize >= 4
+    return jnp.int64 if wide and np.dtype(dtype) != np.int32 else jnp.int32
+
+
+def safe_indices(indices: jax.Array, num_embeddings: int) -> jax.Array:
+    """Maps every out-of-range index to ``num_embeddings``, which gathers fill and scatters drop.
+
+    Unsigned indices that did not fit the working dtype wrapped to negatives, so they are caught
+    here too.
+    """
+    valid = (indices >= 0) & (indices < num_embeddings)
+    return jnp.where(valid, indices, num_embeddings)
+
+
+def gather_rows(weight: jax.Array, safe: jax.Array) -> jax.Array:
+    """``weight[safe]`` with NaN rows for the out-of-range sentinel ``num_embeddings``."""
+    return jnp.take(weight, safe, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def first_writer(safe: jax.Array, num_embeddings: int) -> jax.Array:
+    """Marks exactly one occurrence of each distinct index in the 1-D ``safe``.
+
+    Every position scatters its own number into a ``num_embeddings``-long int32 scratch; the one
+    that reads its own number back won. That makes a non-idempotent scatter (multiply) apply once
+    per row without a sort: O(n) work plus zeroing the scratch, which is ``embedding_dim`` times
+    smaller than the table. Sentinel entries never win.
+    """
+    k = jnp.arange(safe.shape[0], dtype=jnp.int32)
+    scratch = jnp.zeros((num_embeddings,), jnp.int32).at[safe].set(k, mode="drop")
+    return jnp.take(scratch, safe, mode="fill", fill_value=-1) == k
