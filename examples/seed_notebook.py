@@ -1,4 +1,4 @@
-"""The nn.Embedding walkthrough, replayed with jaxembed.
+"""The nn.Embedding walkthrough, replayed with jaxembed's nnx module.
 
 Example 1 looks rows of an 8x4 table up with [1, 3, 4]. Example 2 builds a table with
 padding_idx=2, max_norm=1 and prints the row norms before any lookup, after [1, 3, 4], after
@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import jaxembed
 
@@ -23,28 +24,37 @@ def show(title: str, value) -> None:
 
 def main() -> None:
     print("## Example 1: an 8 x 4 lookup table")
-    params = jaxembed.init(jax.random.key(0), num_embeddings=8, embedding_dim=4)
-    show("weight", params["weight"])
+    embedding_layer = jaxembed.Embedding(num_embeddings=8, embedding_dim=4, rngs=nnx.Rngs(0))
+    show("embedding_layer.weight", embedding_layer.weight[...])
     idx = jnp.array([1, 3, 4])
-    emb, params = jaxembed.embedding(params, idx)
-    show("embedding(params, [1, 3, 4])", emb)
+    show("embedding_layer([1, 3, 4])", embedding_layer(idx))
 
     print("\n## Example 2: padding_idx=2, max_norm=1, norm_type=2")
-    opts = dict(padding_idx=2, max_norm=1.0, norm_type=2.0)
-    params = jaxembed.init(jax.random.key(1), 8, 4, padding_idx=2)
-    show("weight", params["weight"])
+    embedding_layer = jaxembed.Embedding(
+        num_embeddings=8,
+        embedding_dim=4,
+        padding_idx=2,
+        max_norm=1.0,
+        norm_type=2.0,
+        rngs=nnx.Rngs(1),
+    )
+    show("embedding_layer.weight", embedding_layer.weight[...])
 
-    def norms(p):
-        return jnp.linalg.norm(p["weight"], axis=-1)
+    def norms():
+        return jnp.linalg.norm(embedding_layer.weight[...], axis=-1)
 
-    show("row norms before any lookup: not normalised yet", norms(params))
-    emb, params = jaxembed.embedding(params, idx, **opts)
-    show("embedding(params, [1, 3, 4]): the looked-up rows, renormed", emb)
-    show("weight after the lookup: rows 1, 3, 4 rewritten", params["weight"])
-    show("row norms", norms(params))
+    show("row norms before any lookup: not normalised yet", norms())
+    show("embedding_layer([1, 3, 4]): the looked-up rows, renormed", embedding_layer(idx))
+    show("weight after the lookup: rows 1, 3, 4 rewritten", embedding_layer.weight[...])
+    show("row norms", norms())
     for step in ([0, 2], [7]):
-        _, params = jaxembed.embedding(params, jnp.array(step), **opts)
-        show(f"row norms after looking up {step}", norms(params))
+        embedding_layer(jnp.array(step))
+        show(f"row norms after looking up {step}", norms())
+
+    print("\n## The same with the functional core: the renorm is an explicit state update")
+    params = jaxembed.init(jax.random.key(1), 8, 4, padding_idx=2)
+    emb, params = jaxembed.embedding(params, idx, padding_idx=2, max_norm=1.0)
+    show("embedding(params, [1, 3, 4])[0]", emb)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""jaxembed: torch's ``nn.Embedding`` semantics for JAX, as pure, jit-able functions."""
+"""jaxembed: torch's ``nn.Embedding`` semantics for JAX: pure, jit-able functions and Flax modules.
+
+The linen modules live in :mod:`jaxembed.linen`.
+"""
 
 from jaxembed._embedding import embedding
 from jaxembed._init import default_embedding_init, init
+from jaxembed._nnx import Embedding, FrozenWeight
 from jaxembed._renorm import renorm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Embedding",
+    "FrozenWeight",
     "default_embedding_init",
     "embedding",
     "init",

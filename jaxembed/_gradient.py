@@ -68,3 +68,20 @@ def _with_table_gradient_jvp(primals, tangents):
     if grad_scale is not None:
         rows_dot = rows_dot * grad_scale[..., None]
     return rows, rows_dot
+
+
+@jax.custom_jvp
+def straight_through(weight: jax.Array, new_weight: jax.Array) -> jax.Array:
+    """``new_weight``'s value with ``weight``'s gradient: the identity, as seen by autodiff.
+
+    A module that writes the renormed table back into its parameter uses this, so a second lookup
+    in the same forward pass still sends its gradient to the parameter, as torch's in-place,
+    outside-autograd renorm does. The primal is ``new_weight`` itself: no extra pass over the table.
+    """
+    del weight
+    return new_weight
+
+
+@straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    return primals[1], tangents[0]

@@ -1,0 +1,137 @@
+"""``flax.nnx`` modules over the functional core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+from jaxembed import _embedding, _gradient, _table
+from jaxembed._init import Initializer, default_embedding_init
+
+
+class FrozenWeight(nnx.Variable):
+    """A table that gets no gradient (torch's ``requires_grad=False``): not an ``nnx.Param``."""
+
+
+class Embedding(nnx.Module):
+    """torch's ``nn.Embedding`` as a ``flax.nnx`` module.
+
+    The table is the ``nnx.Param`` attribute ``weight``, shape ``(num_embeddings, embedding_dim)``.
+    Calling the module looks rows up with :func:`jaxembed.embedding`. With ``max_norm`` it writes
+    the renormed rows back into ``self.weight``, as torch does in place, so under ``nnx.jit``,
+    ``nnx.grad`` and ``nnx.Optimizer`` the gradient is taken at the pre-step table and the
+    optimizer updates the renormed one.
+
+    Args:
+      num_embeddings: rows of the table (>= 0).
+      embedding_dim: width of each row (>= 0).
+      padding_idx: a row zeroed at construction whose gradient is always zero.
+      max_norm: renorm looked-up rows whose ``norm_type``-norm exceeds it (> 0), or None.
+      norm_type: p of the p-norm, > 0 or ``inf``.
+      scale_grad_by_freq: divide each row's gradient by its count in the call.
+      dtype: the dtype of the output (compute dtype); None keeps ``param_dtype``.
+      param_dtype: the dtype the table is stored in.
+      embedding_init: ``init(key, shape, dtype)``; torch's N(0, 1) by default. It may be wrapped
+        in ``nnx.with_partitioning`` to place the table on a mesh.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> from flax import nnx
+      >>> emb = jaxembed.Embedding(8, 4, padding_idx=2, max_norm=1.0, rngs=nnx.Rngs(0))
+      >>> emb(jnp.array([1, 3, 4])).shape
+      (3, 4)
+      >>> bool(jnp.all(jnp.linalg.norm(emb.weight[...][jnp.array([1, 3, 4])], axis=1) <= 1.0))
+      True
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        embedding_init: Initializer = default_embedding_init,
+        rngs: nnx.Rngs,
+    ):
+        self._configure(
+            num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq
+        )
+        _table.check_dtypes(dtype, param_dtype)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        value = embedding_init(rngs.params(), (num_embeddings, embedding_dim), param_dtype)
+        self.weight = nnx.Param(_table.zero_padding_row(value, self.config.padding_idx))
+
+    def _configure(self, *args: Any) -> None:
+        self.config = _table.TableConfig.check(*args)
+        self.num_embeddings = self.config.num_embeddings
+        self.embedding_dim = self.config.embedding_dim
+        self.padding_idx = self.config.padding_idx
+        self.max_norm = self.config.max_norm
+        self.norm_type = self.config.norm_type
+        self.scale_grad_by_freq = self.config.scale_grad_by_freq
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        embeddings: ArrayLike,
+        *,
+        freeze: bool = True,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        dtype: Any = None,
+    ) -> Embedding:
+        """A module over a given table (torch's ``nn.Embedding.from_pretrained``).
+
+        The table is used as given (``padding_idx`` does not zero it). With ``freeze=True`` it is
+        a :class:`FrozenWeight`, not an ``nnx.Param``: ``nnx.grad`` and
+        ``nnx.Optimizer(wrt=nnx.Param)`` leave it alone. ``max_norm`` still renorms it.
+
+        Example:
+          >>> import jax.numpy as jnp, jaxembed
+          >>> emb = jaxembed.Embedding.from_pretrained(jnp.eye(3))
+          >>> emb(jnp.array([2]))
+          Array([[0., 0., 1.]], dtype=float32)
+        """
+        embeddings = _table.check_pretrained(embeddings)
+        self = cls(
+            *embeddings.shape,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            dtype=dtype,
+            param_dtype=embeddings.dtype,
+            embedding_init=lambda key, shape, dtype: embeddings,
+            rngs=nnx.Rngs(0),
+        )
+        # padding_idx is set after construction: the given table keeps its padding row
+        self._configure(*embeddings.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq)
+        self.weight = (FrozenWeight if freeze else nnx.Param)(embeddings)
+        return self
+
+    def __call__(self, indices: ArrayLike) -> jax.Array:
+        """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
+        weight = self.weight.get_value()
+        out, new_params = _embedding.embedding(
+            {"weight": weight}, indices, **self.config.lookup_options
+        )
+        if self.config.max_norm is not None:
+            # a later lookup in the same forward pass must still reach the parameter's gradient
+            self.weight.set_value(_gradient.straight_through(weight, new_params["weight"]))
+        return _table.cast_output(out, self.dtype)
+
+    def attend(self, query: ArrayLike) -> jax.Array:
+        """``query @ weight.T``: scores over the vocabulary, for a tied output projection."""
+        return _table.attend(query, self.weight.get_value(), self.dtype)

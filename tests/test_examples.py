@@ -1,0 +1,41 @@
+"""Each example runs, with tiny flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_notebook(capsys):
+    _load("seed_notebook").main()
+    out = capsys.readouterr().out
+    assert "row norms after looking up [7]" in out
+    # the last norms printed: rows 0, 1, 3, 4 and 7 renormed to 1, the padding row 0
+    last = out.split("row norms after looking up [7]")[1].strip().split("\n\n")[0]
+    last = last.strip("[]").split()
+    norms = np.array([float(x) for x in last])
+    np.testing.assert_allclose(norms[[0, 1, 3, 4, 7]], 1.0, atol=1e-4)
+    assert norms[2] == 0
+
+
+def test_train_skipgram_tiny(tmp_path):
+    plot = tmp_path / "loss.png"
+    result = _load("train_skipgram").main(
+        ["--steps", "150", "--batch", "64", "--dim", "16", "--vocab", "500", "--plot", str(plot)]
+    )
+    losses = result["losses"]
+    assert len(losses) == 150 and np.isfinite(losses).all()
+    assert np.mean(losses[-20:]) < np.mean(losses[:20])
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert result["neighbours"]  # some query words are in a 500-word vocabulary
