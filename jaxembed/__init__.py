@@ -3,18 +3,21 @@
 The linen modules live in :mod:`jaxembed.linen`.
 """
 
+from jaxembed._bag import embedding_bag
 from jaxembed._embedding import embedding
 from jaxembed._init import default_embedding_init, init
-from jaxembed._nnx import Embedding, FrozenWeight
+from jaxembed._nnx import Embedding, EmbeddingBag, FrozenWeight
 from jaxembed._renorm import renorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Embedding",
+    "EmbeddingBag",
     "FrozenWeight",
     "default_embedding_init",
     "embedding",
+    "embedding_bag",
     "init",
     "renorm",
 ]

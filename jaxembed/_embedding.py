@@ -26,10 +26,11 @@ def _embedding(
     num_embeddings, dim = weight.shape
     safe = _index_policy.safe_indices(indices.reshape(-1), num_embeddings)
     frozen = jax.lax.stop_gradient(weight)
-    if max_norm is None:
-        rows, new_weight = _index_policy.gather_rows(frozen, safe), None
-    else:
-        rows, new_weight = _renorm.renorm_table(frozen, safe, max_norm, norm_type)
+    new_weight = None
+    if max_norm is not None:
+        # the output is gathered from the renormed table: duplicates all see the renormed row
+        frozen = new_weight = _renorm.renorm_table(frozen, safe, max_norm, norm_type)
+    rows = _index_policy.gather_rows(frozen, safe)
     grad_scale = _gradient.gradient_scale(safe, padding_idx, scale_grad_by_freq, weight.dtype)
     out = _gradient.with_table_gradient(rows, weight, safe, grad_scale)
     return out.reshape(indices.shape + (dim,)), new_weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxembed import _embedding, _gradient, _table
+from jaxembed import _bag, _embedding, _gradient, _table
 from jaxembed._init import Initializer, default_embedding_init
 
 
@@ -17,7 +18,77 @@ class FrozenWeight(nnx.Variable):
     """A table that gets no gradient (torch's ``requires_grad=False``): not an ``nnx.Param``."""
 
 
-class Embedding(nnx.Module):
+class _TableModule(nnx.Module):
+    """The table, its checked configuration, and the write-back of the renorm."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        padding_idx: int | None,
+        max_norm: float | None,
+        norm_type: float,
+        scale_grad_by_freq: bool,
+        dtype: Any,
+        param_dtype: Any,
+        embedding_init: Initializer,
+        rngs: nnx.Rngs,
+    ):
+        self._configure(
+            num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq
+        )
+        _table.check_dtypes(dtype, param_dtype)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        value = embedding_init(rngs.params(), (num_embeddings, embedding_dim), param_dtype)
+        self.weight = nnx.Param(_table.zero_padding_row(value, self.config.padding_idx))
+
+    def _configure(self, *args: Any) -> None:
+        self.config = _table.TableConfig.check(*args)
+        self.num_embeddings = self.config.num_embeddings
+        self.embedding_dim = self.config.embedding_dim
+        self.padding_idx = self.config.padding_idx
+        self.max_norm = self.config.max_norm
+        self.norm_type = self.config.norm_type
+        self.scale_grad_by_freq = self.config.scale_grad_by_freq
+
+    @classmethod
+    def _pretrained(
+        cls,
+        embeddings: ArrayLike,
+        freeze: bool,
+        padding_idx: int | None,
+        max_norm: float | None,
+        norm_type: float,
+        scale_grad_by_freq: bool,
+        **kwargs: Any,
+    ):
+        embeddings = _table.check_pretrained(embeddings)
+        self = cls(
+            *embeddings.shape,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            param_dtype=embeddings.dtype,
+            embedding_init=lambda key, shape, dtype: embeddings,
+            rngs=nnx.Rngs(0),
+            **kwargs,
+        )
+        # padding_idx is set after construction: the given table keeps its padding row
+        self._configure(*embeddings.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq)
+        self.weight = (FrozenWeight if freeze else nnx.Param)(embeddings)
+        return self
+
+    def _finish(self, out: jax.Array, weight: jax.Array, new_params: Mapping) -> jax.Array:
+        """Writes the renormed table back (as torch does in place) and casts the output."""
+        if self.config.max_norm is not None:
+            # a later lookup in the same forward pass must still reach the parameter's gradient
+            self.weight.set_value(_gradient.straight_through(weight, new_params["weight"]))
+        return _table.cast_output(out, self.dtype)
+
+
+class Embedding(_TableModule):
     """torch's ``nn.Embedding`` as a ``flax.nnx`` module.
 
     The table is the ``nnx.Param`` attribute ``weight``, shape ``(num_embeddings, embedding_dim)``.
@@ -63,23 +134,18 @@ class Embedding(nnx.Module):
         embedding_init: Initializer = default_embedding_init,
         rngs: nnx.Rngs,
     ):
-        self._configure(
-            num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=embedding_init,
+            rngs=rngs,
         )
-        _table.check_dtypes(dtype, param_dtype)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        value = embedding_init(rngs.params(), (num_embeddings, embedding_dim), param_dtype)
-        self.weight = nnx.Param(_table.zero_padding_row(value, self.config.padding_idx))
-
-    def _configure(self, *args: Any) -> None:
-        self.config = _table.TableConfig.check(*args)
-        self.num_embeddings = self.config.num_embeddings
-        self.embedding_dim = self.config.embedding_dim
-        self.padding_idx = self.config.padding_idx
-        self.max_norm = self.config.max_norm
-        self.norm_type = self.config.norm_type
-        self.scale_grad_by_freq = self.config.scale_grad_by_freq
 
     @classmethod
     def from_pretrained(
@@ -105,21 +171,9 @@ class Embedding(nnx.Module):
           >>> emb(jnp.array([2]))
           Array([[0., 0., 1.]], dtype=float32)
         """
-        embeddings = _table.check_pretrained(embeddings)
-        self = cls(
-            *embeddings.shape,
-            max_norm=max_norm,
-            norm_type=norm_type,
-            scale_grad_by_freq=scale_grad_by_freq,
-            dtype=dtype,
-            param_dtype=embeddings.dtype,
-            embedding_init=lambda key, shape, dtype: embeddings,
-            rngs=nnx.Rngs(0),
+        return cls._pretrained(
+            embeddings, freeze, padding_idx, max_norm, norm_type, scale_grad_by_freq, dtype=dtype
         )
-        # padding_idx is set after construction: the given table keeps its padding row
-        self._configure(*embeddings.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq)
-        self.weight = (FrozenWeight if freeze else nnx.Param)(embeddings)
-        return self
 
     def __call__(self, indices: ArrayLike) -> jax.Array:
         """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
@@ -127,11 +181,102 @@ class Embedding(nnx.Module):
         out, new_params = _embedding.embedding(
             {"weight": weight}, indices, **self.config.lookup_options
         )
-        if self.config.max_norm is not None:
-            # a later lookup in the same forward pass must still reach the parameter's gradient
-            self.weight.set_value(_gradient.straight_through(weight, new_params["weight"]))
-        return _table.cast_output(out, self.dtype)
+        return self._finish(out, weight, new_params)
 
     def attend(self, query: ArrayLike) -> jax.Array:
         """``query @ weight.T``: scores over the vocabulary, for a tied output projection."""
         return _table.attend(query, self.weight.get_value(), self.dtype)
+
+
+class EmbeddingBag(_TableModule):
+    """torch's ``nn.EmbeddingBag`` as a ``flax.nnx`` module, over :func:`jaxembed.embedding_bag`.
+
+    Arguments are :class:`Embedding`'s, plus ``mode`` (``"sum"``, ``"mean"``, ``"max"``) and
+    ``include_last_offset``. With ``max_norm`` the renormed rows are written back into
+    ``self.weight``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> from flax import nnx
+      >>> bag = jaxembed.EmbeddingBag(10, 3, mode="sum", rngs=nnx.Rngs(0))
+      >>> bag(jnp.array([1, 2, 4, 5, 4]), jnp.array([0, 2])).shape
+      (2, 3)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        mode: str = "mean",
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        include_last_offset: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        embedding_init: Initializer = default_embedding_init,
+        rngs: nnx.Rngs,
+    ):
+        self.mode, self.include_last_offset = _table.check_bag_options(
+            mode, include_last_offset, scale_grad_by_freq
+        )
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=embedding_init,
+            rngs=rngs,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        embeddings: ArrayLike,
+        *,
+        freeze: bool = True,
+        mode: str = "mean",
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        include_last_offset: bool = False,
+        dtype: Any = None,
+    ) -> EmbeddingBag:
+        """A bag module over a given table (torch's ``nn.EmbeddingBag.from_pretrained``)."""
+        return cls._pretrained(
+            embeddings,
+            freeze,
+            padding_idx,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            mode=mode,
+            include_last_offset=include_last_offset,
+            dtype=dtype,
+        )
+
+    def __call__(
+        self,
+        indices: ArrayLike,
+        offsets: ArrayLike | None = None,
+        per_sample_weights: ArrayLike | None = None,
+    ) -> jax.Array:
+        """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``."""
+        weight = self.weight.get_value()
+        out, new_params = _bag.embedding_bag(
+            {"weight": weight},
+            indices,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=self.include_last_offset,
+            **self.config.lookup_options,
+        )
+        return self._finish(out, weight, new_params)

@@ -75,11 +75,8 @@ def renorm_rows(rows: jax.Array, max_norm: float, norm_type: float) -> jax.Array
 
 def renorm_table(
     weight: jax.Array, safe: jax.Array, max_norm: float, norm_type: float
-) -> tuple[jax.Array, jax.Array]:
-    """Renorms the rows ``safe`` (1-D, sentinel-mapped) references.
-
-    Returns ``(rows, new_weight)``: the renormed rows in the order of ``safe`` (NaN for the
-    out-of-range sentinel) and the table with those rows written back.
+) -> jax.Array:
+    """Returns ``weight`` with the rows ``safe`` (1-D, sentinel-mapped) references renormed.
 
     Only rows whose norm exceeds ``max_norm`` are written, each once however often it is
     referenced. For float32/float64 tables the write is a scatter-multiply by the scale, which is
@@ -99,7 +96,7 @@ def renorm_table(
     else:
         target = jnp.where(over, safe, num_embeddings)
         new_weight = weight.at[target].set(renorm_rows(rows, max_norm, norm_type), mode="drop")
-    return _index_policy.gather_rows(new_weight, safe), new_weight
+    return new_weight
 
 
 @functools.partial(jax.jit, static_argnames=("max_norm", "norm_type"))
@@ -107,7 +104,7 @@ def _renorm_weight(
     weight: jax.Array, indices: jax.Array, *, max_norm: float, norm_type: float
 ) -> jax.Array:
     safe = _index_policy.safe_indices(indices.reshape(-1), weight.shape[0])
-    return jax.lax.stop_gradient(renorm_table(weight, safe, max_norm, norm_type)[1])
+    return jax.lax.stop_gradient(renorm_table(weight, safe, max_norm, norm_type))
 
 
 def renorm(

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from jaxembed import _validation
 
+MODES = ("sum", "mean", "max")
+
 
 @dataclasses.dataclass(frozen=True)
 class TableConfig:
@@ -93,3 +95,11 @@ def attend(query: jax.Array, weight: jax.Array, dtype: Any) -> jax.Array:
     query = jnp.asarray(query)
     dtype = dtype or jnp.result_type(query, weight)
     return jnp.dot(query.astype(dtype), weight.astype(dtype).T)
+
+
+def check_bag_options(mode: Any, include_last_offset: Any, scale_grad_by_freq: Any) -> tuple:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if scale_grad_by_freq and mode == "max":
+        raise ValueError('scale_grad_by_freq is not supported with mode="max" (as in torch)')
+    return mode, _validation.check_flag("include_last_offset", include_last_offset)
