@@ -18,7 +18,14 @@ import numpy as np
 import jaxembed
 
 
-def _median_ms(fn, repeat):
+def _median_ms(fn, repeat, sync=None):
+    if sync is not None:
+        inner = fn
+
+        def fn():
+            inner()
+            sync()
+
     fn()
     times = []
     for _ in range(repeat):
@@ -36,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--bag-size", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-device", default="cpu", help="where torch runs: cpu or cuda")
     args = ap.parse_args(argv)
     V, D, B, N, R = args.vocab, args.dim, args.bags, args.bag_size, args.repeat
     rng = np.random.default_rng(0)
@@ -66,12 +74,14 @@ def main(argv=None):
     if not args.no_torch:
         import torch
 
-        tw = torch.from_numpy(w_np)
-        ti = torch.from_numpy(idx_np.astype(np.int64))
+        dev = torch.device(args.torch_device)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else None
+        tw = torch.from_numpy(w_np).to(dev)
+        ti = torch.from_numpy(idx_np.astype(np.int64)).to(dev)
         with torch.no_grad():
             for mode in ("sum", "mean", "max"):
                 bag = torch.nn.EmbeddingBag.from_pretrained(tw, mode=mode)
-                res[f"torch EmbeddingBag {mode}"] = _median_ms(lambda b=bag: b(ti), R)
+                res[f"torch EmbeddingBag {mode}"] = _median_ms(lambda b=bag: b(ti), R, sync)
 
     print(
         f"V={V} D={D} bags={B}x{N} float32, median of {R}, "
@@ -79,6 +89,15 @@ def main(argv=None):
     )
     for name, ms in res.items():
         print(f"  {name:30s} {ms:8.2f} ms")
+    moved = B * N * D * 4 + B * D * 4  # gathered rows read, bags written
+    copy = jax.jit(lambda w: w + 0)
+    copy_ms = _median_ms(lambda: block(copy(params["weight"])), R)
+    copy_bw = 2 * V * D * 4 / (copy_ms / 1e3)
+    bw = moved / (res["jaxembed 2-D sum"] / 1e3)
+    print(
+        f"roofline: copy bandwidth {copy_bw / 1e9:.1f} GB/s; 2-D sum moves {moved / 1e6:.1f} MB "
+        f"at {bw / 1e9:.1f} GB/s = {bw / copy_bw:.0%} of it"
+    )
     base = res["jnp take(...).sum(1)"]
     print("ratios (time / baseline):")
     for mode in ("sum", "mean", "max"):

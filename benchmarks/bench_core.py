@@ -21,7 +21,14 @@ import numpy as np
 import jaxembed
 
 
-def _median_ms(fn, repeat):
+def _median_ms(fn, repeat, sync=None):
+    if sync is not None:
+        inner = fn
+
+        def fn():
+            inner()
+            sync()
+
     fn()  # warm-up / compile
     times = []
     for _ in range(repeat):
@@ -38,6 +45,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=65_536)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-device", default="cpu", help="where torch runs: cpu or cuda")
     args = ap.parse_args(argv)
     V, D, N, R = args.vocab, args.dim, args.batch, args.repeat
 
@@ -49,6 +57,11 @@ def main(argv=None):
     weight = jnp.asarray(w_np)
     params = {"weight": weight}
     res = {}
+
+    # the device's own copy bandwidth, for a roofline: read + write of the whole table
+    copy = jax.jit(lambda w: w + 0)
+    res["device copy of the table"] = _median_ms(lambda: copy(weight).block_until_ready(), R)
+    copy_bw = 2 * V * D * 4 / (res["device copy of the table"] / 1e3)
 
     take = jax.jit(lambda w, i: jnp.take(w, i, axis=0))
     res["jnp.take forward"] = _median_ms(lambda: take(weight, idx).block_until_ready(), R)
@@ -95,20 +108,30 @@ def main(argv=None):
         import torch
         import torch.nn.functional as F
 
-        tw = torch.from_numpy(w_np.copy())
-        tidx = torch.from_numpy(idx_np.astype(np.int64))
+        dev = torch.device(args.torch_device)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else None
+        tw = torch.from_numpy(w_np.copy()).to(dev)
+        tidx = torch.from_numpy(idx_np.astype(np.int64)).to(dev)
         with torch.no_grad():
-            res["torch F.embedding"] = _median_ms(lambda: F.embedding(tidx, tw), R)
-            res["torch max_norm=1"] = _median_ms(lambda: F.embedding(tidx, tw, max_norm=1.0), R)
-            tw.copy_(torch.from_numpy(w_np))
-            tfresh = iter([torch.from_numpy(f.astype(np.int64)) for f in fresh])
+            res["torch F.embedding"] = _median_ms(lambda: F.embedding(tidx, tw), R, sync)
+            res["torch max_norm=1"] = _median_ms(
+                lambda: F.embedding(tidx, tw, max_norm=1.0), R, sync
+            )
+            tw.copy_(torch.from_numpy(w_np).to(dev))
+            tfresh = iter([torch.from_numpy(f.astype(np.int64)).to(dev) for f in fresh])
             res["torch max_norm=1 first touch"] = _median_ms(
-                lambda: F.embedding(next(tfresh), tw, max_norm=1.0), min(R, V // N - 1)
+                lambda: F.embedding(next(tfresh), tw, max_norm=1.0), min(R, V // N - 1), sync
             )
 
     print(f"V={V} D={D} N={N} float32, median of {R}, jax {jax.__version__} on {jax.devices()[0]}")
     for name, ms in res.items():
         print(f"  {name:34s} {ms:9.2f} ms")
+    moved = 2 * N * D * 4  # a lookup reads N rows and writes N rows
+    fwd_bw = moved / (res["jaxembed forward"] / 1e3)
+    print(
+        f"roofline: copy bandwidth {copy_bw / 1e9:.1f} GB/s; jaxembed forward moves "
+        f"{moved / 1e6:.1f} MB at {fwd_bw / 1e9:.1f} GB/s = {fwd_bw / copy_bw:.0%} of it"
+    )
     print("ratios:")
     print(
         f"  forward / jnp.take:                    "

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One prepared GPU run: the core and bag benchmarks (torch on the same GPU), then a subset of the
+# torch-parity tests with JAX on the GPU. Writes its logs under $OUT (or ./gpu-out).
+set -u
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)" | tee -a "$out/gpu.txt"
+python3 benchmarks/bench_core.py --torch-device cuda --repeat 50 2>&1 | tee "$out/core.txt"
+python3 benchmarks/bench_bag.py --torch-device cuda --repeat 50 2>&1 | tee "$out/bag.txt"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+  "tests/test_embedding.py::test_matches_torch" -k "(7,)-jit or (2, 3, 4)-jit" \
+  tests/test_index_policy.py tests/test_training.py 2>&1 | tail -15 | tee "$out/tests.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_bag.py \
+  -k "2d or balanced" 2>&1 | tail -15 | tee -a "$out/tests.txt"
