@@ -176,18 +176,57 @@ def _column_bags(table, safe, keep, psw, starts, mode, width):
     return total.astype(table.dtype), jnp.zeros(shape, jnp.int32)
 
 
+def _reshape_bags(table, safe, keep, psw, starts, mode, width):
+    """2-D bags the plain way: gather ``(B, width, D)`` rows and reduce along ``width``.
+
+    Returns ``(bags, pos)`` as :func:`_column_bags` does.
+    """
+    num_bags, dim = starts.shape[0], table.shape[1]
+    if width == 0:
+        return jnp.zeros((num_bags, dim), table.dtype), jnp.full((num_bags, dim), -1, jnp.int32)
+    acc = _renorm.compute_dtype(table.dtype)
+    rows = _index_policy.gather_rows(table, safe).astype(acc).reshape(num_bags, width, dim)
+    keep = keep.reshape(num_bags, width, 1)
+    if mode == "max":
+        vals = jnp.where(keep, rows, -jnp.inf)
+        first = jnp.argmax(vals, axis=1)  # the first maximal entry
+        found = jnp.any(keep, axis=1)
+        picked = jnp.take_along_axis(rows, first[:, None, :], axis=1)[:, 0]
+        out = jnp.where(jnp.any(jnp.isnan(vals), axis=1), jnp.nan, jnp.where(found, picked, 0))
+        start = (jnp.arange(num_bags, dtype=jnp.int32) * width)[:, None]
+        return out.astype(table.dtype), jnp.where(found, start + first, -1).astype(jnp.int32)
+    if psw is not None:
+        rows = rows * psw.astype(acc).reshape(num_bags, width, 1)
+    total = jnp.where(keep, rows, 0).sum(axis=1)
+    if mode == "mean":
+        total = total / jnp.maximum(keep.sum(axis=1, dtype=acc), 1)
+    return total.astype(table.dtype), jnp.zeros(total.shape, jnp.int32)
+
+
 def _bags_primal(table, safe, keep, psw, starts, mode, width):
-    if width is not None:  # 2-D indices: every bag holds `width` entries
-        return _column_bags(table, safe, keep, psw, starts, mode, width)
-    # offsets: the column loop runs as long as the largest bag. Where that would gather more than
-    # twice the rows there are (a few huge bags), the segment reduction is cheaper.
-    longest = jnp.max(_bag_ends(starts, safe.shape[0]) - starts, initial=0)
-    balanced = longest * starts.shape[0] <= 2 * safe.shape[0] + starts.shape[0]
-    return jax.lax.cond(
-        balanced,
-        lambda: _column_bags(table, safe, keep, psw, starts, mode, longest),
-        lambda: _segment_bags(table, safe, keep, psw, starts, mode),
-    )
+    """Picks the forward pass by backend: XLA's CPU pays for large temporaries in page faults, so
+    there the column loop wins; on GPU and TPU one big gather and reduce does (the loop runs
+    ~4x slower than ``take(...).sum(1)`` on an H100)."""
+
+    def cpu():
+        if width is not None:  # 2-D indices: every bag holds `width` entries
+            return _column_bags(table, safe, keep, psw, starts, mode, width)
+        # offsets: the loop runs as long as the largest bag. Where that would gather more than
+        # twice the rows there are (a few huge bags), the segment reduction is cheaper.
+        longest = jnp.max(_bag_ends(starts, safe.shape[0]) - starts, initial=0)
+        balanced = longest * starts.shape[0] <= 2 * safe.shape[0] + starts.shape[0]
+        return jax.lax.cond(
+            balanced,
+            lambda: _column_bags(table, safe, keep, psw, starts, mode, longest),
+            lambda: _segment_bags(table, safe, keep, psw, starts, mode),
+        )
+
+    def accelerator():
+        if width is not None:
+            return _reshape_bags(table, safe, keep, psw, starts, mode, width)
+        return _segment_bags(table, safe, keep, psw, starts, mode)
+
+    return jax.lax.platform_dependent(cpu=cpu, default=accelerator)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8))
