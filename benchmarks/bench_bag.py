@@ -8,31 +8,13 @@ Both layouts: 2-D indices (B, N), and 1-D indices with offsets (the same bags).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_ms  # benchmarks/ is on sys.path when run as a script
 
 import jaxembed
-
-
-def _median_ms(fn, repeat, sync=None):
-    if sync is not None:
-        inner = fn
-
-        def fn():
-            inner()
-            sync()
-
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -59,17 +41,15 @@ def main(argv=None):
         return jax.block_until_ready(x)
 
     take_sum = jax.jit(lambda w, i: jnp.take(w, i, axis=0).sum(1))
-    res["jnp take(...).sum(1)"] = _median_ms(lambda: block(take_sum(params["weight"], idx2)), R)
+    res["jnp take(...).sum(1)"] = median_ms(lambda: block(take_sum(params["weight"], idx2)), R)
     for mode in ("sum", "mean", "max"):
         f2 = jax.jit(lambda p, i, m=mode: jaxembed.embedding_bag(p, i, mode=m)[0])
-        res[f"jaxembed 2-D {mode}"] = _median_ms(lambda f=f2: block(f(params, idx2)), R)
+        res[f"jaxembed 2-D {mode}"] = median_ms(lambda f=f2: block(f(params, idx2)), R)
         f1 = jax.jit(lambda p, i, o, m=mode: jaxembed.embedding_bag(p, i, o, mode=m)[0])
-        res[f"jaxembed offsets {mode}"] = _median_ms(
-            lambda f=f1: block(f(params, idx1, offsets)), R
-        )
+        res[f"jaxembed offsets {mode}"] = median_ms(lambda f=f1: block(f(params, idx1, offsets)), R)
     psw = jnp.asarray(rng.normal(size=(B, N)).astype(np.float32))
     fw = jax.jit(lambda p, i, w: jaxembed.embedding_bag(p, i, mode="sum", per_sample_weights=w)[0])
-    res["jaxembed 2-D sum + weights"] = _median_ms(lambda: block(fw(params, idx2, psw)), R)
+    res["jaxembed 2-D sum + weights"] = median_ms(lambda: block(fw(params, idx2, psw)), R)
 
     if not args.no_torch:
         import torch
@@ -81,7 +61,7 @@ def main(argv=None):
         with torch.no_grad():
             for mode in ("sum", "mean", "max"):
                 bag = torch.nn.EmbeddingBag.from_pretrained(tw, mode=mode)
-                res[f"torch EmbeddingBag {mode}"] = _median_ms(lambda b=bag: b(ti), R, sync)
+                res[f"torch EmbeddingBag {mode}"] = median_ms(lambda b=bag: b(ti), R, sync)
 
     print(
         f"V={V} D={D} bags={B}x{N} float32, median of {R}, "
@@ -91,7 +71,7 @@ def main(argv=None):
         print(f"  {name:30s} {ms:8.2f} ms")
     moved = B * N * D * 4 + B * D * 4  # gathered rows read, bags written
     copy = jax.jit(lambda w: w + 0)
-    copy_ms = _median_ms(lambda: block(copy(params["weight"])), R)
+    copy_ms = median_ms(lambda: block(copy(params["weight"])), R)
     copy_bw = 2 * V * D * 4 / (copy_ms / 1e3)
     bw = moved / (res["jaxembed 2-D sum"] / 1e3)
     print(

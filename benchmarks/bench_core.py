@@ -11,31 +11,13 @@ Prints the median time of each path and the ratios the core is held to:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_ms  # benchmarks/ is on sys.path when run as a script
 
 import jaxembed
-
-
-def _median_ms(fn, repeat, sync=None):
-    if sync is not None:
-        inner = fn
-
-        def fn():
-            inner()
-            sync()
-
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -60,25 +42,25 @@ def main(argv=None):
 
     # the device's own copy bandwidth, for a roofline: read + write of the whole table
     copy = jax.jit(lambda w: w + 0)
-    res["device copy of the table"] = _median_ms(lambda: copy(weight).block_until_ready(), R)
+    res["device copy of the table"] = median_ms(lambda: copy(weight).block_until_ready(), R)
     copy_bw = 2 * V * D * 4 / (res["device copy of the table"] / 1e3)
 
     take = jax.jit(lambda w, i: jnp.take(w, i, axis=0))
-    res["jnp.take forward"] = _median_ms(lambda: take(weight, idx).block_until_ready(), R)
+    res["jnp.take forward"] = median_ms(lambda: take(weight, idx).block_until_ready(), R)
 
     fwd = jax.jit(lambda p, i: jaxembed.embedding(p, i)[0])
-    res["jaxembed forward"] = _median_ms(lambda: fwd(params, idx).block_until_ready(), R)
+    res["jaxembed forward"] = median_ms(lambda: fwd(params, idx).block_until_ready(), R)
 
     take_grad = jax.jit(jax.grad(lambda w, i: jnp.sum(jnp.take(w, i, axis=0) * cot)))
-    res["jnp.take grad"] = _median_ms(lambda: take_grad(weight, idx).block_until_ready(), R)
+    res["jnp.take grad"] = median_ms(lambda: take_grad(weight, idx).block_until_ready(), R)
 
     emb_grad = jax.jit(jax.grad(lambda p, i: jnp.sum(jaxembed.embedding(p, i)[0] * cot)))
-    res["jaxembed fwd+bwd"] = _median_ms(
+    res["jaxembed fwd+bwd"] = median_ms(
         lambda: emb_grad(params, idx)["weight"].block_until_ready(), R
     )
 
     renorm_fwd = jax.jit(lambda p, i: jaxembed.embedding(p, i, max_norm=1.0))
-    res["jaxembed max_norm (no donation)"] = _median_ms(
+    res["jaxembed max_norm (no donation)"] = median_ms(
         lambda: renorm_fwd(params, idx)[1]["weight"].block_until_ready(), R
     )
 
@@ -89,7 +71,7 @@ def main(argv=None):
         out, state["params"] = donated(state["params"], idx)
         out.block_until_ready()
 
-    res["jaxembed max_norm (donated)"] = _median_ms(run_donated, R)
+    res["jaxembed max_norm (donated)"] = median_ms(run_donated, R)
 
     # the calls above run in steady state (rows already renormed, as in a long training run);
     # "first touch" looks up rows never renormed before, so every one of them is rewritten
@@ -102,7 +84,7 @@ def main(argv=None):
         out, state["params"] = donated(state["params"], next(it))
         out.block_until_ready()
 
-    res["jaxembed max_norm first touch"] = _median_ms(run_fresh, min(R, V // N - 1))
+    res["jaxembed max_norm first touch"] = median_ms(run_fresh, min(R, V // N - 1))
 
     if not args.no_torch:
         import torch
@@ -113,13 +95,13 @@ def main(argv=None):
         tw = torch.from_numpy(w_np.copy()).to(dev)
         tidx = torch.from_numpy(idx_np.astype(np.int64)).to(dev)
         with torch.no_grad():
-            res["torch F.embedding"] = _median_ms(lambda: F.embedding(tidx, tw), R, sync)
-            res["torch max_norm=1"] = _median_ms(
+            res["torch F.embedding"] = median_ms(lambda: F.embedding(tidx, tw), R, sync)
+            res["torch max_norm=1"] = median_ms(
                 lambda: F.embedding(tidx, tw, max_norm=1.0), R, sync
             )
             tw.copy_(torch.from_numpy(w_np).to(dev))
             tfresh = iter([torch.from_numpy(f.astype(np.int64)).to(dev) for f in fresh])
-            res["torch max_norm=1 first touch"] = _median_ms(
+            res["torch max_norm=1 first touch"] = median_ms(
                 lambda: F.embedding(next(tfresh), tw, max_norm=1.0), min(R, V // N - 1), sync
             )
 

@@ -35,11 +35,7 @@ MODES = _table.MODES
 
 
 def _check_offsets(offsets: Any, num_indices: int, include_last_offset: bool) -> jax.Array:
-    if not hasattr(offsets, "dtype"):
-        offsets = np.asarray(offsets)
-        if offsets.size == 0 and not np.issubdtype(offsets.dtype, np.integer):
-            offsets = offsets.astype(np.int32)
-    _validation.check_index_dtype("offsets", offsets.dtype)
+    offsets = _index_policy.as_integer_array(offsets, "offsets")
     if offsets.ndim != 1:
         raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
     if include_last_offset and offsets.shape[0] == 0:

@@ -32,12 +32,7 @@ def prepare_indices(indices: Any, num_embeddings: int, *, name: str = "indices")
       TypeError: the indices are not integers.
       IndexError: concrete indices hold a value outside ``[0, num_embeddings)``.
     """
-    if not hasattr(indices, "dtype"):
-        arr = np.asarray(indices)
-        if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
-            arr = arr.astype(np.int32)  # `[]` parses as float64; an empty list is a valid input
-        indices = arr
-    check_index_dtype(name, indices.dtype)
+    indices = as_integer_array(indices, name)
     if not _is_traced(indices):
         values = np.asarray(indices)
         if values.size:
@@ -49,6 +44,17 @@ def prepare_indices(indices: Any, num_embeddings: int, *, name: str = "indices")
                     f"(valid: 0 <= index < {num_embeddings}; negative indices do not wrap)"
                 )
     return jnp.asarray(indices, dtype=_working_dtype(indices.dtype))
+
+
+def as_integer_array(x: Any, name: str) -> Any:
+    """``x`` as an array (Python lists and scalars included) with an integer dtype, or TypeError."""
+    if not hasattr(x, "dtype"):
+        arr = np.asarray(x)
+        if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+            arr = arr.astype(np.int32)  # `[]` parses as float64; an empty list is a valid input
+        x = arr
+    check_index_dtype(name, x.dtype)
+    return x
 
 
 def _working_dtype(dtype: Any) -> Any:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxembed import _bag, _embedding, _gradient, _table
+from jaxembed import _bag, _embedding, _gradient, _table, _validation
 from jaxembed._init import Initializer, default_embedding_init
 
 
@@ -64,7 +64,7 @@ class _TableModule(nnx.Module):
         scale_grad_by_freq: bool,
         **kwargs: Any,
     ):
-        embeddings = _table.check_pretrained(embeddings)
+        embeddings = _validation.check_table("embeddings", jnp.asarray(embeddings))
         self = cls(
             *embeddings.shape,
             max_norm=max_norm,

@@ -74,18 +74,6 @@ def zero_padding_row(value: Any, padding_idx: int | None) -> Any:
     return value.at[padding_idx].set(0)
 
 
-def check_pretrained(embeddings: Any) -> jax.Array:
-    embeddings = jnp.asarray(embeddings)
-    if embeddings.ndim != 2:
-        raise ValueError(
-            "embeddings must be 2-D (num_embeddings, embedding_dim), "
-            f"got shape {tuple(embeddings.shape)}"
-        )
-    if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-        raise TypeError(f"embeddings must have a floating dtype, got {embeddings.dtype}")
-    return embeddings
-
-
 def cast_output(out: jax.Array, dtype: Any) -> jax.Array:
     return out if dtype is None else out.astype(dtype)
 

@@ -33,17 +33,20 @@ def check_weight(params: Any) -> jax.Array:
             'params must be a mapping with a "weight" entry (as returned by jaxembed.init), '
             f"got {type(params).__name__}"
         )
-    weight = params["weight"]
-    if not hasattr(weight, "shape") or not hasattr(weight, "dtype"):
-        weight = jnp.asarray(weight)
-    if weight.ndim != 2:
+    return check_table('params["weight"]', params["weight"])
+
+
+def check_table(name: str, table: Any) -> jax.Array:
+    """Returns ``table`` as an array after checking it is 2-D and floating."""
+    if not hasattr(table, "shape") or not hasattr(table, "dtype"):
+        table = jnp.asarray(table)
+    if table.ndim != 2:
         raise ValueError(
-            'params["weight"] must be 2-D (num_embeddings, embedding_dim), '
-            f"got shape {tuple(weight.shape)}"
+            f"{name} must be 2-D (num_embeddings, embedding_dim), got shape {tuple(table.shape)}"
         )
-    if not jnp.issubdtype(weight.dtype, jnp.floating):
-        raise TypeError(f'params["weight"] must have a floating dtype, got {weight.dtype}')
-    return weight
+    if not jnp.issubdtype(table.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {table.dtype}")
+    return table
 
 
 def check_padding_idx(padding_idx: Any, num_embeddings: int) -> int | None:

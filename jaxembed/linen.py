@@ -39,6 +39,18 @@ class _TableModule(nn.Module):
 
     num_embeddings: int
     embedding_dim: int
+    padding_idx: int | None = None
+    max_norm: float | None = None
+    norm_type: float = 2.0
+    scale_grad_by_freq: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    embedding_init: Initializer = default_embedding_init
+    on_immutable: str = "warn"
+
+    def __post_init__(self):
+        self._check()
+        super().__post_init__()
 
     def _check(self) -> None:
         _table.TableConfig.check(
@@ -116,19 +128,6 @@ class Embedding(_TableModule):
       ((2, 4), (8, 4))
     """
 
-    padding_idx: int | None = None
-    max_norm: float | None = None
-    norm_type: float = 2.0
-    scale_grad_by_freq: bool = False
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    embedding_init: Initializer = default_embedding_init
-    on_immutable: str = "warn"
-
-    def __post_init__(self):
-        self._check()
-        super().__post_init__()
-
     def __call__(self, indices: ArrayLike) -> jax.Array:
         """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
         weight = self._current_weight()
@@ -156,20 +155,11 @@ class EmbeddingBag(_TableModule):
     """
 
     mode: str = "mean"
-    padding_idx: int | None = None
-    max_norm: float | None = None
-    norm_type: float = 2.0
-    scale_grad_by_freq: bool = False
     include_last_offset: bool = False
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    embedding_init: Initializer = default_embedding_init
-    on_immutable: str = "warn"
 
-    def __post_init__(self):
-        self._check()
+    def _check(self) -> None:
+        super()._check()
         _table.check_bag_options(self.mode, self.include_last_offset, self.scale_grad_by_freq)
-        super().__post_init__()
 
     def __call__(
         self,
