@@ -350,7 +350,8 @@ def embedding_bag(
       IndexError: concrete out-of-range indices. Under ``jit`` their bags come back NaN.
 
     Under ``jit`` offsets cannot be checked: bags are read as "each position belongs to the last
-    bag starting at or before it", so trailing indices always land in the last bag.
+    bag starting at or before it", so trailing indices always land in the last bag (and, with a
+    traced ``offsets[0] > 0``, the entries before it in no bag).
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
