@@ -13,3 +13,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# `pytest` runs the quick profile; `pytest --hypothesis-profile=deep` the long one.
+settings.register_profile(
+    "default",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "deep",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("default")
