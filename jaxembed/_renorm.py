@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxembed import _index_policy, _validation
@@ -43,6 +44,43 @@ def row_norms(rows: jax.Array, norm_type: float) -> jax.Array:
     return jnp.sum(x**norm_type, axis=-1) ** (1.0 / norm_type)
 
 
+def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    c = a * 4097.0  # Dekker's split for float32: 2**12 + 1
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    p = a * b
+    (ah, al), (bh, bl) = _split(a), _split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def renorm_scale(norms: jax.Array, max_norm: float) -> jax.Array:
+    """``max_norm / (norm + 1e-7)`` as torch computes it: in float64, then rounded.
+
+    torch turns the row's norm into a double, divides in double and multiplies the row by the
+    result. Without x64 the float32 formula differs by an ulp or two, which is enough to flip a
+    near-tie in a bag's max. Here float32 norms get the division in float-float arithmetic (an
+    error-free sum and Dekker products), whose error is far below half a float32 ulp, so the
+    rounded result is the double one. Wider norms divide directly.
+    """
+    if norms.dtype != jnp.float32:
+        return max_norm / (norms + _EPS)
+    f32 = np.float32
+    m_hi, e_hi = f32(max_norm), f32(_EPS)
+    m_lo, e_lo = f32(max_norm - float(m_hi)), f32(_EPS - float(e_hi))
+    # d = norms + 1e-7 as an unevaluated float-float sum (d_hi + d_lo)
+    d_hi = norms + e_hi
+    bb = d_hi - norms
+    d_lo = (norms - (d_hi - bb)) + (e_hi - bb) + e_lo
+    # q = (m_hi + m_lo) / (d_hi + d_lo): one Newton correction of the float32 quotient
+    q = m_hi / d_hi
+    p, p_err = _two_prod(q, d_hi)
+    remainder = ((m_hi - p) - p_err) + m_lo - q * d_lo
+    return q + remainder / d_hi
+
+
 def _toward_zero(x: jax.Array, dtype: Any) -> jax.Array:
     """Casts ``x`` to ``dtype``, never increasing any element's magnitude."""
     y = x.astype(dtype)
@@ -58,7 +96,7 @@ def renorm_rows(rows: jax.Array, max_norm: float, norm_type: float) -> jax.Array
     """
     norms = row_norms(rows, norm_type)
     over = norms > max_norm
-    scale = max_norm / (norms + _EPS)
+    scale = renorm_scale(norms, max_norm)
     wide = rows.astype(norms.dtype) * scale[..., None]
     if wide.dtype == rows.dtype:
         scaled = wide
@@ -88,7 +126,7 @@ def renorm_table(
     norms = row_norms(rows, norm_type)
     over = norms > max_norm
     if compute_dtype(weight.dtype) == weight.dtype:
-        scale = (max_norm / (norms + _EPS)).astype(weight.dtype)
+        scale = renorm_scale(norms, max_norm).astype(weight.dtype)
         target = jnp.where(
             over & _index_policy.first_writer(safe, num_embeddings), safe, num_embeddings
         )

@@ -327,3 +327,29 @@ def test_accelerator_pass_equals_column_loop(mode, shape):
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
     if mode == "max":
         np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_fuzz_regression_max_near_tie_after_renorm():
+    """Found by the fuzzer: with D = 1 every renormed row is max_norm up to an ulp, so the bag's
+    arg-max is decided by the last bit of torch's double-precision scale."""
+    w = np.array(
+        [
+            [0.28358006],
+            [-0.78412265],
+            [-0.6195953],
+            [-3.6622012],
+            [2.699561],
+            [1.7162488],
+            [-0.48813426],
+            [1.1607099],
+        ],
+        np.float32,
+    )
+    idx = np.array([[4, 2, 1], [5, 2, 4]])
+    cot = np.array([[-0.31055656], [-0.3288239]], np.float32)
+    kw = dict(mode="max", max_norm=1.0, norm_type=1.0)
+    ref = torch_embedding_bag(w, idx, None, cot, **kw)
+    out, grad = jax.value_and_grad(lambda p: (jaxembed.embedding_bag(p, idx, **kw)[0] * cot).sum())(
+        {"weight": jnp.asarray(w)}
+    )
+    np.testing.assert_array_equal(grad["weight"], ref.grad)

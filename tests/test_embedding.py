@@ -242,3 +242,16 @@ def test_jit_and_eager_agree_bit_for_bit():
     jitted = jax.jit(lambda p, i: jaxembed.embedding(p, i, **kw))(params, idx)
     eager = jaxembed.embedding(params, idx, **kw)
     chex.assert_trees_all_equal(jitted, eager)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.1, 0.7, 2.5])
+def test_renorm_scale_is_torchs_double_precision_scale(max_norm):
+    """torch divides in float64 and rounds; so does jaxembed (float-float arithmetic)."""
+    from jaxembed._renorm import renorm_scale
+
+    rng = np.random.default_rng(0)
+    norms = np.concatenate([rng.uniform(0.5, 50, 50_000), rng.uniform(1, 1.001, 50_000)])
+    norms = norms.astype(np.float32)
+    expected = (max_norm / (norms.astype(np.float64) + 1e-7)).astype(np.float32)
+    ours = jax.jit(lambda n: renorm_scale(n, max_norm))(jnp.asarray(norms))
+    np.testing.assert_array_equal(ours, expected)

@@ -65,13 +65,16 @@ def torch_embedding_bag(
         out = _composed_bag(w, idx, off, psw, **kw)
     else:
         out = F.embedding_bag(idx, w, off, per_sample_weights=psw, **kw)
-    (out * torch.from_numpy(np.asarray(cotangent))).sum().backward()
+    if out.requires_grad:  # zero bags: nothing to differentiate
+        (out * torch.from_numpy(np.asarray(cotangent))).sum().backward()
     grad = w.grad if w.grad is not None else torch.zeros_like(w)
     return TorchBag(
         out.detach().numpy(),
         w.detach().numpy(),
         grad.numpy(),
-        None if psw is None else psw.grad.numpy(),
+        None
+        if psw is None
+        else (psw.grad if psw.grad is not None else torch.zeros_like(psw)).numpy(),
     )
 
 
