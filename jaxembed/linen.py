@@ -53,14 +53,7 @@ class _TableModule(nn.Module):
         super().__post_init__()
 
     def _check(self) -> None:
-        _table.TableConfig.check(
-            self.num_embeddings,
-            self.embedding_dim,
-            self.padding_idx,
-            self.max_norm,
-            self.norm_type,
-            self.scale_grad_by_freq,
-        )
+        self.config  # noqa: B018 - building the config runs its checks
         _table.check_dtypes(self.dtype, self.param_dtype)
         if self.on_immutable not in _ON_IMMUTABLE:
             raise ValueError(
@@ -69,6 +62,7 @@ class _TableModule(nn.Module):
 
     @property
     def config(self) -> _table.TableConfig:
+        """The checked configuration (raises ValueError/TypeError naming a bad attribute)."""
         return _table.TableConfig.check(
             self.num_embeddings,
             self.embedding_dim,
