@@ -1,8 +1,10 @@
 """jaxembed: torch's ``nn.Embedding`` semantics for JAX: pure, jit-able functions and Flax modules.
 
-The linen modules live in :mod:`jaxembed.linen`.
+Sparse training of large tables (row-wise optimizers) lives in :mod:`jaxembed.sparse`; the
+linen modules in :mod:`jaxembed.linen`.
 """
 
+from jaxembed import sparse
 from jaxembed._bag import embedding_bag
 from jaxembed._embedding import embedding
 from jaxembed._init import default_embedding_init, init
@@ -20,4 +22,5 @@ __all__ = [
     "embedding_bag",
     "init",
     "renorm",
+    "sparse",
 ]

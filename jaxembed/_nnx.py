@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxembed import _bag, _embedding, _gradient, _table, _validation
+from jaxembed import _bag, _embedding, _gradient, _sparse_lookup, _sparse_nnx, _table, _validation
 from jaxembed._init import Initializer, default_embedding_init
 
 
@@ -34,6 +34,7 @@ class _TableModule(nnx.Module):
         param_dtype: Any,
         embedding_init: Initializer,
         rngs: nnx.Rngs,
+        sparse: bool = False,
     ):
         self._configure(
             num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq
@@ -42,7 +43,9 @@ class _TableModule(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         value = embedding_init(rngs.params(), (num_embeddings, embedding_dim), param_dtype)
-        self.weight = nnx.Param(_table.zero_padding_row(value, self.config.padding_idx))
+        self.sparse = _validation.check_flag("sparse", sparse)
+        param = _sparse_nnx.SparseParam if self.sparse else nnx.Param
+        self.weight = param(_table.zero_padding_row(value, self.config.padding_idx))
 
     def _configure(self, *args: Any) -> None:
         self.config = _table.TableConfig.check(*args)
@@ -77,7 +80,9 @@ class _TableModule(nnx.Module):
         )
         # padding_idx is set after construction: the given table keeps its padding row
         self._configure(*embeddings.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq)
-        self.weight = (FrozenWeight if freeze else nnx.Param)(embeddings)
+        freeze = _validation.check_flag("freeze", freeze)
+        param = _sparse_nnx.SparseParam if self.sparse else nnx.Param
+        self.weight = (FrozenWeight if freeze else param)(embeddings)
         return self
 
     def _finish(self, out: jax.Array, weight: jax.Array, new_params: Mapping) -> jax.Array:
@@ -108,6 +113,10 @@ class Embedding(_TableModule):
       param_dtype: the dtype the table is stored in.
       embedding_init: ``init(key, shape, dtype)``; torch's N(0, 1) by default. It may be wrapped
         in ``nnx.with_partitioning`` to place the table on a mesh.
+      sparse: make the table a :class:`jaxembed.sparse.SparseParam`: under
+        :func:`jaxembed.sparse.value_and_grad` its gradient is the looked-up rows only, and
+        :class:`jaxembed.sparse.Optimizer` updates just those rows (torch's ``sparse=True``).
+        Elsewhere it trains as a dense ``nnx.Param``.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
     Example:
@@ -132,6 +141,7 @@ class Embedding(_TableModule):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
+        sparse: bool = False,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -145,6 +155,7 @@ class Embedding(_TableModule):
             param_dtype=param_dtype,
             embedding_init=embedding_init,
             rngs=rngs,
+            sparse=sparse,
         )
 
     @classmethod
@@ -158,12 +169,14 @@ class Embedding(_TableModule):
         norm_type: float = 2.0,
         scale_grad_by_freq: bool = False,
         dtype: Any = None,
+        sparse: bool = False,
     ) -> Embedding:
         """A module over a given table (torch's ``nn.Embedding.from_pretrained``).
 
         The table is used as given (``padding_idx`` does not zero it). With ``freeze=True`` it is
         a :class:`FrozenWeight`, not an ``nnx.Param``: ``nnx.grad`` and
         ``nnx.Optimizer(wrt=nnx.Param)`` leave it alone. ``max_norm`` still renorms it.
+        ``sparse=True`` (with ``freeze=False``) makes it a sparse table, as in the constructor.
 
         Example:
           >>> import jax.numpy as jnp, jaxembed
@@ -172,12 +185,28 @@ class Embedding(_TableModule):
           Array([[0., 0., 1.]], dtype=float32)
         """
         return cls._pretrained(
-            embeddings, freeze, padding_idx, max_norm, norm_type, scale_grad_by_freq, dtype=dtype
+            embeddings,
+            freeze,
+            padding_idx,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            dtype=dtype,
+            sparse=sparse,
         )
 
     def __call__(self, indices: ArrayLike) -> jax.Array:
         """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
         weight = self.weight.get_value()
+        tape = _sparse_nnx.active_tape() if self.sparse else None
+        if tape is not None:
+            # under jaxembed.sparse.value_and_grad: the rows' gradient is the table's
+            rows, lk = _sparse_lookup.lookup(
+                {"weight": weight}, indices, **self.config.lookup_options
+            )
+            if self.config.max_norm is not None:
+                self.weight.set_value(lk.params["weight"])
+            return _table.cast_output(tape.record(self.weight, rows, lk), self.dtype)
         out, new_params = _embedding.embedding(
             {"weight": weight}, indices, **self.config.lookup_options
         )

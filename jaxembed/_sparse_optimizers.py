@@ -1,0 +1,372 @@
+"""Row-wise optimizers for :class:`SparseGrad`: SGD, Adagrad, row-wise Adagrad and lazy Adam.
+
+Each is an ``init`` / ``update`` pair in optax's style with a NamedTuple state. One difference
+from optax: ``update`` returns the new table, not an update to add, because adding a sparse update
+to a dense table *is* the operation; done as one scatter, XLA performs it in place when the step
+donates the table and the state. Only the rows present in the gradient are read or written.
+
+Semantics follow torch's optimizers on ``nn.Embedding(sparse=True)`` gradients:
+
+* :func:`sgd` is ``torch.optim.SGD``. Without momentum it costs O(batch). torch's momentum
+  buffer for sparse gradients accumulates every row ever touched and moves all of them each
+  step, so ``momentum > 0`` keeps a dense ``(V, D)`` buffer and costs O(V) per step, as torch's
+  does once most rows were seen. ``weight_decay`` is refused, as torch refuses it.
+* :func:`adagrad` is ``torch.optim.Adagrad`` (``lr_decay``, ``initial_accumulator_value``,
+  ``eps``); torch refuses ``weight_decay`` with sparse gradients, and so does this.
+* :func:`rowwise_adagrad` is FBGEMM's ``EXACT_ROWWISE_ADAGRAD``: one accumulator per row (the
+  mean of the squared gradient row), ``embedding_dim`` times less state; ``weight_decay`` is its
+  L2 mode (added to the gradient of present rows).
+* :func:`lazy_adam` is ``torch.optim.SparseAdam``: moments and parameters change only on rows
+  present in the gradient; the step count (bias correction) is global.
+
+A learning rate may be a number or an optax schedule (a function of the step count).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxembed import _sparse_update, _validation
+from jaxembed._sparse_lookup import SparseGrad
+
+LearningRate = float | Callable[[jax.Array], ArrayLike]
+
+
+class SparseOptimizer(NamedTuple):
+    """A row-wise optimizer: ``init(table) -> state``, ``update(grad, state, table)``.
+
+    ``update`` returns ``(new_table, new_state)``. Donate both to the jitted step.
+    """
+
+    init: Callable[[ArrayLike], Any]
+    update: Callable[[SparseGrad, Any, ArrayLike], tuple[jax.Array, Any]]
+
+
+class SgdState(NamedTuple):
+    count: jax.Array
+    momentum: jax.Array | None
+
+
+class AdagradState(NamedTuple):
+    count: jax.Array
+    sum: jax.Array
+
+
+class RowwiseAdagradState(NamedTuple):
+    count: jax.Array
+    sum: jax.Array
+
+
+class LazyAdamState(NamedTuple):
+    count: jax.Array
+    mu: jax.Array
+    nu: jax.Array
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, below: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if math.isnan(value) or value < low or (below is not None and value >= below):
+        bound = f"in [{low}, {below})" if below is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return value
+
+
+def _check_learning_rate(learning_rate: Any) -> LearningRate:
+    if callable(learning_rate):
+        return learning_rate
+    return _check_number("learning_rate", learning_rate)
+
+
+def _rate(learning_rate: LearningRate, count: jax.Array) -> jax.Array:
+    if callable(learning_rate):
+        return jnp.asarray(learning_rate(count), jnp.float32)
+    return jnp.asarray(learning_rate, jnp.float32)
+
+
+def _check_weight_decay(name: str, weight_decay: Any) -> None:
+    if _check_number("weight_decay", weight_decay) != 0:
+        raise ValueError(
+            f"weight_decay must be 0 for sparse {name}: torch refuses it with sparse gradients "
+            "(it would touch every row each step); use rowwise_adagrad(weight_decay=...) for an "
+            "L2 penalty on the rows present, or decay the table yourself"
+        )
+
+
+def _prepare(grad: SparseGrad, table: ArrayLike):
+    """Checks the gradient against the table, then sums duplicates: ``(table, rows, values)``."""
+    table = _validation.check_table("table", table)
+    if not isinstance(grad, SparseGrad):
+        raise TypeError(f"grad must be a jaxembed.sparse.SparseGrad, got {type(grad).__name__}")
+    indices, values = jnp.asarray(grad.indices), jnp.asarray(grad.values)
+    _validation.check_index_dtype("grad.indices", indices.dtype)
+    if indices.ndim != 1 or values.shape != indices.shape + table.shape[1:]:
+        raise ValueError(
+            f"grad must hold (n,) indices and (n, {table.shape[1]}) values for this table, got "
+            f"indices {tuple(indices.shape)} and values {tuple(values.shape)}"
+        )
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        raise TypeError(f"grad.values must have a floating dtype, got {values.dtype}")
+    values = values.astype(table.dtype)
+    rows, values = _sparse_update.coalesce(SparseGrad(indices, values), table.shape[0])
+    return table, rows, values
+
+
+def _sign(maximize: bool) -> float:
+    return -1.0 if maximize else 1.0
+
+
+def _zeros_like_table(table: ArrayLike, fill: float = 0.0) -> jax.Array:
+    table = _validation.check_table("table", table)
+    return jnp.full(table.shape, fill, table.dtype)
+
+
+def sgd(
+    learning_rate: LearningRate,
+    *,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> SparseOptimizer:
+    """torch's ``optim.SGD`` on sparse gradients: ``table[rows] -= lr * grad_rows``.
+
+    Without momentum only the present rows are touched and the result equals dense SGD on the
+    same gradient exactly. With ``momentum`` the buffer is dense, as torch's sparse momentum
+    buffer becomes: every row touched before keeps moving (O(V) per step).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> opt = jaxembed.sparse.sgd(0.1)
+      >>> table = jnp.zeros((4, 2))
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([3, 1, 3]), jnp.ones((3, 2)))
+      >>> table, state = opt.update(grad, opt.init(table), table)
+      >>> table[:, 0]
+      Array([ 0. , -0.1,  0. , -0.2], dtype=float32)
+    """
+    learning_rate = _check_learning_rate(learning_rate)
+    momentum = _check_number("momentum", momentum)
+    dampening = _check_number("dampening", dampening)
+    nesterov = _validation.check_flag("nesterov", nesterov)
+    maximize = _validation.check_flag("maximize", maximize)
+    _check_weight_decay("sgd", weight_decay)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch)")
+
+    def init(table: ArrayLike) -> SgdState:
+        table = _validation.check_table("table", table)
+        buf = _zeros_like_table(table) if momentum else None
+        return SgdState(jnp.zeros((), jnp.int32), buf)
+
+    def update(grad: SparseGrad, state: SgdState, table: ArrayLike):
+        table, rows, values = _prepare(grad, table)
+        lr = _rate(learning_rate, state.count).astype(table.dtype)
+        if maximize:
+            values = -values
+        if not momentum:
+
+            def rows_update(table, r, g):
+                # ``w + g * -lr`` in one expression, as optax's dense update is compiled (XLA
+                # contracts it to a fused multiply-add), so the two agree bit for bit
+                return _sparse_update.write_rows(
+                    table, r, _sparse_update.read_rows(table, r) + g * -lr
+                )
+
+            table = _sparse_update.apply_rows(rows_update, rows, values, table)
+            return table, state._replace(count=state.count + 1)
+        # torch: the first step's buffer is the gradient itself, later ones decay and add
+        damp = jnp.where(state.count == 0, 1.0, 1.0 - dampening).astype(table.dtype)
+        buf = _sparse_update.add_rows(state.momentum * momentum, rows, values * damp)
+        step = buf
+        if nesterov:
+            step = _sparse_update.add_rows(buf * momentum, rows, values)
+        return table + step * -lr, SgdState(state.count + 1, buf)
+
+    return SparseOptimizer(init, update)
+
+
+def adagrad(
+    learning_rate: LearningRate = 0.01,
+    *,
+    lr_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> SparseOptimizer:
+    """torch's ``optim.Adagrad`` on sparse gradients: a per-element sum of squares, present rows.
+
+    ``sum[rows] += g**2``; ``table[rows] -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(sum) + eps)``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> opt = jaxembed.sparse.adagrad(0.5)
+      >>> table = jnp.zeros((3, 1))
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([2]), jnp.array([[4.0]]))
+      >>> table, state = opt.update(grad, opt.init(table), table)
+      >>> table[:, 0], state.sum[:, 0]
+      (Array([ 0. ,  0. , -0.5], dtype=float32), Array([ 0.,  0., 16.], dtype=float32))
+    """
+    learning_rate = _check_learning_rate(learning_rate)
+    lr_decay = _check_number("lr_decay", lr_decay)
+    initial_accumulator_value = _check_number(
+        "initial_accumulator_value", initial_accumulator_value
+    )
+    eps = _check_number("eps", eps)
+    maximize = _validation.check_flag("maximize", maximize)
+    _check_weight_decay("adagrad", weight_decay)
+
+    def init(table: ArrayLike) -> AdagradState:
+        return AdagradState(
+            jnp.zeros((), jnp.int32), _zeros_like_table(table, initial_accumulator_value)
+        )
+
+    def update(grad: SparseGrad, state: AdagradState, table: ArrayLike):
+        table, rows, values = _prepare(grad, table)
+        clr = _rate(learning_rate, state.count) / (1.0 + state.count * lr_decay)
+        clr = clr.astype(table.dtype)
+
+        def rows_update(carry, r, g):
+            table, acc_table = carry
+            g = g * _sign(maximize)
+            acc = _sparse_update.read_rows(acc_table, r) + g * g
+            std = jnp.sqrt(acc) + eps
+            return (
+                _sparse_update.add_rows(table, r, g / std * -clr),
+                _sparse_update.write_rows(acc_table, r, acc),
+            )
+
+        table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, state.sum))
+        return table, AdagradState(state.count + 1, acc)
+
+    return SparseOptimizer(init, update)
+
+
+def rowwise_adagrad(
+    learning_rate: LearningRate = 0.01,
+    *,
+    eps: float = 1e-8,
+    initial_accumulator_value: float = 0.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> SparseOptimizer:
+    """FBGEMM's row-wise Adagrad: one float32 accumulator per row, ``embedding_dim`` x less state.
+
+    For each present row (duplicates summed first), with ``g += weight_decay * table[row]``::
+
+        sum[row] += mean(g ** 2)
+        table[row] -= lr / (sqrt(sum[row]) + eps) * g
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> opt = jaxembed.sparse.rowwise_adagrad(1.0, eps=0.0)
+      >>> table = jnp.zeros((2, 2))
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([1]), jnp.array([[3.0, 4.0]]))
+      >>> table, state = opt.update(grad, opt.init(table), table)
+      >>> state.sum
+      Array([ 0. , 12.5], dtype=float32)
+    """
+    learning_rate = _check_learning_rate(learning_rate)
+    eps = _check_number("eps", eps)
+    initial_accumulator_value = _check_number(
+        "initial_accumulator_value", initial_accumulator_value
+    )
+    weight_decay = _check_number("weight_decay", weight_decay)
+    maximize = _validation.check_flag("maximize", maximize)
+
+    def init(table: ArrayLike) -> RowwiseAdagradState:
+        table = _validation.check_table("table", table)
+        acc = jnp.full(table.shape[:1], initial_accumulator_value, jnp.float32)
+        return RowwiseAdagradState(jnp.zeros((), jnp.int32), acc)
+
+    def update(grad: SparseGrad, state: RowwiseAdagradState, table: ArrayLike):
+        table, rows, values = _prepare(grad, table)
+        lr = _rate(learning_rate, state.count)
+        dim = max(table.shape[1], 1)
+
+        def rows_update(carry, r, g):
+            table, acc_table = carry
+            g = g.astype(jnp.float32) * _sign(maximize)
+            if weight_decay:
+                g = g + weight_decay * _sparse_update.read_rows(table, r).astype(jnp.float32)
+            acc = _sparse_update.read_rows(acc_table, r) + jnp.sum(g * g, -1) / dim
+            multiplier = lr / (jnp.sqrt(acc) + eps)
+            return (
+                _sparse_update.add_rows(table, r, g * -multiplier[:, None]),
+                _sparse_update.write_rows(acc_table, r, acc),
+            )
+
+        table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, state.sum))
+        return table, RowwiseAdagradState(state.count + 1, acc)
+
+    return SparseOptimizer(init, update)
+
+
+def lazy_adam(
+    learning_rate: LearningRate = 0.001,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    maximize: bool = False,
+) -> SparseOptimizer:
+    """torch's ``optim.SparseAdam``: Adam whose moments update only on the rows present.
+
+    The step count is global (every call counts for bias correction), as in torch.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> opt = jaxembed.sparse.lazy_adam(0.1)
+      >>> table = jnp.zeros((3, 1))
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([0]), jnp.array([[2.0]]))
+      >>> table, state = opt.update(grad, opt.init(table), table)
+      >>> table[:, 0]
+      Array([-0.1,  0. ,  0. ], dtype=float32)
+    """
+    learning_rate = _check_learning_rate(learning_rate)
+    b1 = _check_number("b1", b1, below=1.0)
+    b2 = _check_number("b2", b2, below=1.0)
+    eps = _check_number("eps", eps)
+    maximize = _validation.check_flag("maximize", maximize)
+
+    def init(table: ArrayLike) -> LazyAdamState:
+        return LazyAdamState(
+            jnp.zeros((), jnp.int32), _zeros_like_table(table), _zeros_like_table(table)
+        )
+
+    def update(grad: SparseGrad, state: LazyAdamState, table: ArrayLike):
+        table, rows, values = _prepare(grad, table)
+        step = state.count + 1
+        t = step.astype(jnp.float32)
+        step_size = _rate(learning_rate, state.count) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        step_size = step_size.astype(table.dtype)
+
+        def rows_update(carry, r, g):
+            table, mu_table, nu_table = carry
+            g = g * _sign(maximize)
+            mu_old = _sparse_update.read_rows(mu_table, r)
+            nu_old = _sparse_update.read_rows(nu_table, r)
+            # torch's order of operations: the moment updates first, then the moments
+            mu = mu_old + (g - mu_old) * (1 - b1)
+            nu = nu_old + (g * g - nu_old) * (1 - b2)
+            return (
+                _sparse_update.add_rows(table, r, mu / (jnp.sqrt(nu) + eps) * -step_size),
+                _sparse_update.write_rows(mu_table, r, mu),
+                _sparse_update.write_rows(nu_table, r, nu),
+            )
+
+        table, mu, nu = _sparse_update.apply_rows(
+            rows_update, rows, values, (table, state.mu, state.nu)
+        )
+        return table, LazyAdamState(step, mu, nu)
+
+    return SparseOptimizer(init, update)
