@@ -13,3 +13,6 @@ pt() { timeout "$1" python3 -m pytest -q -p no:cacheprovider -o addopts="" "${@:
 pt 200 tests/test_embedding.py::test_matches_torch -k "jit and (nonorm or mn1.0p2.0 or mn0.7pinf)"
 pt 100 tests/test_index_policy.py tests/test_training.py
 pt 150 tests/test_bag.py -k "2d or balanced"
+python3 benchmarks/bench_sparse.py --torch-device cuda --repeat 30 2>&1 | tee "$out/sparse.txt"
+python3 benchmarks/bench_sparse.py --sweep 10000,100000,1000000,4000000 --optimizers sgd,lazy_adam --repeat 30 2>&1 | tee -a "$out/sparse.txt"
+pt 200 tests/test_sparse.py tests/test_sparse_modules.py

@@ -86,10 +86,15 @@ def _check_learning_rate(learning_rate: Any) -> LearningRate:
     return _check_number("learning_rate", learning_rate)
 
 
-def _rate(learning_rate: LearningRate, count: jax.Array) -> jax.Array:
+def _scalar_dtype(table: jax.Array) -> Any:
+    """Step sizes are computed in float32, or in the table's dtype where that is wider."""
+    return jnp.promote_types(table.dtype, jnp.float32)
+
+
+def _rate(learning_rate: LearningRate, count: jax.Array, dtype: Any) -> jax.Array:
     if callable(learning_rate):
-        return jnp.asarray(learning_rate(count), jnp.float32)
-    return jnp.asarray(learning_rate, jnp.float32)
+        return jnp.asarray(learning_rate(count), dtype)
+    return jnp.asarray(learning_rate, dtype)
 
 
 def _check_weight_decay(name: str, weight_decay: Any) -> None:
@@ -169,7 +174,7 @@ def sgd(
 
     def update(grad: SparseGrad, state: SgdState, table: ArrayLike):
         table, rows, values = _prepare(grad, table)
-        lr = _rate(learning_rate, state.count).astype(table.dtype)
+        lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
         if maximize:
             values = -values
         if not momentum:
@@ -232,7 +237,8 @@ def adagrad(
 
     def update(grad: SparseGrad, state: AdagradState, table: ArrayLike):
         table, rows, values = _prepare(grad, table)
-        clr = _rate(learning_rate, state.count) / (1.0 + state.count * lr_decay)
+        count = state.count.astype(_scalar_dtype(table))
+        clr = _rate(learning_rate, state.count, count.dtype) / (1.0 + count * lr_decay)
         clr = clr.astype(table.dtype)
 
         def rows_update(carry, r, g):
@@ -259,7 +265,7 @@ def rowwise_adagrad(
     weight_decay: float = 0.0,
     maximize: bool = False,
 ) -> SparseOptimizer:
-    """FBGEMM's row-wise Adagrad: one float32 accumulator per row, ``embedding_dim`` x less state.
+    """FBGEMM's row-wise Adagrad: one accumulator per row (float32, or float64 for float64 tables).
 
     For each present row (duplicates summed first), with ``g += weight_decay * table[row]``::
 
@@ -285,19 +291,20 @@ def rowwise_adagrad(
 
     def init(table: ArrayLike) -> RowwiseAdagradState:
         table = _validation.check_table("table", table)
-        acc = jnp.full(table.shape[:1], initial_accumulator_value, jnp.float32)
+        acc = jnp.full(table.shape[:1], initial_accumulator_value, _scalar_dtype(table))
         return RowwiseAdagradState(jnp.zeros((), jnp.int32), acc)
 
     def update(grad: SparseGrad, state: RowwiseAdagradState, table: ArrayLike):
         table, rows, values = _prepare(grad, table)
-        lr = _rate(learning_rate, state.count)
+        cdt = _scalar_dtype(table)
+        lr = _rate(learning_rate, state.count, cdt)
         dim = max(table.shape[1], 1)
 
         def rows_update(carry, r, g):
             table, acc_table = carry
-            g = g.astype(jnp.float32) * _sign(maximize)
+            g = g.astype(cdt) * _sign(maximize)
             if weight_decay:
-                g = g + weight_decay * _sparse_update.read_rows(table, r).astype(jnp.float32)
+                g = g + weight_decay * _sparse_update.read_rows(table, r).astype(cdt)
             acc = _sparse_update.read_rows(acc_table, r) + jnp.sum(g * g, -1) / dim
             multiplier = lr / (jnp.sqrt(acc) + eps)
             return (
@@ -346,8 +353,8 @@ def lazy_adam(
     def update(grad: SparseGrad, state: LazyAdamState, table: ArrayLike):
         table, rows, values = _prepare(grad, table)
         step = state.count + 1
-        t = step.astype(jnp.float32)
-        step_size = _rate(learning_rate, state.count) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        t = step.astype(_scalar_dtype(table))
+        step_size = _rate(learning_rate, state.count, t.dtype) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
         step_size = step_size.astype(table.dtype)
 
         def rows_update(carry, r, g):

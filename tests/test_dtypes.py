@@ -115,3 +115,53 @@ def test_float64_under_x64_matches_torch():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "x64 ok" in res.stdout
+
+
+def test_sparse_optimizers_float64_under_x64_match_torch():
+    """Sparse SGD / Adagrad / lazy Adam on float64 tables, int64 indices (x64: own process)."""
+    script = textwrap.dedent(
+        """
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp, numpy as np, torch
+        from jaxembed import sparse
+        rng = np.random.default_rng(0)
+        w = rng.normal(size=(9, 4))
+        batches = [(rng.integers(0, 9, (3, 4)), rng.normal(size=(3, 4, 4))) for _ in range(4)]
+        pairs = [
+            (sparse.sgd(0.3), lambda p: torch.optim.SGD(p, lr=0.3)),
+            (sparse.adagrad(0.3, lr_decay=0.1),
+             lambda p: torch.optim.Adagrad(p, lr=0.3, lr_decay=0.1)),
+            (sparse.lazy_adam(0.1), lambda p: torch.optim.SparseAdam(p, lr=0.1)),
+        ]
+        for opt, make in pairs:
+            emb = torch.nn.Embedding.from_pretrained(
+                torch.tensor(w), freeze=False, sparse=True, padding_idx=1, max_norm=1.2
+            )
+            topt = make(emb.parameters())
+            table = jnp.asarray(w)
+            state = opt.init(table)
+            for ids, t in batches:
+                topt.zero_grad()
+                ((emb(torch.from_numpy(ids)) - torch.from_numpy(t)) ** 2).mean().backward()
+                topt.step()
+                kw = dict(padding_idx=1, max_norm=1.2)
+                rows, lk = sparse.lookup({"weight": table}, jnp.asarray(ids), **kw)
+                g = jax.grad(lambda r: jnp.mean((r - t) ** 2))(rows)
+                table, state = jax.jit(opt.update)(lk.grad(g), state, lk.params["weight"])
+            assert table.dtype == jnp.float64 and lk.indices.dtype == jnp.int64
+            np.testing.assert_allclose(table, emb.weight.detach().numpy(), rtol=1e-12, atol=1e-12)
+        print("x64 sparse ok")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x64 sparse ok" in res.stdout
