@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 from jax.typing import ArrayLike
@@ -34,6 +35,26 @@ def _embedding(
     grad_scale = _gradient.gradient_scale(safe, padding_idx, scale_grad_by_freq, weight.dtype)
     out = _gradient.with_table_gradient(rows, weight, safe, grad_scale)
     return out.reshape(indices.shape + (dim,)), new_weight
+
+
+def check_lookup(
+    params: Any,
+    indices: Any,
+    padding_idx: Any,
+    max_norm: Any,
+    norm_type: Any,
+    scale_grad_by_freq: Any,
+) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+    """Checks a lookup's arguments: ``(weight, indices, options)`` or a clear error."""
+    weight = _validation.check_weight(params)
+    num_embeddings = weight.shape[0]
+    options = dict(
+        padding_idx=_validation.check_padding_idx(padding_idx, num_embeddings),
+        max_norm=_validation.check_max_norm(max_norm),
+        norm_type=_validation.check_norm_type(norm_type),
+        scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
+    )
+    return weight, _index_policy.prepare_indices(indices, num_embeddings), options
 
 
 def embedding(
@@ -93,21 +114,10 @@ def embedding(
              [0., 0.],
              [0., 0.]], dtype=float32)
     """
-    weight = _validation.check_weight(params)
-    num_embeddings = weight.shape[0]
-    padding_idx = _validation.check_padding_idx(padding_idx, num_embeddings)
-    max_norm = _validation.check_max_norm(max_norm)
-    norm_type = _validation.check_norm_type(norm_type)
-    scale_grad_by_freq = _validation.check_flag("scale_grad_by_freq", scale_grad_by_freq)
-    idx = _index_policy.prepare_indices(indices, num_embeddings)
-    out, new_weight = _embedding(
-        weight,
-        idx,
-        padding_idx=padding_idx,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        scale_grad_by_freq=scale_grad_by_freq,
+    weight, idx, options = check_lookup(
+        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq
     )
+    out, new_weight = _embedding(weight, idx, **options)
     if new_weight is None:
         return out, params
     return out, {**params, "weight": jax.lax.stop_gradient(new_weight)}

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed import _gradient, _index_policy, _renorm, _validation
+from jaxembed import _embedding, _gradient, _index_policy, _renorm
 
 
 class SparseGrad(NamedTuple):
@@ -144,21 +144,10 @@ def lookup(
       >>> table[:, 0]
       Array([1. , 0. , 1. , 1. , 0.5], dtype=float32)
     """
-    weight = _validation.check_weight(params)
-    num_embeddings = weight.shape[0]
-    padding_idx = _validation.check_padding_idx(padding_idx, num_embeddings)
-    max_norm = _validation.check_max_norm(max_norm)
-    norm_type = _validation.check_norm_type(norm_type)
-    scale_grad_by_freq = _validation.check_flag("scale_grad_by_freq", scale_grad_by_freq)
-    idx = _index_policy.prepare_indices(indices, num_embeddings)
-    rows, new_weight, safe, scale = _lookup(
-        weight,
-        idx,
-        padding_idx=padding_idx,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        scale_grad_by_freq=scale_grad_by_freq,
+    weight, idx, options = _embedding.check_lookup(
+        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq
     )
+    rows, new_weight, safe, scale = _lookup(weight, idx, **options)
     new_params: Any = params if new_weight is None else {**params, "weight": new_weight}
     return rows, SparseLookup(dict(new_params), safe, scale)
 
