@@ -8,6 +8,13 @@ from jaxembed import sparse
 from jaxembed._bag import embedding_bag
 from jaxembed._embedding import embedding
 from jaxembed._init import default_embedding_init, init
+from jaxembed._interop import (
+    from_torch,
+    load_safetensors,
+    safetensors_names,
+    save_safetensors,
+    to_torch,
+)
 from jaxembed._nnx import Embedding, EmbeddingBag, FrozenWeight
 from jaxembed._renorm import renorm
 
@@ -20,7 +27,12 @@ __all__ = [
     "default_embedding_init",
     "embedding",
     "embedding_bag",
+    "from_torch",
     "init",
+    "load_safetensors",
     "renorm",
+    "safetensors_names",
+    "save_safetensors",
     "sparse",
+    "to_torch",
 ]

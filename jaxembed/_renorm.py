@@ -78,7 +78,9 @@ def renorm_scale(norms: jax.Array, max_norm: float) -> jax.Array:
     q = m_hi / d_hi
     p, p_err = _two_prod(q, d_hi)
     remainder = ((m_hi - p) - p_err) + m_lo - q * d_lo
-    return q + remainder / d_hi
+    # past ~1e30 the splits overflow; there the quotient is far below float32's ulp of 1 anyway,
+    # and an infinite norm gives 0, as torch's double division does
+    return jnp.where(norms < 1e30, q + remainder / d_hi, q)
 
 
 def _toward_zero(x: jax.Array, dtype: Any) -> jax.Array:

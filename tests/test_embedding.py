@@ -255,3 +255,21 @@ def test_renorm_scale_is_torchs_double_precision_scale(max_norm):
     expected = (max_norm / (norms.astype(np.float64) + 1e-7)).astype(np.float32)
     ours = jax.jit(lambda n: renorm_scale(n, max_norm))(jnp.asarray(norms))
     np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, math.inf])
+def test_nan_inf_and_huge_rows_under_max_norm_match_torch(norm_type):
+    """Documented: a NaN row is left as it is (its norm is not > max_norm); a row holding inf is
+    scaled by 0, so its infinite entries become NaN and the finite ones 0; a huge finite row is
+    renormed like any other. All as torch does."""
+    w = np.array(
+        [[3, 4], [np.nan, 1], [np.inf, 1], [-np.inf, np.inf], [3e35, -1e36], [0.3, 0.4]],
+        np.float32,
+    )
+    idx = np.array([0, 1, 2, 3, 4, 5, 1])
+    ref = torch_embedding(w, idx, max_norm=1.0, norm_type=norm_type)
+    out, new = jax.jit(lambda p: jaxembed.embedding(p, idx, max_norm=1.0, norm_type=norm_type))(
+        {"weight": jnp.asarray(w)}
+    )
+    np.testing.assert_array_equal(np.asarray(new["weight"]), ref.table)  # NaN == NaN here
+    np.testing.assert_array_equal(np.asarray(out), ref.out)

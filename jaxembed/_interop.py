@@ -1,0 +1,219 @@
+"""Tables in and out: torch state dicts and safetensors files (e.g. a transformer's token table).
+
+* :func:`from_torch` / :func:`to_torch`: an ``nn.Embedding`` / ``nn.EmbeddingBag`` state dict,
+  or any state dict holding one under a prefix (``"model.embed_tokens."`` in a Hugging Face
+  checkpoint), to and from ``{"weight": Array}``.
+* :func:`load_safetensors` / :func:`save_safetensors`: the same for ``.safetensors`` files. The
+  format (an 8-byte header length, a JSON header, raw little-endian data) is read here with NumPy:
+  only the requested tensor is read from disk, so picking the token table out of a multi-GB
+  checkpoint costs the table's size. No extra dependency.
+
+Dtypes are kept (bfloat16 included); nothing is rounded on the way in or out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxembed import _validation
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _key(prefix: str, name: str | None) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}: {prefix!r}")
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+        return name
+    return prefix + "weight"
+
+
+def _missing(key: str, keys: list[str]) -> KeyError:
+    tables = [k for k in keys if k.endswith("weight") and "emb" in k.lower()]
+    hint = f"; embedding tables present: {tables[:8]}" if tables else ""
+    return KeyError(f"no tensor named {key!r} (pass its prefix, e.g. 'model.embed_tokens.'){hint}")
+
+
+def _torch_to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; NumPy has no bfloat16, so view its bits
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            import torch
+
+            return value.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _table(name: str, array: Any, dtype: Any) -> dict[str, jax.Array]:
+    array = np.asarray(array)
+    if array.dtype == np.float64 and dtype is None and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"{name} is float64, which JAX holds only with jax_enable_x64; enable it, or pass "
+            "dtype=jnp.float32 to round the table on purpose"
+        )
+    _validation.check_table(name, array)  # the stored table itself: 2-D, floating
+    return {"weight": jnp.asarray(array, dtype)}
+
+
+def from_torch(
+    state_dict: Mapping[str, Any], *, prefix: str = "", name: str | None = None, dtype: Any = None
+) -> dict[str, jax.Array]:
+    """``params`` from a torch state dict: ``state_dict[prefix + "weight"]``.
+
+    Args:
+      state_dict: an ``nn.Embedding`` / ``nn.EmbeddingBag`` ``state_dict()``, or a whole model's.
+      prefix: where the table sits, e.g. ``"model.embed_tokens."`` (Hugging Face decoders) or
+        ``"embeddings.word_embeddings."`` (BERT).
+      name: the full key instead of ``prefix + "weight"``.
+      dtype: cast to this dtype; None keeps the checkpoint's (bfloat16 included).
+
+    Example:
+      >>> import torch, jaxembed
+      >>> emb = torch.nn.Embedding(4, 2)
+      >>> params = jaxembed.from_torch({"encoder.tok." + k: v for k, v in emb.state_dict().items()},
+      ...                              prefix="encoder.tok.")
+      >>> params["weight"].shape
+      (4, 2)
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    key = _key(prefix, name)
+    if key not in state_dict:
+        raise _missing(key, list(state_dict))
+    return _table(f"state_dict[{key!r}]", _torch_to_numpy(state_dict[key]), dtype)
+
+
+def to_torch(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """A torch state dict ``{prefix + "weight": tensor}`` for ``nn.Embedding.load_state_dict``.
+
+    Example:
+      >>> import jax.numpy as jnp, torch, jaxembed
+      >>> emb = torch.nn.Embedding(3, 2)
+      >>> emb.load_state_dict(jaxembed.to_torch({"weight": jnp.ones((3, 2))}))
+      <All keys matched successfully>
+    """
+    import torch
+
+    weight = np.array(_validation.check_weight(params))  # a copy torch may own
+    key = _key(prefix, None)
+    if weight.dtype == ml_dtypes.bfloat16:
+        return {key: torch.from_numpy(weight.view(np.int16)).view(torch.bfloat16)}
+    return {key: torch.from_numpy(weight)}
+
+
+def _read_header(f: Any, path: str) -> tuple[dict[str, Any], int]:
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{path} is not a safetensors file (too short)")
+    (size,) = struct.unpack("<Q", raw)
+    if size > 100 * 2**20:
+        raise ValueError(f"{path} is not a safetensors file (header of {size} bytes)")
+    try:
+        header = json.loads(f.read(size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file (bad header: {e})") from None
+    return header, 8 + size
+
+
+def safetensors_names(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors a safetensors file holds: ``{name: (dtype, shape)}``, read from its header."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        header, _ = _read_header(f, path)
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
+def load_safetensors(
+    path: str | os.PathLike, *, prefix: str = "", name: str | None = None, dtype: Any = None
+) -> dict[str, jax.Array]:
+    """``params`` from the tensor ``prefix + "weight"`` of a ``.safetensors`` file.
+
+    Only that tensor's bytes are read. Float64, float32, float16 and bfloat16 tables are supported.
+
+    Args:
+      path: the file.
+      prefix: where the table sits, e.g. ``"model.embed_tokens."``.
+      name: the full tensor name instead of ``prefix + "weight"``.
+      dtype: cast to this dtype; None keeps the file's.
+    """
+    path = os.fspath(path)
+    key = _key(prefix, name)
+    with open(path, "rb") as f:
+        header, data_start = _read_header(f, path)
+        if key not in header or key == "__metadata__":
+            raise _missing(key, [k for k in header if k != "__metadata__"])
+        entry = header[key]
+        np_dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if np_dtype is None:
+            raise TypeError(
+                f"{key!r} in {path} has dtype {entry['dtype']}; a table must be one of "
+                f"{sorted(_SAFETENSORS_DTYPES)}"
+            )
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * np_dtype.itemsize:
+            raise ValueError(f"{key!r} in {path}: data_offsets do not match shape {shape}")
+        f.seek(data_start + begin)
+        array = np.fromfile(f, dtype=np_dtype, count=count)
+        if array.size != count:
+            raise ValueError(f"{path} is truncated: {key!r} needs {count} values")
+    return _table(f"{key!r} in {path}", array.reshape(shape), dtype)
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes ``params["weight"]`` as the tensor ``prefix + "weight"`` of a ``.safetensors`` file.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, jaxembed
+      >>> path = os.path.join(tempfile.mkdtemp(), "emb.safetensors")
+      >>> jaxembed.save_safetensors(path, {"weight": jnp.eye(3)}, prefix="model.embed_tokens.")
+      >>> jaxembed.load_safetensors(path, prefix="model.embed_tokens.")["weight"][1]
+      Array([0., 1., 0.], dtype=float32)
+    """
+    weight = np.asarray(_validation.check_weight(params))
+    name = _SAFETENSORS_NAMES.get(weight.dtype)
+    if name is None:
+        raise TypeError(f"safetensors tables must be one of {sorted(_SAFETENSORS_DTYPES)}")
+    weight = np.ascontiguousarray(weight, dtype=_SAFETENSORS_DTYPES[name])  # little-endian
+    header: dict[str, Any] = {
+        _key(prefix, None): {
+            "dtype": name,
+            "shape": list(weight.shape),
+            "data_offsets": [0, weight.nbytes],
+        }
+    }
+    if metadata is not None:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:  # written aside and renamed: a failed save leaves no half file
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        f.write(weight.tobytes())
+    os.replace(tmp, path)
