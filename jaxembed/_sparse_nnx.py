@@ -205,14 +205,14 @@ class Optimizer(nnx.Pytree):
         """Applies ``grads`` (from :func:`value_and_grad`) to ``model`` in place.
 
         Tables the loss did not look up are left alone, state and step count included, as torch
-        skips a parameter without a gradient.
+        skips a parameter without a gradient. A call that raises changes nothing: every new value
+        is computed before the first is written.
         """
         if not isinstance(grads, SparseGrads):
             raise TypeError(
                 "grads must come from jaxembed.sparse.value_and_grad (a SparseGrads), got "
                 f"{type(grads).__name__}"
             )
-        self.dense.update(model, grads.dense)
         tables = sparse_tables(model)
         unknown = set(grads.sparse) - set(self.sparse_state)
         if unknown:
@@ -220,10 +220,13 @@ class Optimizer(nnx.Pytree):
                 f"grads hold sparse tables this optimizer was not built for: {unknown}"
             )
         is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        results = {}
         for key, grad in grads.sparse.items():
             variables = self.sparse_state[key]
             state = jax.tree.map(lambda v: v.get_value(), variables, is_leaf=is_var)
-            table, state = self.sparse_tx.update(grad, state, tables[key].get_value())
+            results[key] = self.sparse_tx.update(grad, state, tables[key].get_value())
+        self.dense.update(model, grads.dense)  # computes, then writes: it raises before writing
+        for key, (table, state) in results.items():
             tables[key].set_value(table)
-            jax.tree.map(lambda v, x: v.set_value(x), variables, state, is_leaf=is_var)
+            jax.tree.map(lambda v, x: v.set_value(x), self.sparse_state[key], state, is_leaf=is_var)
         self.step[...] += 1
