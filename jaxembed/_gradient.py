@@ -35,10 +35,11 @@ def gradient_scale(
     Returns None where every factor is 1, so the common path costs nothing extra.
     """
     scale = None
+    wide = jnp.promote_types(dtype, jnp.float32)  # 1/3 in float32 is not 1/3 in float64
     if scale_grad_by_freq:
-        scale = 1.0 / index_counts(safe).astype(jnp.float32)
+        scale = 1.0 / index_counts(safe).astype(wide)
     if padding_idx is not None:
-        keep = (safe != padding_idx).astype(jnp.float32)
+        keep = (safe != padding_idx).astype(wide)
         scale = keep if scale is None else scale * keep
     return None if scale is None else scale.astype(dtype)
 

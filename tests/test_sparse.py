@@ -367,3 +367,22 @@ def test_lookup_rows_equal_embedding_and_renorm_is_returned():
     # rows carry no gradient to the table: only through row_grads
     g = jax.grad(lambda w: sparse.lookup({"weight": w}, ids)[0].sum())(jnp.asarray(w0))
     assert not np.asarray(g).any()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_scalar_index_with_padding():
+    """Found by the fuzzer: torch's sparse backward raises IndexError for a 0-d index when the
+    module has a padding_idx. jaxembed handles it, and matches torch run on the same index as a
+    1-element vector."""
+    w0 = _weight()
+    emb = torch.nn.Embedding.from_pretrained(
+        torch.tensor(w0), freeze=False, sparse=True, padding_idx=0
+    )
+    with pytest.raises(IndexError):
+        emb(torch.tensor(3)).sum().backward()
+    batches = [(np.array(3), np.ones(D, np.float32)), (np.array(0), np.ones(D, np.float32))]
+    got, _, _ = _jax_run(OPTIMIZERS["sgd"][1](), w0, batches, {"padding_idx": 0})
+    want, _ = _torch_run(
+        OPTIMIZERS["sgd"][0], w0, [(i.reshape(1), t[None]) for i, t in batches], {"padding_idx": 0}
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
