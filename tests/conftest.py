@@ -17,10 +17,17 @@ def rng():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# `pytest` runs the quick profile; `pytest --hypothesis-profile=deep` the long one.
+# `pytest` runs the quick profile (25 examples per property); `--hypothesis-profile=ci` 300 and
+# `--hypothesis-profile=deep` 2,000.
 settings.register_profile(
     "default",
     max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "ci",
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
