@@ -386,3 +386,31 @@ def test_scalar_index_with_padding():
         OPTIMIZERS["sgd"][0], w0, [(i.reshape(1), t[None]) for i, t in batches], {"padding_idx": 0}
     )
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "lazy_adam"])
+def test_no_table_sized_temporary(name):
+    """The compiled step allocates O(batch) scratch: nothing near the (V, D) table's size."""
+    vocab, dim, n = 200_000, 16, 256
+    opt = {
+        "sgd": sparse.sgd(0.1),
+        "adagrad": sparse.adagrad(0.1),
+        "rowwise_adagrad": sparse.rowwise_adagrad(0.1),
+        "lazy_adam": sparse.lazy_adam(0.1),
+    }[name]
+    table = jax.ShapeDtypeStruct((vocab, dim), jnp.float32)
+    state = jax.eval_shape(opt.init, table)
+
+    def step(table, state, ids, target):
+        rows, lk = sparse.lookup({"weight": table}, ids, max_norm=1.0)
+        g = jax.grad(_loss)(rows, target)
+        return opt.update(lk.grad(g), state, lk.params["weight"])
+
+    ids = jax.ShapeDtypeStruct((n,), jnp.int32)
+    target = jax.ShapeDtypeStruct((n, dim), jnp.float32)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(table, state, ids, target).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    # the first-entry scratch is one int32 per row (dim times smaller than the table); the rest
+    # is O(batch)
+    assert temp <= vocab * 4 + 64 * n * dim * 4, temp
+    assert temp < vocab * dim * 4 / 4
