@@ -81,14 +81,14 @@ def _first_argmax(vals: jax.Array, keep: jax.Array, bag: jax.Array, num_bags: in
     return jnp.minimum(first, n)  # bags with nothing kept: the zero row appended at n
 
 
-def _segment_bags(table, safe, keep, psw, starts, mode):
+def _segment_bags(table, safe, keep, psw, starts, mode, lookup):
     """The general forward pass: gather every row, then sorted segment reductions.
 
     Returns ``(bags, pos)`` as :func:`_column_bags` does.
     """
     n, num_bags = safe.shape[0], starts.shape[0]
     acc = _renorm.compute_dtype(table.dtype)
-    rows = _index_policy.gather_rows(table, safe).astype(acc)
+    rows = _index_policy.gather_rows(table, safe, lookup).astype(acc)
     bag = _bag_ids(starts, n)
     segment = dict(num_segments=num_bags, indices_are_sorted=True)
     if mode == "max":
@@ -119,7 +119,7 @@ def _bag_counts(keep, starts, dtype):
     return (running[_bag_ends(starts, n)] - running[jnp.minimum(starts, n)]).astype(dtype)
 
 
-def _column_bags(table, safe, keep, psw, starts, mode, width):
+def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
     """The fast forward pass: the k-th entry of every bag at once, for k < ``width``.
 
     Each step gathers ``(B, D)`` rows into a running sum or max, so the ``(n, D)`` gathered rows
@@ -135,7 +135,7 @@ def _column_bags(table, safe, keep, psw, starts, mode, width):
         at = starts + k
         valid = at < ends
         at = jnp.minimum(at, n - 1)
-        rows = _index_policy.gather_rows(table, safe[at]).astype(acc)
+        rows = _index_policy.gather_rows(table, safe[at], lookup).astype(acc)
         return rows, (valid & keep[at])[:, None], at
 
     if mode == "max":
@@ -172,7 +172,7 @@ def _column_bags(table, safe, keep, psw, starts, mode, width):
     return total.astype(table.dtype), jnp.zeros(shape, jnp.int32)
 
 
-def _reshape_bags(table, safe, keep, psw, starts, mode, width):
+def _reshape_bags(table, safe, keep, psw, starts, mode, width, lookup):
     """2-D bags the plain way: gather ``(B, width, D)`` rows and reduce along ``width``.
 
     Returns ``(bags, pos)`` as :func:`_column_bags` does.
@@ -181,7 +181,8 @@ def _reshape_bags(table, safe, keep, psw, starts, mode, width):
     if width == 0:
         return jnp.zeros((num_bags, dim), table.dtype), jnp.full((num_bags, dim), -1, jnp.int32)
     acc = _renorm.compute_dtype(table.dtype)
-    rows = _index_policy.gather_rows(table, safe).astype(acc).reshape(num_bags, width, dim)
+    rows = _index_policy.gather_rows(table, safe, lookup).astype(acc)
+    rows = rows.reshape(num_bags, width, dim)
     keep = keep.reshape(num_bags, width, 1)
     if mode == "max":
         vals = jnp.where(keep, rows, -jnp.inf)
@@ -199,50 +200,50 @@ def _reshape_bags(table, safe, keep, psw, starts, mode, width):
     return total.astype(table.dtype), jnp.zeros(total.shape, jnp.int32)
 
 
-def _bags_primal(table, safe, keep, psw, starts, mode, width):
+def _bags_primal(table, safe, keep, psw, starts, mode, width, lookup):
     """Picks the forward pass by backend: XLA's CPU pays for large temporaries in page faults, so
     there the column loop wins; on GPU and TPU one big gather and reduce does (the loop runs
     ~4x slower than ``take(...).sum(1)`` on an H100)."""
 
     def cpu():
         if width is not None:  # 2-D indices: every bag holds `width` entries
-            return _column_bags(table, safe, keep, psw, starts, mode, width)
+            return _column_bags(table, safe, keep, psw, starts, mode, width, lookup)
         # offsets: the loop runs as long as the largest bag. Where that would gather more than
         # twice the rows there are (a few huge bags), the segment reduction is cheaper.
         longest = jnp.max(_bag_ends(starts, safe.shape[0]) - starts, initial=0)
         balanced = longest * starts.shape[0] <= 2 * safe.shape[0] + starts.shape[0]
         return jax.lax.cond(
             balanced,
-            lambda: _column_bags(table, safe, keep, psw, starts, mode, longest),
-            lambda: _segment_bags(table, safe, keep, psw, starts, mode),
+            lambda: _column_bags(table, safe, keep, psw, starts, mode, longest, lookup),
+            lambda: _segment_bags(table, safe, keep, psw, starts, mode, lookup),
         )
 
     def accelerator():
         if width is not None:
-            return _reshape_bags(table, safe, keep, psw, starts, mode, width)
-        return _segment_bags(table, safe, keep, psw, starts, mode)
+            return _reshape_bags(table, safe, keep, psw, starts, mode, width, lookup)
+        return _segment_bags(table, safe, keep, psw, starts, mode, lookup)
 
     return jax.lax.platform_dependent(cpu=cpu, default=accelerator)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8))
-def _bags(weight, table, safe, grad_scale, keep, psw, starts, mode, width):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8, 9))
+def _bags(weight, table, safe, grad_scale, keep, psw, starts, mode, width, lookup):
     """Bags of the rows of ``table`` (the renormed, gradient-free table) with torch's gradient
     to ``weight``. ``safe``, ``grad_scale``, ``keep`` and ``psw`` are flat, one per entry."""
     del weight, grad_scale
-    return _bags_primal(table, safe, keep, psw, starts, mode, width)[0]
+    return _bags_primal(table, safe, keep, psw, starts, mode, width, lookup)[0]
 
 
 def _is_zero(t) -> bool:
     return t is None or isinstance(t, jax.custom_derivatives.SymbolicZero)
 
 
-def _bags_jvp(mode, width, primals, tangents):
+def _bags_jvp(mode, width, lookup, primals, tangents):
     """The tangent: gather the table's tangent rows and reduce them the plain way. Its transpose
     (the gradient) is one scatter-add into the table."""
     _, table, safe, grad_scale, keep, psw, starts = primals
     weight_dot, psw_dot = tangents[0], tangents[5]
-    out, pos = _bags_primal(table, safe, keep, psw, starts, mode, width)
+    out, pos = _bags_primal(table, safe, keep, psw, starts, mode, width, lookup)
     acc = _renorm.compute_dtype(table.dtype)
     n, num_bags = safe.shape[0], starts.shape[0]
 
@@ -267,7 +268,7 @@ def _bags_jvp(mode, width, primals, tangents):
         else:
             out_dot = reduce(rows_dot)
     if psw is not None and not _is_zero(psw_dot):  # sum mode only
-        rows = _index_policy.gather_rows(table, safe).astype(acc)
+        rows = _index_policy.gather_rows(table, safe, lookup).astype(acc)
         out_dot = out_dot + reduce(jnp.where(keep[:, None], rows * psw_dot.astype(acc)[:, None], 0))
     if mode == "mean":
         out_dot = out_dot / jnp.maximum(_bag_counts(keep, starts, acc), 1)[:, None]
@@ -279,10 +280,27 @@ _bags.defjvp(_bags_jvp, symbolic_zeros=True)
 
 @functools.partial(
     jax.jit,
-    static_argnames=("mode", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq"),
+    static_argnames=(
+        "mode",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "lookup",
+    ),
 )
 def _embedding_bag(
-    weight, indices, starts, psw, *, mode, padding_idx, max_norm, norm_type, scale_grad_by_freq
+    weight,
+    indices,
+    starts,
+    psw,
+    *,
+    mode,
+    padding_idx,
+    max_norm,
+    norm_type,
+    scale_grad_by_freq,
+    lookup,
 ):
     """``indices`` 2-D with ``starts`` None, or 1-D with ``starts`` (one per bag)."""
     width = None
@@ -298,7 +316,7 @@ def _embedding_bag(
         table = new_weight = _renorm.renorm_table(table, safe, max_norm, norm_type)
     grad_scale = _gradient.gradient_scale(safe, padding_idx, scale_grad_by_freq, weight.dtype)
     keep = jnp.ones(safe.shape, bool) if padding_idx is None else safe != padding_idx
-    bags = _bags(weight, table, safe, grad_scale, keep, psw, starts, mode, width)
+    bags = _bags(weight, table, safe, grad_scale, keep, psw, starts, mode, width, lookup)
     return bags, new_weight
 
 
@@ -314,6 +332,7 @@ def embedding_bag(
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
+    lookup: str = "gather",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sums, averages or maxes bags of embeddings, with torch's ``nn.EmbeddingBag`` semantics.
 
@@ -334,6 +353,8 @@ def embedding_bag(
       scale_grad_by_freq: the gradient of :func:`jaxembed.embedding` with this option, followed
         by the reduction (torch 2.13's CPU bag kernel divides by the wrong index's count when
         counts are mixed; this follows torch's documented semantics instead).
+      lookup: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in
+        :func:`jaxembed.embedding`. Same bags and gradients for every style.
 
     Returns:
       ``(bags, new_params)``: ``bags.shape == (B, embedding_dim)`` in the table's dtype; empty
@@ -376,6 +397,7 @@ def embedding_bag(
         max_norm=_validation.check_max_norm(max_norm),
         norm_type=_validation.check_norm_type(norm_type),
         scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
+        lookup=_index_policy.check_lookup_style(lookup),
     )
     idx = _index_policy.prepare_indices(indices, num_embeddings)
     if idx.ndim == 2 and offsets is not None:

@@ -13,7 +13,8 @@ from jaxembed import _gradient, _index_policy, _renorm, _validation
 
 
 @functools.partial(
-    jax.jit, static_argnames=("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
+    jax.jit,
+    static_argnames=("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "lookup"),
 )
 def _embedding(
     weight: jax.Array,
@@ -23,6 +24,7 @@ def _embedding(
     max_norm: float | None,
     norm_type: float,
     scale_grad_by_freq: bool,
+    lookup: str,
 ) -> tuple[jax.Array, jax.Array | None]:
     num_embeddings, dim = weight.shape
     safe = _index_policy.safe_indices(indices.reshape(-1), num_embeddings)
@@ -31,7 +33,7 @@ def _embedding(
     if max_norm is not None:
         # the output is gathered from the renormed table: duplicates all see the renormed row
         frozen = new_weight = _renorm.renorm_table(frozen, safe, max_norm, norm_type)
-    rows = _index_policy.gather_rows(frozen, safe)
+    rows = _index_policy.gather_rows(frozen, safe, lookup)
     grad_scale = _gradient.gradient_scale(safe, padding_idx, scale_grad_by_freq, weight.dtype)
     out = _gradient.with_table_gradient(rows, weight, safe, grad_scale)
     return out.reshape(indices.shape + (dim,)), new_weight
@@ -44,6 +46,7 @@ def check_lookup(
     max_norm: Any,
     norm_type: Any,
     scale_grad_by_freq: Any,
+    lookup: Any = "gather",
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
     """Checks a lookup's arguments: ``(weight, indices, options)`` or a clear error."""
     weight = _validation.check_weight(params)
@@ -53,6 +56,7 @@ def check_lookup(
         max_norm=_validation.check_max_norm(max_norm),
         norm_type=_validation.check_norm_type(norm_type),
         scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
+        lookup=_index_policy.check_lookup_style(lookup),
     )
     return weight, _index_policy.prepare_indices(indices, num_embeddings), options
 
@@ -65,6 +69,7 @@ def embedding(
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
+    lookup: str = "gather",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Looks up rows of ``params["weight"]`` with torch's ``nn.Embedding`` semantics.
 
@@ -85,6 +90,11 @@ def embedding(
       max_norm: renorm referenced rows whose norm exceeds this (> 0), or None.
       norm_type: the p of the p-norm for ``max_norm``: > 0, or ``inf``.
       scale_grad_by_freq: divide each row's gradient by its index's count in ``indices``.
+      lookup: how rows are read: ``"gather"`` (XLA's gather, the default), ``"one_hot"``
+        (``one_hot(indices) @ weight``, a matmul: often faster on TPU for small vocabularies;
+        exact for finite tables, but a NaN/inf anywhere in the table reaches every row) or
+        ``"auto"`` (one_hot on TPU up to 2,048 rows, else gather). Outputs and gradients are
+        the same for every style.
 
     Returns:
       ``(embeddings, new_params)``: ``embeddings.shape == indices.shape + (embedding_dim,)`` in
@@ -115,7 +125,7 @@ def embedding(
              [0., 0.]], dtype=float32)
     """
     weight, idx, options = check_lookup(
-        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq
+        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
     )
     out, new_weight = _embedding(weight, idx, **options)
     if new_weight is None:

@@ -72,9 +72,50 @@ def safe_indices(indices: jax.Array, num_embeddings: int) -> jax.Array:
     return jnp.where(valid, indices, num_embeddings)
 
 
-def gather_rows(weight: jax.Array, safe: jax.Array) -> jax.Array:
-    """``weight[safe]`` with NaN rows for the out-of-range sentinel ``num_embeddings``."""
+LOOKUPS = ("gather", "one_hot", "auto")
+
+# "auto" picks one_hot only where a matmul beats a gather: TPUs with a small vocabulary. On CPU
+# jaxembed-bench measured the gather faster at every size (the one-hot matmul costs V times more
+# arithmetic than the gather moves bytes), and on GPU XLA's gather is the fast path.
+AUTO_ONE_HOT_MAX_VOCAB = 2048
+
+
+def check_lookup_style(lookup: Any) -> str:
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
+    return lookup
+
+
+def _one_hot_rows(weight: jax.Array, safe: jax.Array) -> jax.Array:
+    """``weight[safe]`` as ``one_hot(safe) @ weight``: one MXU-friendly matmul, exact in float.
+
+    Each output element is ``1 * w + 0 * (every other row)``, so finite tables give the gathered
+    values exactly (``HIGHEST`` precision keeps TPUs and GPUs from rounding to bf16/tf32). A NaN
+    or inf anywhere in the table spreads to every row (``0 * inf`` is NaN).
+    """
+    num_embeddings = weight.shape[0]
+    wide = jnp.promote_types(weight.dtype, jnp.float32)
+    hot = jax.nn.one_hot(safe, num_embeddings, dtype=weight.dtype)  # the sentinel: all zeros
+    rows = jnp.dot(
+        hot, weight, precision=jax.lax.Precision.HIGHEST, preferred_element_type=wide
+    ).astype(weight.dtype)
+    return jnp.where((safe < num_embeddings)[..., None], rows, jnp.nan)
+
+
+def _gather(weight: jax.Array, safe: jax.Array) -> jax.Array:
     return jnp.take(weight, safe, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def gather_rows(weight: jax.Array, safe: jax.Array, lookup: str = "gather") -> jax.Array:
+    """``weight[safe]`` with NaN rows for the out-of-range sentinel ``num_embeddings``.
+
+    ``lookup`` is how: ``"gather"`` (XLA's gather), ``"one_hot"`` (a matmul) or ``"auto"``.
+    """
+    if lookup == "one_hot":
+        return _one_hot_rows(weight, safe)
+    if lookup == "auto" and weight.shape[0] <= AUTO_ONE_HOT_MAX_VOCAB:
+        return jax.lax.platform_dependent(weight, safe, tpu=_one_hot_rows, default=_gather)
+    return _gather(weight, safe)
 
 
 def first_writer(safe: jax.Array, num_embeddings: int) -> jax.Array:

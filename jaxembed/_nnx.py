@@ -35,9 +35,16 @@ class _TableModule(nnx.Module):
         embedding_init: Initializer,
         rngs: nnx.Rngs,
         sparse: bool = False,
+        lookup: str = "gather",
     ):
         self._configure(
-            num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq
+            num_embeddings,
+            embedding_dim,
+            padding_idx,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            lookup,
         )
         _table.check_dtypes(dtype, param_dtype)
         self.dtype = dtype
@@ -55,6 +62,7 @@ class _TableModule(nnx.Module):
         self.max_norm = self.config.max_norm
         self.norm_type = self.config.norm_type
         self.scale_grad_by_freq = self.config.scale_grad_by_freq
+        self.lookup = self.config.lookup
 
     @classmethod
     def _pretrained(
@@ -79,7 +87,14 @@ class _TableModule(nnx.Module):
             **kwargs,
         )
         # padding_idx is set after construction: the given table keeps its padding row
-        self._configure(*embeddings.shape, padding_idx, max_norm, norm_type, scale_grad_by_freq)
+        self._configure(
+            *embeddings.shape,
+            padding_idx,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            kwargs.get("lookup", "gather"),
+        )
         freeze = _validation.check_flag("freeze", freeze)
         param = _sparse_nnx.SparseParam if self.sparse else nnx.Param
         self.weight = (FrozenWeight if freeze else param)(embeddings)
@@ -117,6 +132,8 @@ class Embedding(_TableModule):
         :func:`jaxembed.sparse.value_and_grad` its gradient is the looked-up rows only, and
         :class:`jaxembed.sparse.Optimizer` updates just those rows (torch's ``sparse=True``).
         Elsewhere it trains as a dense ``nnx.Param``.
+      lookup: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"`` (see
+        :func:`jaxembed.embedding`); :class:`EmbeddingBag` takes it too.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
     Example:
@@ -142,6 +159,7 @@ class Embedding(_TableModule):
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
         sparse: bool = False,
+        lookup: str = "gather",
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -156,6 +174,7 @@ class Embedding(_TableModule):
             embedding_init=embedding_init,
             rngs=rngs,
             sparse=sparse,
+            lookup=lookup,
         )
 
     @classmethod
@@ -170,6 +189,7 @@ class Embedding(_TableModule):
         scale_grad_by_freq: bool = False,
         dtype: Any = None,
         sparse: bool = False,
+        lookup: str = "gather",
     ) -> Embedding:
         """A module over a given table (torch's ``nn.Embedding.from_pretrained``).
 
@@ -193,6 +213,7 @@ class Embedding(_TableModule):
             scale_grad_by_freq,
             dtype=dtype,
             sparse=sparse,
+            lookup=lookup,
         )
 
     def __call__(self, indices: ArrayLike) -> jax.Array:
@@ -246,6 +267,7 @@ class EmbeddingBag(_TableModule):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
+        lookup: str = "gather",
         rngs: nnx.Rngs,
     ):
         self.mode, self.include_last_offset = _table.check_bag_options(
@@ -262,6 +284,7 @@ class EmbeddingBag(_TableModule):
             param_dtype=param_dtype,
             embedding_init=embedding_init,
             rngs=rngs,
+            lookup=lookup,
         )
 
     @classmethod
@@ -277,6 +300,7 @@ class EmbeddingBag(_TableModule):
         scale_grad_by_freq: bool = False,
         include_last_offset: bool = False,
         dtype: Any = None,
+        lookup: str = "gather",
     ) -> EmbeddingBag:
         """A bag module over a given table (torch's ``nn.EmbeddingBag.from_pretrained``)."""
         return cls._pretrained(
@@ -289,6 +313,7 @@ class EmbeddingBag(_TableModule):
             mode=mode,
             include_last_offset=include_last_offset,
             dtype=dtype,
+            lookup=lookup,
         )
 
     def __call__(

@@ -76,7 +76,8 @@ class SparseLookup(NamedTuple):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
+    jax.jit,
+    static_argnames=("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "lookup"),
 )
 def _lookup(
     weight: jax.Array,
@@ -86,6 +87,7 @@ def _lookup(
     max_norm: float | None,
     norm_type: float,
     scale_grad_by_freq: bool,
+    lookup: str,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
     num_embeddings, dim = weight.shape
     safe = _index_policy.safe_indices(indices.reshape(-1), num_embeddings)
@@ -93,7 +95,7 @@ def _lookup(
     new_weight = None
     if max_norm is not None:
         table = new_weight = _renorm.renorm_table(table, safe, max_norm, norm_type)
-    rows = _index_policy.gather_rows(table, safe).reshape(indices.shape + (dim,))
+    rows = _index_policy.gather_rows(table, safe, lookup).reshape(indices.shape + (dim,))
     scale = _gradient.gradient_scale(safe, None, scale_grad_by_freq, weight.dtype)
     if padding_idx is not None:
         safe = jnp.where(safe == padding_idx, num_embeddings, safe)
@@ -108,6 +110,7 @@ def lookup(
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
+    lookup: str = "gather",
 ) -> tuple[jax.Array, SparseLookup]:
     """Looks rows up for sparse training: the rows to differentiate, and how to update the table.
 
@@ -125,6 +128,7 @@ def lookup(
       norm_type: the p of the p-norm for ``max_norm``: > 0, or ``inf``.
       scale_grad_by_freq: divide each entry's gradient by its index's count in ``indices``
         (torch refuses this with ``sparse=True``; here it equals the dense gradient's scaling).
+      lookup: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in :func:`jaxembed.embedding`.
 
     Returns:
       ``(rows, sparse_lookup)``: ``rows.shape == indices.shape + (embedding_dim,)``.
@@ -145,7 +149,7 @@ def lookup(
       Array([1. , 0. , 1. , 1. , 0.5], dtype=float32)
     """
     weight, idx, options = _embedding.check_lookup(
-        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq
+        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
     )
     rows, new_weight, safe, scale = _lookup(weight, idx, **options)
     new_params: Any = params if new_weight is None else {**params, "weight": new_weight}

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxembed import _validation
+from jaxembed import _index_policy, _validation
 
 MODES = ("sum", "mean", "max")
 
@@ -23,6 +23,7 @@ class TableConfig:
     max_norm: float | None
     norm_type: float
     scale_grad_by_freq: bool
+    lookup: str = "gather"
 
     @classmethod
     def check(
@@ -33,6 +34,7 @@ class TableConfig:
         max_norm: Any,
         norm_type: Any,
         scale_grad_by_freq: Any,
+        lookup: Any = "gather",
     ) -> TableConfig:
         num_embeddings = _validation.check_size("num_embeddings", num_embeddings)
         return cls(
@@ -42,6 +44,7 @@ class TableConfig:
             max_norm=_validation.check_max_norm(max_norm),
             norm_type=_validation.check_norm_type(norm_type),
             scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
+            lookup=_index_policy.check_lookup_style(lookup),
         )
 
     @property
@@ -52,6 +55,7 @@ class TableConfig:
             max_norm=self.max_norm,
             norm_type=self.norm_type,
             scale_grad_by_freq=self.scale_grad_by_freq,
+            lookup=self.lookup,
         )
 
 

@@ -47,6 +47,7 @@ class _TableModule(nn.Module):
     param_dtype: Any = jnp.float32
     embedding_init: Initializer = default_embedding_init
     on_immutable: str = "warn"
+    lookup: str = "gather"
 
     def __post_init__(self):
         self._check()
@@ -70,6 +71,7 @@ class _TableModule(nn.Module):
             self.max_norm,
             self.norm_type,
             self.scale_grad_by_freq,
+            self.lookup,
         )
 
     def _init_weight(self, key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:

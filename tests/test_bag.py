@@ -302,8 +302,8 @@ def test_column_loop_equals_segment_reduction(mode, sizes):
     keep = jnp.asarray(rng.random(n) > 0.2)
     psw = jnp.asarray(rng.normal(size=n).astype(np.float32)) if mode == "sum" else None
     starts = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32))
-    a = _bag._column_bags(table, safe, keep, psw, starts, mode, max(sizes))
-    b = _bag._segment_bags(table, safe, keep, psw, starts, mode)
+    a = _bag._column_bags(table, safe, keep, psw, starts, mode, max(sizes), "gather")
+    b = _bag._segment_bags(table, safe, keep, psw, starts, mode, "one_hot")
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
     if mode == "max":
         np.testing.assert_array_equal(a[1], b[1])
@@ -322,8 +322,8 @@ def test_accelerator_pass_equals_column_loop(mode, shape):
     keep = jnp.asarray(rng.random(n) > 0.3)
     psw = jnp.asarray(rng.normal(size=n).astype(np.float32)) if mode == "sum" else None
     starts = jnp.arange(shape[0], dtype=jnp.int32) * shape[1]
-    a = _bag._column_bags(table, safe, keep, psw, starts, mode, shape[1])
-    b = _bag._reshape_bags(table, safe, keep, psw, starts, mode, shape[1])
+    a = _bag._column_bags(table, safe, keep, psw, starts, mode, shape[1], "one_hot")
+    b = _bag._reshape_bags(table, safe, keep, psw, starts, mode, shape[1], "gather")
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
     if mode == "max":
         np.testing.assert_array_equal(a[1], b[1])
