@@ -126,7 +126,7 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
     def wrapper(model: Any, *args: Any, **kwargs: Any):
         graphdef, state = nnx.split(model)
 
-        # the shapes only: ``discover`` is traced abstractly, never run
+        # the probes' shapes only: ``discover_shapes`` is traced abstractly, never run
         found: list = []
 
         def discover_shapes(state):

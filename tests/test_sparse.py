@@ -15,7 +15,7 @@ import torch
 import jaxembed
 from jaxembed import _sparse_update, sparse
 
-V, D, STEPS = 13, 5, 7
+V, D, STEPS = 13, 5, 5
 
 
 def _batches(seed=0, shape=(6, 4), vocab=V, steps=STEPS):
