@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed import _gradient, _index_policy, _renorm, _table, _validation
+from jaxembed import _embedding, _gradient, _index_policy, _renorm, _table
 
 MODES = _table.MODES
 
@@ -389,17 +389,9 @@ def embedding_bag(
     mode, include_last_offset = _table.check_bag_options(
         mode, include_last_offset, scale_grad_by_freq
     )
-    weight = _validation.check_weight(params)
-    num_embeddings = weight.shape[0]
-    static = dict(
-        mode=mode,
-        padding_idx=_validation.check_padding_idx(padding_idx, num_embeddings),
-        max_norm=_validation.check_max_norm(max_norm),
-        norm_type=_validation.check_norm_type(norm_type),
-        scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
-        lookup=_index_policy.check_lookup_style(lookup),
+    weight, idx, static = _embedding.check_lookup(
+        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
     )
-    idx = _index_policy.prepare_indices(indices, num_embeddings)
     if idx.ndim == 2 and offsets is not None:
         raise ValueError("offsets must be None when indices are 2-D (one bag per row)")
     if idx.ndim == 1 and offsets is None:
@@ -413,7 +405,7 @@ def embedding_bag(
         starts = _check_offsets(offsets, idx.shape[0], include_last_offset)
         if include_last_offset:
             starts = starts[:-1]
-    bags, new_weight = _embedding_bag(weight, idx, starts, per_sample_weights, **static)
+    bags, new_weight = _embedding_bag(weight, idx, starts, per_sample_weights, mode=mode, **static)
     if new_weight is None:
         return bags, params
     return bags, {**params, "weight": jax.lax.stop_gradient(new_weight)}
