@@ -12,8 +12,7 @@ import numpy as np
 from hypothesis import given
 
 import jaxembed
-from tests.test_fuzz import bag_cases, embedding_cases
-from tests.torch_ref import torch_embedding, torch_embedding_bag
+from tests.test_fuzz import bag_cases, check_bag_case, check_embedding_case, embedding_cases
 
 
 def test_x64_is_on():
@@ -22,46 +21,12 @@ def test_x64_is_on():
 
 @given(embedding_cases())
 def test_float64_embedding_matches_torch(case):
-    weight, indices, cot, kw = case
-    if weight.shape[1] == 0 and kw["max_norm"] is not None and np.isinf(kw["norm_type"]):
-        kw = {**kw, "norm_type": 2.0}
-    weight, cot = weight.astype(np.float64) * 1.1, cot.astype(np.float64)
-    ref = torch_embedding(weight, indices.astype(np.int64), cot, **kw)
-
-    def loss(params):
-        out, new = jaxembed.embedding(params, jnp.asarray(indices, jnp.int64), **kw)
-        return jnp.sum(out * cot), (out, new)
-
-    grads, (out, new) = jax.jit(jax.grad(loss, has_aux=True))({"weight": jnp.asarray(weight)})
-    assert out.dtype == new["weight"].dtype == jnp.float64
-    np.testing.assert_allclose(out, ref.out, rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(new["weight"], ref.table, rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(grads["weight"], ref.grad, rtol=1e-12, atol=1e-13)
+    check_embedding_case(case, np.float64, rtol=1e-12, atol=1e-13)
 
 
 @given(bag_cases())
 def test_float64_embedding_bag_matches_torch(case):
-    weight, indices, offsets, cot, psw, kw = case
-    weight, cot = weight.astype(np.float64), cot.astype(np.float64)
-    psw = None if psw is None else psw.astype(np.float64)
-    ref = torch_embedding_bag(
-        weight,
-        indices,
-        offsets,
-        cot,
-        per_sample_weights=psw,
-        composed=kw["scale_grad_by_freq"],
-        **kw,
-    )
-
-    def loss(params):
-        out, new = jaxembed.embedding_bag(params, indices, offsets, per_sample_weights=psw, **kw)
-        return jnp.sum(out * cot), (out, new)
-
-    grads, (out, new) = jax.grad(loss, has_aux=True)({"weight": jnp.asarray(weight)})
-    np.testing.assert_allclose(out, ref.out, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(new["weight"], ref.table, rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(grads["weight"], ref.grad, rtol=1e-12, atol=1e-12)
+    check_bag_case(case, np.float64, rtol=1e-12, atol=1e-12)
 
 
 def test_scale_grad_by_freq_one_third_in_float64():
