@@ -18,7 +18,6 @@ ratios are what to quote (this machine is shared and noisy).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import time
@@ -28,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxembed
-from jaxembed import sparse
+from jaxembed import bench, sparse
 
 # name: (jaxembed sparse optimizer, dense optax optimizer or None, torch optimizer name or None)
 LR = 0.1
@@ -41,33 +39,13 @@ OPTIMIZERS = {
 }
 
 
-def _loss(rows, target):
-    return 0.5 * jnp.mean((rows - target) ** 2)
-
-
 def sparse_step(opt):
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(table, state, ids, target):
-        rows, lk = sparse.lookup({"weight": table}, ids)
-        loss, row_grads = jax.value_and_grad(_loss)(rows, target)
-        table, state = opt.update(lk.grad(row_grads), state, lk.params["weight"])
-        return table, state, loss
-
-    return step
+    # the same step jaxembed-bench times, jitted with the table and state donated
+    return jax.jit(bench.sparse_train_step(opt), donate_argnums=(0, 1))
 
 
 def dense_step(tx):
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(table, state, ids, target):
-        def loss_fn(p):
-            return _loss(jaxembed.embedding(p, ids)[0], target)
-
-        params = {"weight": table}
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates)["weight"], state, loss
-
-    return step
+    return jax.jit(bench.dense_train_step(tx), donate_argnums=(0, 1))
 
 
 def rows_grad_step():
@@ -75,7 +53,7 @@ def rows_grad_step():
 
     @jax.jit
     def step(table, ids, target):
-        loss, row_grads = jax.value_and_grad(_loss)(jnp.take(table, ids, axis=0), target)
+        loss, row_grads = jax.value_and_grad(bench.train_loss)(jnp.take(table, ids, axis=0), target)
         return loss, row_grads
 
     return step

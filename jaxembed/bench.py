@@ -139,8 +139,35 @@ class TorchCase:
 # --- the implementations -----------------------------------------------------------------------
 
 
-def _loss(rows, target):
+def train_loss(rows: jax.Array, target: jax.Array) -> jax.Array:
+    """The training ops' loss: ``0.5 * mean((rows - target) ** 2)``."""
     return 0.5 * jnp.mean((rows.astype(jnp.float32) - target) ** 2)
+
+
+def sparse_train_step(opt: sparse.SparseOptimizer) -> Callable:
+    """``(table, state, ids, target) -> (table, state, loss)`` with a row-wise optimizer."""
+
+    def step(table, state, ids, target):
+        rows, lk = sparse.lookup({"weight": table}, ids)
+        loss, row_grads = jax.value_and_grad(train_loss)(rows, target)
+        table, state = opt.update(lk.grad(row_grads), state, lk.params["weight"])
+        return table, state, loss
+
+    return step
+
+
+def dense_train_step(tx: optax.GradientTransformation) -> Callable:
+    """The same step with ``tx`` on the dense gradient; ``state = tx.init({"weight": table})``."""
+
+    def step(table, state, ids, target):
+        params = {"weight": table}
+        loss, grads = jax.value_and_grad(
+            lambda p: train_loss(jaxembed.embedding(p, ids)[0], target)
+        )(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates)["weight"], state, loss
+
+    return step
 
 
 # the one-hot lookup builds a (batch, vocab) matrix: past this many elements it is left out
@@ -200,27 +227,15 @@ def _all_jax_cases(op: str, table, ids, bags, cot, target) -> dict[str, Case]:
         }
     if op == "train-dense":
         tx = optax.adam(LR)
-
-        def dense(p, s, i, t):
-            loss, g = jax.value_and_grad(lambda p: _loss(jaxembed.embedding(p, i)[0], t))(p)
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s, loss
-
-        fresh = {"weight": table + 0}
+        state = tx.init({"weight": table})
         return {
             "optax.adam (dense)": Case(
-                dense, (fresh, tx.init(fresh), ids, target), carry=True, donate=(0, 1)
+                dense_train_step(tx), (table + 0, state, ids, target), carry=True, donate=(0, 1)
             )
         }
     if op.startswith("train-sparse-"):
         opt = getattr(sparse, op.removeprefix("train-sparse-"))(LR)
-
-        def step(w, s, i, t):
-            rows, lk = sparse.lookup({"weight": w}, i)
-            loss, g = jax.value_and_grad(_loss)(rows, t)
-            w, s = opt.update(lk.grad(g), s, lk.params["weight"])
-            return w, s, loss
-
+        step = sparse_train_step(opt)
         return {
             "jaxembed.sparse": Case(
                 step, (table + 0, opt.init(table), ids, target), carry=True, donate=(0, 1)
