@@ -17,6 +17,7 @@ from jaxembed._interop import (
 )
 from jaxembed._nnx import Embedding, EmbeddingBag, FrozenWeight
 from jaxembed._renorm import renorm
+from jaxembed._sharding import TableSharding
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "Embedding",
     "EmbeddingBag",
     "FrozenWeight",
+    "TableSharding",
     "default_embedding_init",
     "embedding",
     "embedding_bag",

@@ -29,7 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed import _embedding, _gradient, _index_policy, _renorm, _table
+from jaxembed import (
+    _embedding,
+    _gradient,
+    _index_policy,
+    _renorm,
+    _sharded_lookup,
+    _sharding,
+    _table,
+)
 
 MODES = _table.MODES
 
@@ -150,10 +158,11 @@ def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
                 nan | (kept & jnp.isnan(rows)),
             )
 
+        # carries made "like" the table, so inside shard_map they vary over the same mesh axes
         init = (
-            jnp.full(shape, -jnp.inf, acc),
-            jnp.full(shape, -1, jnp.int32),
-            jnp.zeros(shape, bool),
+            jnp.full_like(table, -jnp.inf, acc, shape=shape),
+            jnp.full_like(table, -1, jnp.int32, shape=shape),
+            jnp.zeros_like(table, bool, shape=shape),
         )
         best, pos, nan = jax.lax.fori_loop(0, width, body, init) if n else init
         # a NaN row (an out-of-range index under jit) makes its bag NaN, never a silent max
@@ -166,7 +175,8 @@ def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
             rows = rows * psw[at].astype(acc)[:, None]
         return total + jnp.where(kept, rows, 0)
 
-    total = jax.lax.fori_loop(0, width, body, jnp.zeros(shape, acc)) if n else jnp.zeros(shape, acc)
+    zeros = jnp.zeros_like(table, acc, shape=shape)
+    total = jax.lax.fori_loop(0, width, body, zeros) if n else zeros
     if mode == "mean":
         total = total / jnp.maximum(_bag_counts(keep, starts, acc), 1)[:, None]
     return total.astype(table.dtype), jnp.zeros(shape, jnp.int32)
@@ -333,6 +343,7 @@ def embedding_bag(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     lookup: str = "gather",
+    sharding: _sharding.TableSharding | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sums, averages or maxes bags of embeddings, with torch's ``nn.EmbeddingBag`` semantics.
 
@@ -355,6 +366,10 @@ def embedding_bag(
         counts are mixed; this follows torch's documented semantics instead).
       lookup: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in
         :func:`jaxembed.embedding`. Same bags and gradients for every style.
+      sharding: a :class:`jaxembed.TableSharding`, as in :func:`jaxembed.embedding`. ``batch``
+        splits the bags of 2-D indices; 1-D indices with offsets are given to every device whole
+        (``batch`` must then be None). The rows are combined over ``vocab`` before the reduction,
+        so the bags equal the unsharded ones.
 
     Returns:
       ``(bags, new_params)``: ``bags.shape == (B, embedding_dim)`` in the table's dtype; empty
@@ -405,7 +420,21 @@ def embedding_bag(
         starts = _check_offsets(offsets, idx.shape[0], include_last_offset)
         if include_last_offset:
             starts = starts[:-1]
-    bags, new_weight = _embedding_bag(weight, idx, starts, per_sample_weights, mode=mode, **static)
+    sharding = _sharding.check_sharding(sharding)
+    if sharding is None:
+        bags, new_weight = _embedding_bag(
+            weight, idx, starts, per_sample_weights, mode=mode, **static
+        )
+    else:
+        if idx.ndim == 1 and sharding.batch is not None:
+            raise ValueError(
+                "sharding.batch splits 2-D bags only; 1-D indices with offsets need "
+                "TableSharding(batch=None) (each device then reduces every bag)"
+            )
+        sharding = _sharding.bind(sharding, weight.shape, idx.shape)
+        bags, new_weight = _sharded_lookup.embedding_bag(
+            weight, idx, starts, per_sample_weights, sharding=sharding, mode=mode, **static
+        )
     if new_weight is None:
         return bags, params
     return bags, {**params, "weight": jax.lax.stop_gradient(new_weight)}

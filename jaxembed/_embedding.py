@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from jax.typing import ArrayLike
 
-from jaxembed import _gradient, _index_policy, _renorm, _validation
+from jaxembed import _gradient, _index_policy, _renorm, _sharded_lookup, _sharding, _validation
 
 
 @functools.partial(
@@ -70,6 +70,7 @@ def embedding(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     lookup: str = "gather",
+    sharding: _sharding.TableSharding | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Looks up rows of ``params["weight"]`` with torch's ``nn.Embedding`` semantics.
 
@@ -95,6 +96,9 @@ def embedding(
         exact for finite tables, but a NaN/inf anywhere in the table reaches every row) or
         ``"auto"`` (one_hot on TPU up to 2,048 rows, else gather). Outputs and gradients are
         the same for every style.
+      sharding: a :class:`jaxembed.TableSharding` to run on a mesh: the table split by rows
+        (``vocab``) and/or columns (``dim``), the indices' leading dimension by ``batch``. The
+        outputs equal the unsharded ones; the table is never gathered onto one device.
 
     Returns:
       ``(embeddings, new_params)``: ``embeddings.shape == indices.shape + (embedding_dim,)`` in
@@ -103,7 +107,8 @@ def embedding(
 
     Raises:
       TypeError: non-integer indices or a non-floating table.
-      ValueError: a bad ``padding_idx``, ``max_norm`` or ``norm_type``, or a table not 2-D.
+      ValueError: a bad ``padding_idx``, ``max_norm`` or ``norm_type``, or a table not 2-D; with
+        ``sharding``, a table or indices that do not split evenly over its mesh axes.
       IndexError: concrete indices outside ``[0, num_embeddings)``. Under ``jit`` such entries
         return NaN rows, get no gradient and leave the table alone; ``checkify.index_checks``
         reports them.
@@ -127,7 +132,12 @@ def embedding(
     weight, idx, options = check_lookup(
         params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
     )
-    out, new_weight = _embedding(weight, idx, **options)
+    sharding = _sharding.check_sharding(sharding)
+    if sharding is None:
+        out, new_weight = _embedding(weight, idx, **options)
+    else:
+        sharding = _sharding.bind(sharding, weight.shape, idx.shape)
+        out, new_weight = _sharded_lookup.embedding(weight, idx, sharding=sharding, **options)
     if new_weight is None:
         return out, params
     return out, {**params, "weight": jax.lax.stop_gradient(new_weight)}

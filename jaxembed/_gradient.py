@@ -16,28 +16,34 @@ import jax
 import jax.numpy as jnp
 
 
-def index_counts(safe: jax.Array) -> jax.Array:
-    """How often each entry of the 1-D ``safe`` occurs in ``safe``, with static shapes.
+def index_counts(safe: jax.Array, among: jax.Array | None = None) -> jax.Array:
+    """How often each entry of the 1-D ``safe`` occurs in ``among`` (default ``safe``).
 
-    A sort and two binary searches: O(n log n) in the number of indices, never O(vocab).
+    A sort and two binary searches, with static shapes: O(n log n) in the number of indices,
+    never O(vocab). A data-parallel lookup counts its shard's indices among all of them.
     """
-    ordered = jnp.sort(safe)
+    ordered = jnp.sort(safe if among is None else among)
     right = jnp.searchsorted(ordered, safe, side="right", method="sort")
     left = jnp.searchsorted(ordered, safe, side="left", method="sort")
     return right - left
 
 
 def gradient_scale(
-    safe: jax.Array, padding_idx: int | None, scale_grad_by_freq: bool, dtype
+    safe: jax.Array,
+    padding_idx: int | None,
+    scale_grad_by_freq: bool,
+    dtype,
+    among: jax.Array | None = None,
 ) -> jax.Array | None:
     """Per-index factor on the gradient: 0 at padding, ``1/count`` with frequency scaling.
 
+    Counts are taken in ``among`` (all the call's indices) when ``safe`` is one shard of them.
     Returns None where every factor is 1, so the common path costs nothing extra.
     """
     scale = None
     wide = jnp.promote_types(dtype, jnp.float32)  # 1/3 in float32 is not 1/3 in float64
     if scale_grad_by_freq:
-        scale = 1.0 / index_counts(safe).astype(wide)
+        scale = 1.0 / index_counts(safe, among).astype(wide)
     if padding_idx is not None:
         keep = (safe != padding_idx).astype(wide)
         scale = keep if scale is None else scale * keep

@@ -86,7 +86,7 @@ def check_lookup_style(lookup: Any) -> str:
     return lookup
 
 
-def _one_hot_rows(weight: jax.Array, safe: jax.Array) -> jax.Array:
+def _one_hot_rows(weight: jax.Array, safe: jax.Array, fill: float = jnp.nan) -> jax.Array:
     """``weight[safe]`` as ``one_hot(safe) @ weight``: one MXU-friendly matmul, exact in float.
 
     Each output element is ``1 * w + 0 * (every other row)``, so finite tables give the gathered
@@ -99,23 +99,31 @@ def _one_hot_rows(weight: jax.Array, safe: jax.Array) -> jax.Array:
     rows = jnp.dot(
         hot, weight, precision=jax.lax.Precision.HIGHEST, preferred_element_type=wide
     ).astype(weight.dtype)
-    return jnp.where((safe < num_embeddings)[..., None], rows, jnp.nan)
+    return jnp.where((safe < num_embeddings)[..., None], rows, fill)
 
 
-def _gather(weight: jax.Array, safe: jax.Array) -> jax.Array:
-    return jnp.take(weight, safe, axis=0, mode="fill", fill_value=jnp.nan)
+def _gather(weight: jax.Array, safe: jax.Array, fill: float = jnp.nan) -> jax.Array:
+    return jnp.take(weight, safe, axis=0, mode="fill", fill_value=fill)
 
 
-def gather_rows(weight: jax.Array, safe: jax.Array, lookup: str = "gather") -> jax.Array:
-    """``weight[safe]`` with NaN rows for the out-of-range sentinel ``num_embeddings``.
+def gather_rows(
+    weight: jax.Array, safe: jax.Array, lookup: str = "gather", fill: float = jnp.nan
+) -> jax.Array:
+    """``weight[safe]`` with rows of ``fill`` (NaN) for the out-of-range sentinel.
 
     ``lookup`` is how: ``"gather"`` (XLA's gather), ``"one_hot"`` (a matmul) or ``"auto"``.
+    A vocab-sharded lookup fills with 0 the rows another shard owns.
     """
     if lookup == "one_hot":
-        return _one_hot_rows(weight, safe)
+        return _one_hot_rows(weight, safe, fill)
     if lookup == "auto" and weight.shape[0] <= AUTO_ONE_HOT_MAX_VOCAB:
-        return jax.lax.platform_dependent(weight, safe, tpu=_one_hot_rows, default=_gather)
-    return _gather(weight, safe)
+        return jax.lax.platform_dependent(
+            weight,
+            safe,
+            tpu=lambda w, s: _one_hot_rows(w, s, fill),
+            default=lambda w, s: _gather(w, s, fill),
+        )
+    return _gather(weight, safe, fill)
 
 
 def first_writer(safe: jax.Array, num_embeddings: int) -> jax.Array:

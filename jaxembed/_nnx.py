@@ -10,7 +10,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxembed import _bag, _embedding, _gradient, _sparse_lookup, _sparse_nnx, _table, _validation
+from jaxembed import (
+    _bag,
+    _embedding,
+    _gradient,
+    _sharding,
+    _sparse_lookup,
+    _sparse_nnx,
+    _table,
+    _validation,
+)
 from jaxembed._init import Initializer, default_embedding_init
 
 
@@ -36,6 +45,7 @@ class _TableModule(nnx.Module):
         rngs: nnx.Rngs,
         sparse: bool = False,
         lookup: str = "gather",
+        sharding: _sharding.TableSharding | None = None,
     ):
         self._configure(
             num_embeddings,
@@ -49,10 +59,52 @@ class _TableModule(nnx.Module):
         _table.check_dtypes(dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.sharding = _sharding.check_sharding(sharding)
         value = embedding_init(rngs.params(), (num_embeddings, embedding_dim), param_dtype)
         self.sparse = _validation.check_flag("sparse", sparse)
         param = _sparse_nnx.SparseParam if self.sparse else nnx.Param
-        self.weight = param(_table.zero_padding_row(value, self.config.padding_idx))
+        self.weight = self._table_variable(
+            param, _table.zero_padding_row(value, self.config.padding_idx)
+        )
+
+    def _table_variable(self, kind: type, value: Any) -> nnx.Variable:
+        """The table as a ``kind`` variable, with Flax partitioning metadata when sharded.
+
+        The layout comes from ``sharding=`` or from an initializer wrapped in
+        ``nnx.with_partitioning`` (whose names become ``vocab`` and ``dim``); given both, they
+        must agree. ``nnx.get_partition_spec`` then reports ``P(vocab, dim)``, and under a mesh
+        (``jax.set_mesh`` or ``TableSharding(mesh=...)``) the table is created already sharded.
+        """
+        raw = getattr(value, "raw_value", value)
+        metadata = dict(getattr(value, "metadata", None) or {})
+        names = metadata.get("out_sharding")
+        if names is not None:
+            names = tuple(names) + (None,) * (2 - len(names))
+            implied = _sharding.TableSharding(
+                metadata.get("mesh"), vocab=names[0], dim=names[1], batch=None
+            )
+            if self.sharding is None:
+                self.sharding = implied
+            elif (self.sharding.vocab, self.sharding.dim) != names[:2]:
+                raise ValueError(
+                    f"sharding={self.sharding} disagrees with the partitioning of embedding_init "
+                    f"{names}; give one of them"
+                )
+        if self.sharding is None:
+            return kind(raw, **metadata)
+        metadata["out_sharding"] = (self.sharding.vocab, self.sharding.dim)
+        mesh = self.sharding.mesh
+        if mesh is None:
+            context = jax.sharding.get_abstract_mesh()
+            mesh = None if context is None or context.empty else context
+        if mesh is None:
+            # no mesh yet: the table is placed later (nnx.get_partition_spec + jax.device_put)
+            metadata["eager_sharding"] = False
+        else:
+            self.sharding.check_table(raw.shape, self.sharding.resolve_mesh())
+            if self.sharding.mesh is not None:
+                metadata["mesh"] = self.sharding.mesh
+        return kind(raw, **metadata)
 
     def _configure(self, *args: Any) -> None:
         self.config = _table.TableConfig.check(*args)
@@ -97,7 +149,7 @@ class _TableModule(nnx.Module):
         )
         freeze = _validation.check_flag("freeze", freeze)
         param = _sparse_nnx.SparseParam if self.sparse else nnx.Param
-        self.weight = (FrozenWeight if freeze else param)(embeddings)
+        self.weight = self._table_variable(FrozenWeight if freeze else param, embeddings)
         return self
 
     def _finish(self, out: jax.Array, weight: jax.Array, new_params: Mapping) -> jax.Array:
@@ -134,6 +186,11 @@ class Embedding(_TableModule):
         Elsewhere it trains as a dense ``nnx.Param``.
       lookup: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"`` (see
         :func:`jaxembed.embedding`); :class:`EmbeddingBag` takes it too.
+      sharding: a :class:`jaxembed.TableSharding` to split the table (and the batch) over a mesh;
+        every call then runs the sharded lookup. Without it, an ``embedding_init`` wrapped in
+        ``nnx.with_partitioning(init, (vocab_axis, dim_axis))`` implies one (``batch=None``).
+        The table carries the partitioning metadata either way (``nnx.get_partition_spec``).
+        :class:`EmbeddingBag` takes it too.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
     Example:
@@ -160,6 +217,7 @@ class Embedding(_TableModule):
         embedding_init: Initializer = default_embedding_init,
         sparse: bool = False,
         lookup: str = "gather",
+        sharding: _sharding.TableSharding | None = None,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -175,6 +233,7 @@ class Embedding(_TableModule):
             rngs=rngs,
             sparse=sparse,
             lookup=lookup,
+            sharding=sharding,
         )
 
     @classmethod
@@ -190,6 +249,7 @@ class Embedding(_TableModule):
         dtype: Any = None,
         sparse: bool = False,
         lookup: str = "gather",
+        sharding: _sharding.TableSharding | None = None,
     ) -> Embedding:
         """A module over a given table (torch's ``nn.Embedding.from_pretrained``).
 
@@ -214,6 +274,7 @@ class Embedding(_TableModule):
             dtype=dtype,
             sparse=sparse,
             lookup=lookup,
+            sharding=sharding,
         )
 
     def __call__(self, indices: ArrayLike) -> jax.Array:
@@ -223,13 +284,13 @@ class Embedding(_TableModule):
         if tape is not None:
             # under jaxembed.sparse.value_and_grad: the rows' gradient is the table's
             rows, lk = _sparse_lookup.lookup(
-                {"weight": weight}, indices, **self.config.lookup_options
+                {"weight": weight}, indices, sharding=self.sharding, **self.config.lookup_options
             )
             if self.config.max_norm is not None:
                 self.weight.set_value(lk.params["weight"])
             return _table.cast_output(tape.record(self.weight, rows, lk), self.dtype)
         out, new_params = _embedding.embedding(
-            {"weight": weight}, indices, **self.config.lookup_options
+            {"weight": weight}, indices, sharding=self.sharding, **self.config.lookup_options
         )
         return self._finish(out, weight, new_params)
 
@@ -268,6 +329,7 @@ class EmbeddingBag(_TableModule):
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
         lookup: str = "gather",
+        sharding: _sharding.TableSharding | None = None,
         rngs: nnx.Rngs,
     ):
         self.mode, self.include_last_offset = _table.check_bag_options(
@@ -285,6 +347,7 @@ class EmbeddingBag(_TableModule):
             embedding_init=embedding_init,
             rngs=rngs,
             lookup=lookup,
+            sharding=sharding,
         )
 
     @classmethod
@@ -301,6 +364,7 @@ class EmbeddingBag(_TableModule):
         include_last_offset: bool = False,
         dtype: Any = None,
         lookup: str = "gather",
+        sharding: _sharding.TableSharding | None = None,
     ) -> EmbeddingBag:
         """A bag module over a given table (torch's ``nn.EmbeddingBag.from_pretrained``)."""
         return cls._pretrained(
@@ -314,6 +378,7 @@ class EmbeddingBag(_TableModule):
             include_last_offset=include_last_offset,
             dtype=dtype,
             lookup=lookup,
+            sharding=sharding,
         )
 
     def __call__(
@@ -331,6 +396,7 @@ class EmbeddingBag(_TableModule):
             mode=self.mode,
             per_sample_weights=per_sample_weights,
             include_last_offset=self.include_last_offset,
+            sharding=self.sharding,
             **self.config.lookup_options,
         )
         return self._finish(out, weight, new_params)

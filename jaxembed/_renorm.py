@@ -32,16 +32,26 @@ def compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def row_norms(rows: jax.Array, norm_type: float) -> jax.Array:
-    """The p-norm of each row (last axis), in ``compute_dtype(rows.dtype)``."""
+def row_norms(rows: jax.Array, norm_type: float, axis_name: Any = None) -> jax.Array:
+    """The p-norm of each row (last axis), in ``compute_dtype(rows.dtype)``.
+
+    ``axis_name``: inside ``shard_map`` with the columns split over this mesh axis, the partial
+    sums (maxima for ``inf``) of every shard are combined, so each shard gets the whole row's norm.
+    """
     x = jnp.abs(rows.astype(compute_dtype(rows.dtype)))
     if math.isinf(norm_type):
-        return jnp.max(x, axis=-1, initial=0)
+        top = jnp.max(x, axis=-1, initial=0)
+        return top if axis_name is None else jax.lax.pmax(top, axis_name)
+
+    def total(y):
+        s = jnp.sum(y, axis=-1)
+        return s if axis_name is None else jax.lax.psum(s, axis_name)
+
     if norm_type == 1:
-        return jnp.sum(x, axis=-1)
+        return total(x)
     if norm_type == 2:
-        return jnp.sqrt(jnp.sum(x * x, axis=-1))
-    return jnp.sum(x**norm_type, axis=-1) ** (1.0 / norm_type)
+        return jnp.sqrt(total(x * x))
+    return total(x**norm_type) ** (1.0 / norm_type)
 
 
 def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,13 +100,15 @@ def _toward_zero(x: jax.Array, dtype: Any) -> jax.Array:
     return jnp.where(grew, jnp.nextafter(y, jnp.zeros_like(y)), y)
 
 
-def renorm_rows(rows: jax.Array, max_norm: float, norm_type: float) -> jax.Array:
+def renorm_rows(
+    rows: jax.Array, max_norm: float, norm_type: float, axis_name: Any = None
+) -> jax.Array:
     """Rescales each row whose norm exceeds ``max_norm``; other rows are returned unchanged.
 
     NaN rows stay NaN (their norm is not ``> max_norm``); a row holding ``inf`` is scaled by 0,
     so its infinite entries become NaN, as in torch.
     """
-    norms = row_norms(rows, norm_type)
+    norms = row_norms(rows, norm_type, axis_name)
     over = norms > max_norm
     scale = renorm_scale(norms, max_norm)
     wide = rows.astype(norms.dtype) * scale[..., None]
@@ -106,7 +118,7 @@ def renorm_rows(rows: jax.Array, max_norm: float, norm_type: float) -> jax.Array
         scaled = _toward_zero(wide, rows.dtype)
         # Rounding toward zero already keeps the norm <= the wide one, which is max_norm up to
         # float32 rounding; one more ulp toward zero removes that last sliver where it remains.
-        still_over = row_norms(scaled, norm_type) > max_norm
+        still_over = row_norms(scaled, norm_type, axis_name) > max_norm
         scaled = jnp.where(
             still_over[..., None], jnp.nextafter(scaled, jnp.zeros_like(scaled)), scaled
         )
@@ -114,9 +126,12 @@ def renorm_rows(rows: jax.Array, max_norm: float, norm_type: float) -> jax.Array
 
 
 def renorm_table(
-    weight: jax.Array, safe: jax.Array, max_norm: float, norm_type: float
+    weight: jax.Array, safe: jax.Array, max_norm: float, norm_type: float, axis_name: Any = None
 ) -> jax.Array:
     """Returns ``weight`` with the rows ``safe`` (1-D, sentinel-mapped) references renormed.
+
+    ``axis_name``: the mesh axis the columns are split over, inside ``shard_map`` (see
+    :func:`row_norms`).
 
     Only rows whose norm exceeds ``max_norm`` are written, each once however often it is
     referenced. For float32/float64 tables the write is a scatter-multiply by the scale, which is
@@ -125,7 +140,7 @@ def renorm_table(
     """
     num_embeddings = weight.shape[0]
     rows = jnp.take(weight, safe, axis=0, mode="clip")
-    norms = row_norms(rows, norm_type)
+    norms = row_norms(rows, norm_type, axis_name)
     over = norms > max_norm
     if compute_dtype(weight.dtype) == weight.dtype:
         scale = renorm_scale(norms, max_norm).astype(weight.dtype)
@@ -135,7 +150,9 @@ def renorm_table(
         new_weight = weight.at[target].multiply(scale[:, None], mode="drop")
     else:
         target = jnp.where(over, safe, num_embeddings)
-        new_weight = weight.at[target].set(renorm_rows(rows, max_norm, norm_type), mode="drop")
+        new_weight = weight.at[target].set(
+            renorm_rows(rows, max_norm, norm_type, axis_name), mode="drop"
+        )
     return new_weight
 
 

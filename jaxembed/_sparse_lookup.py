@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed import _embedding, _gradient, _index_policy, _renorm
+from jaxembed import _embedding, _gradient, _index_policy, _renorm, _sharded_lookup, _sharding
 
 
 class SparseGrad(NamedTuple):
@@ -111,6 +111,7 @@ def lookup(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     lookup: str = "gather",
+    sharding: _sharding.TableSharding | None = None,
 ) -> tuple[jax.Array, SparseLookup]:
     """Looks rows up for sparse training: the rows to differentiate, and how to update the table.
 
@@ -129,6 +130,9 @@ def lookup(
       scale_grad_by_freq: divide each entry's gradient by its index's count in ``indices``
         (torch refuses this with ``sparse=True``; here it equals the dense gradient's scaling).
       lookup: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in :func:`jaxembed.embedding`.
+      sharding: a :class:`jaxembed.TableSharding`, as in :func:`jaxembed.embedding`. The
+        gradient's entries are then split over ``batch``; update the table with an optimizer
+        wrapped by :func:`jaxembed.sparse.sharded` for the same sharding.
 
     Returns:
       ``(rows, sparse_lookup)``: ``rows.shape == indices.shape + (embedding_dim,)``.
@@ -151,7 +155,14 @@ def lookup(
     weight, idx, options = _embedding.check_lookup(
         params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
     )
-    rows, new_weight, safe, scale = _lookup(weight, idx, **options)
+    sharding = _sharding.check_sharding(sharding)
+    if sharding is None:
+        rows, new_weight, safe, scale = _lookup(weight, idx, **options)
+    else:
+        sharding = _sharding.bind(sharding, weight.shape, idx.shape)
+        rows, new_weight, safe, scale = _sharded_lookup.sparse_lookup(
+            weight, idx, sharding=sharding, **options
+        )
     new_params: Any = params if new_weight is None else {**params, "weight": new_weight}
     return rows, SparseLookup(dict(new_params), safe, scale)
 

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxembed._sharded_update import sharded
+from jaxembed._sharding import TableSharding
 from jaxembed._sparse_lookup import SparseGrad, SparseLookup, concat
 from jaxembed._sparse_optimizers import SparseOptimizer
 
@@ -41,6 +43,22 @@ def sparse_tables(model: Any) -> dict[str, SparseParam]:
     """The model's :class:`SparseParam` variables by path (``"embed/weight"``)."""
     return {
         _key(path): node for path, node in nnx.iter_graph(model) if isinstance(node, SparseParam)
+    }
+
+
+def table_optimizers(model: Any, sparse_tx: SparseOptimizer) -> dict[str, SparseOptimizer]:
+    """``sparse_tx`` for each sparse table, wrapped by :func:`~jaxembed.sparse.sharded` where the
+    module owning the table is sharded (its ``sharding`` attribute), so each device updates its
+    own rows."""
+    layouts = {}
+    for _, node in nnx.iter_graph(model):
+        layout = getattr(node, "sharding", None)
+        weight = getattr(node, "weight", None)
+        if isinstance(layout, TableSharding) and isinstance(weight, SparseParam):
+            layouts[id(weight)] = layout
+    return {
+        key: sharded(sparse_tx, layouts[id(var)]) if id(var) in layouts else sparse_tx
+        for key, var in sparse_tables(model).items()
     }
 
 
@@ -171,7 +189,8 @@ class Optimizer(nnx.Pytree):
       tx: the optax transformation for every ``nnx.Param`` that is not a :class:`SparseParam`.
       sparse_tx: the row-wise optimizer for the sparse tables (:func:`jaxembed.sparse.sgd`,
         :func:`~jaxembed.sparse.adagrad`, :func:`~jaxembed.sparse.rowwise_adagrad`,
-        :func:`~jaxembed.sparse.lazy_adam`).
+        :func:`~jaxembed.sparse.lazy_adam`). A table of a module built with ``sharding=`` gets
+        it wrapped by :func:`~jaxembed.sparse.sharded`: each device updates its own rows.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed, optax
@@ -194,9 +213,10 @@ class Optimizer(nnx.Pytree):
         self.dense = nnx.Optimizer(model, tx, wrt=_DENSE)
         self.sparse_tx = sparse_tx
         self.step = nnx.training.optimizer.OptState(jnp.array(0, dtype=jnp.uint32))
+        txs = table_optimizers(model, sparse_tx)
         self.sparse_state = nnx.data(
             {
-                key: jax.tree.map(nnx.training.optimizer.OptArray, sparse_tx.init(var.get_value()))
+                key: jax.tree.map(nnx.training.optimizer.OptArray, txs[key].init(var.get_value()))
                 for key, var in sparse_tables(model).items()
             }
         )
@@ -220,11 +240,12 @@ class Optimizer(nnx.Pytree):
                 f"grads hold sparse tables this optimizer was not built for: {unknown}"
             )
         is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        txs = table_optimizers(model, self.sparse_tx)
         results = {}
         for key, grad in grads.sparse.items():
             variables = self.sparse_state[key]
             state = jax.tree.map(lambda v: v.get_value(), variables, is_leaf=is_var)
-            results[key] = self.sparse_tx.update(grad, state, tables[key].get_value())
+            results[key] = txs[key].update(grad, state, tables[key].get_value())
         self.dense.update(model, grads.dense)  # computes, then writes: it raises before writing
         for key, (table, state) in results.items():
             tables[key].set_value(table)

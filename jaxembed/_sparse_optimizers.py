@@ -298,14 +298,13 @@ def rowwise_adagrad(
         table, rows, values = _prepare(grad, table)
         cdt = _scalar_dtype(table)
         lr = _rate(learning_rate, state.count, cdt)
-        dim = max(table.shape[1], 1)
 
         def rows_update(carry, r, g):
             table, acc_table = carry
             g = g.astype(cdt) * _sign(maximize)
             if weight_decay:
                 g = g + weight_decay * _sparse_update.read_rows(table, r).astype(cdt)
-            acc = _sparse_update.read_rows(acc_table, r) + jnp.sum(g * g, -1) / dim
+            acc = _sparse_update.read_rows(acc_table, r) + _sparse_update.row_mean(g * g)
             multiplier = lr / (jnp.sqrt(acc) + eps)
             return (
                 _sparse_update.add_rows(table, r, g * -multiplier[:, None]),

@@ -22,7 +22,9 @@ The cost is O(n * D) plus a ``num_embeddings``-long int32 fill: nothing of size 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,32 @@ import jax
 import jax.numpy as jnp
 
 from jaxembed._sparse_lookup import SparseGrad
+
+# inside a sharded update (jaxembed.sparse.sharded), the mesh axis the table's columns are split
+# over: a row-wise statistic (row-wise Adagrad's mean square) then sums over every column shard
+_column_axis = threading.local()
+
+
+@contextlib.contextmanager
+def columns_split_over(axis_name: Any):
+    """While tracing a sharded update: the rows' columns are split over ``axis_name``."""
+    previous = getattr(_column_axis, "name", None)
+    _column_axis.name = axis_name
+    try:
+        yield
+    finally:
+        _column_axis.name = previous
+
+
+def row_mean(x: jax.Array) -> jax.Array:
+    """The mean of each row (last axis), over all its columns however they are sharded."""
+    total, width = jnp.sum(x, -1), x.shape[-1]
+    axis_name = getattr(_column_axis, "name", None)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+        width = width * jax.lax.axis_size(axis_name)
+    return total / max(width, 1)
+
 
 # duplicates are added in chunks of this many rows on CPU: small enough to stay in cache and in
 # the allocator's reused memory, large enough that one chunk usually holds all of them

@@ -11,6 +11,7 @@ whole model with :func:`value_and_grad` and :class:`Optimizer`: the sparse table
 row-wise optimizer, every other parameter its optax one, in the same jitted step.
 """
 
+from jaxembed._sharded_update import sharded
 from jaxembed._sparse_lookup import SparseGrad, SparseLookup, concat, lookup
 from jaxembed._sparse_nnx import Optimizer, SparseGrads, SparseParam, value_and_grad
 from jaxembed._sparse_optimizers import (
@@ -42,5 +43,6 @@ __all__ = [
     "lookup",
     "rowwise_adagrad",
     "sgd",
+    "sharded",
     "value_and_grad",
 ]

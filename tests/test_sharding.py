@@ -1,0 +1,88 @@
+"""Sharding: the 8-device suite in its own process, and what one device can check here."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxembed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_multidevice_suite_on_8_fake_cpu_devices():
+    """``tests/multidevice`` with 8 fake CPU devices: XLA_FLAGS must be set before JAX starts,
+    so it runs in a fresh process."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/multidevice"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    summary = result.stdout.strip().splitlines()[-1:] or [""]
+    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+    assert "passed" in summary[0] and "skipped" not in summary[0], summary
+
+
+def test_one_device_mesh_equals_unsharded():
+    """A 1-device mesh runs the same shard_map program: a quick check in the main process."""
+    layout = jaxembed.TableSharding(jax.make_mesh((1, 1), ("data", "model")), "model", None, "data")
+    weight = jax.random.normal(jax.random.key(0), (10, 3))
+    ids = np.array([[1, 9, 1], [0, 3, 3]])
+
+    def loss(p, sharding):
+        out, new = jaxembed.embedding(p, ids, max_norm=1.0, padding_idx=3, sharding=sharding)
+        return (out**2).sum(), (out, new)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, (out, new)), grad = grad_fn(layout.put({"weight": weight}), layout)
+    (_, (ref, ref_new)), ref_grad = grad_fn({"weight": weight}, None)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(new["weight"], ref_new["weight"])
+    np.testing.assert_allclose(grad["weight"], ref_grad["weight"], rtol=1e-6)
+
+
+def test_table_sharding_specs():
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    layout = jaxembed.TableSharding(mesh, vocab="model", dim=None, batch="data")
+    assert layout.spec == P("model", None)
+    assert layout.indices_spec(2) == P("data", None)
+    assert layout.indices_spec(0) == P()
+    assert layout.output_spec(2) == P("data", None, None)
+    assert layout.count("vocab") == 1
+    assert jaxembed.TableSharding(mesh, vocab=("data", "model")).spec == P(("data", "model"), None)
+    padded = layout.pad_vocab({"weight": jnp.ones((5, 2))})
+    assert padded["weight"].shape == (5, 2)  # one vocab shard: nothing to pad
+
+
+def test_bad_table_shardings():
+    mesh = jax.make_mesh((1,), ("model",))
+    with pytest.raises(ValueError, match="distinct mesh axes"):
+        jaxembed.TableSharding(mesh, vocab="model", batch="model")
+    with pytest.raises(TypeError, match="mesh must be"):
+        jaxembed.TableSharding("model", vocab="model")
+    with pytest.raises(TypeError, match="batch must be a mesh axis name"):
+        jaxembed.TableSharding(mesh, batch=["model", 1])
+    with pytest.raises(ValueError, match="dim='cols' names no axis"):
+        jaxembed.embedding(
+            {"weight": jnp.ones((4, 2))},
+            jnp.array([1]),
+            sharding=jaxembed.TableSharding(mesh, dim="cols"),
+        )
+    with pytest.raises(TypeError, match="optimizer must be a jaxembed"):
+        jaxembed.sparse.sharded(object(), jaxembed.TableSharding(mesh, vocab="model"))
