@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed import _bag, _embedding, _gradient, _table
+from jaxembed import _bag, _embedding, _gradient, _sharding, _table
 from jaxembed._init import Initializer, default_embedding_init
 
 __all__ = ["Embedding", "EmbeddingBag"]
@@ -48,6 +48,7 @@ class _TableModule(nn.Module):
     embedding_init: Initializer = default_embedding_init
     on_immutable: str = "warn"
     lookup: str = "gather"
+    sharding: _sharding.TableSharding | None = None
 
     def __post_init__(self):
         self._check()
@@ -56,6 +57,7 @@ class _TableModule(nn.Module):
     def _check(self) -> None:
         self.config  # noqa: B018 - building the config runs its checks
         _table.check_dtypes(self.dtype, self.param_dtype)
+        _sharding.check_sharding(self.sharding)
         if self.on_immutable not in _ON_IMMUTABLE:
             raise ValueError(
                 f"on_immutable must be one of {_ON_IMMUTABLE}, got {self.on_immutable!r}"
@@ -128,7 +130,7 @@ class Embedding(_TableModule):
         """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
         weight = self._current_weight()
         out, new_params = _embedding.embedding(
-            {"weight": weight}, indices, **self.config.lookup_options
+            {"weight": weight}, indices, sharding=self.sharding, **self.config.lookup_options
         )
         return self._finish(out, weight, new_params)
 
@@ -172,6 +174,7 @@ class EmbeddingBag(_TableModule):
             mode=self.mode,
             per_sample_weights=per_sample_weights,
             include_last_offset=self.include_last_offset,
+            sharding=self.sharding,
             **self.config.lookup_options,
         )
         return self._finish(out, weight, new_params)

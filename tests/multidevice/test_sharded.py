@@ -555,3 +555,33 @@ def test_nnx_module_built_without_a_mesh_is_placed_later():
         out = nnx.jit(lambda m, i: m(i))(model, layout.put_indices(_ids()))
     assert model.weight[...].sharding.spec == P("model", None)
     _check_equal(out, np.asarray(model.weight[...])[_ids()], exact=True)
+
+
+# -- Flax linen ----------------------------------------------------------------------------------
+
+
+def test_linen_modules_with_sharding():
+    import jaxembed.linen
+
+    layout = _layout((2, 4), "vocab+batch")
+    ids = _ids((8, 5))
+    for cls, extra in (
+        (jaxembed.linen.Embedding, {}),
+        (jaxembed.linen.EmbeddingBag, {"mode": "max"}),
+    ):
+        sharded_model = cls(V, D, max_norm=1.0, sharding=layout, **extra)
+        model = cls(V, D, max_norm=1.0, **extra)
+        variables = model.init(jax.random.key(0), ids)
+        placed = {"params": layout.put(variables["params"])}
+
+        def loss(params, m, i):
+            out, updates = m.apply({"params": params}, i, mutable=["params"])
+            return (out**2).sum(), (out, updates["params"]["weight"])
+
+        grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+        (_, (out, new)), grad = grad_fn(placed["params"], sharded_model, _put(layout, ids))
+        (_, (ref, ref_new)), ref_grad = grad_fn(variables["params"], model, ids)
+        _check_equal(out, ref, exact=True)
+        _check_equal(new, ref_new, exact=True)
+        assert new.sharding.spec == layout.spec
+        _check_equal(grad["weight"], ref_grad["weight"], exact=False)
