@@ -1,7 +1,8 @@
 """jaxembed: torch's ``nn.Embedding`` semantics for JAX: pure, jit-able functions and Flax modules.
 
 Sparse training of large tables (row-wise optimizers) lives in :mod:`jaxembed.sparse`; the
-linen modules in :mod:`jaxembed.linen`.
+linen modules in :mod:`jaxembed.linen`. :class:`TableSharding` splits a table (and the batch)
+over a JAX mesh for every lookup, bag, sparse update and module.
 """
 
 from jaxembed import sparse

@@ -369,7 +369,8 @@ def embedding_bag(
       sharding: a :class:`jaxembed.TableSharding`, as in :func:`jaxembed.embedding`. ``batch``
         splits the bags of 2-D indices; 1-D indices with offsets are given to every device whole
         (``batch`` must then be None). The rows are combined over ``vocab`` before the reduction,
-        so the bags equal the unsharded ones.
+        so with only rows split the bags equal the unsharded ones bit for bit (split columns may
+        compile the reduction's multiply-adds differently: ulps apart).
 
     Returns:
       ``(bags, new_params)``: ``bags.shape == (B, embedding_dim)`` in the table's dtype; empty

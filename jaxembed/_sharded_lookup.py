@@ -193,7 +193,8 @@ def embedding_bag(weight, indices, starts, psw, *, sharding: TableSharding, mode
     """The sharded :func:`jaxembed.embedding_bag`: ``(bags, new_weight or None)``.
 
     The rows are looked up as :func:`embedding` does and then reduced per bag on each device, by
-    the core's own bag code, so the bags equal the unsharded ones bit for bit.
+    the core's own bag code, so with only rows split the bags equal the unsharded ones bit for
+    bit.
     """
     num_embeddings = weight.shape[0]
     padding_idx = options["padding_idx"]

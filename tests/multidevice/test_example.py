@@ -28,3 +28,30 @@ def test_sharded_training_example(mesh):
     model_shards = int(mesh.split("x")[1])
     assert result["table_spec"] == P("model", None)
     assert result["shard_shape"] == (1024 // model_shards, 16)
+
+
+def test_sharded_benchmark_memory_per_device():
+    """``benchmarks/bench_sharded.py``: each device holds V*D/shards of the table, and the
+    lookup's and the sparse step's temporaries are O(batch) plus int32 row marks, far below a
+    table shard."""
+    path = EXAMPLE.parents[1] / "benchmarks" / "bench_sharded.py"
+    spec = importlib.util.spec_from_file_location("bench_sharded", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    vocab, dim = 65536, 64
+    results = module.main(
+        ["--vocab", str(vocab), "--dim", str(dim), "--batch", "256", "--repeat", "1"]
+    )
+    assert len(results) == 4
+    for layout, rows in results.items():
+        # "vocab/4 x batch/2": the table is split 4 ways (and copied over the 2 data shards)
+        shards = 1 if layout.startswith("unsharded") else int(layout.split("/")[1].split()[0])
+        for row in rows:
+            assert row["table_per_device_mib"] * 2**20 == vocab * dim * 4 / shards
+            assert row["ms"] > 0
+            if row["program"] != "dense step":  # the dense step holds a (V, D) gradient
+                # plus up to two int32 scratches of the local rows (the renorm's and the sparse
+                # update's first-occurrence marks): D / 4 times smaller than the shard
+                local_rows = vocab // (shards if layout.startswith("vocab") else 1)
+                bound = row["table_per_device_mib"] / 4 + 2 * local_rows * 4 / 2**20
+                assert row["temp_per_device_mib"] < bound, (layout, row)
