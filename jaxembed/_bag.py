@@ -37,6 +37,7 @@ from jaxembed import (
     _sharded_lookup,
     _sharding,
     _table,
+    _validation,
 )
 
 MODES = _table.MODES
@@ -288,17 +289,7 @@ def _bags_jvp(mode, width, lookup, primals, tangents):
 _bags.defjvp(_bags_jvp, symbolic_zeros=True)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "mode",
-        "padding_idx",
-        "max_norm",
-        "norm_type",
-        "scale_grad_by_freq",
-        "lookup",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("mode", *_validation.LOOKUP_OPTIONS))
 def _embedding_bag(
     weight,
     indices,

@@ -12,10 +12,7 @@ from jax.typing import ArrayLike
 from jaxembed import _gradient, _index_policy, _renorm, _sharded_lookup, _sharding, _validation
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "lookup"),
-)
+@functools.partial(jax.jit, static_argnames=_validation.LOOKUP_OPTIONS)
 def _embedding(
     weight: jax.Array,
     indices: jax.Array,

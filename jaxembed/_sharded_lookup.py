@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxembed import _bag, _gradient, _index_policy, _renorm
+from jaxembed import _bag, _gradient, _index_policy, _renorm, _validation
 from jaxembed._sharding import TableSharding
 
 
@@ -129,17 +129,13 @@ def run(body, sharding: TableSharding, in_specs, out_specs, *args):
     return mapped(*args)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "sharding",
-        "padding_idx",
-        "max_norm",
-        "norm_type",
-        "scale_grad_by_freq",
-        "lookup",
-    ),
-)
+def _run_lookup(body, sharding: TableSharding, out_specs, weight, indices):
+    """``run`` for a ``body(weight, indices)``: the table as laid out, the indices split."""
+    in_specs = (sharding.spec, sharding.indices_spec(indices.ndim))
+    return run(body, sharding, in_specs, out_specs, weight, indices)
+
+
+@functools.partial(jax.jit, static_argnames=("sharding", *_validation.LOOKUP_OPTIONS))
 def embedding(weight, indices, *, sharding: TableSharding, **options):
     """The sharded :func:`jaxembed.embedding`: ``(out, new_weight or None)``."""
     num_embeddings = weight.shape[0]
@@ -159,14 +155,7 @@ def embedding(weight, indices, *, sharding: TableSharding, **options):
     out_specs: Any = sharding.output_spec(indices.ndim)
     if options["max_norm"] is not None:
         out_specs = (out_specs, sharding.spec)
-    result = run(
-        body,
-        sharding,
-        (sharding.spec, sharding.indices_spec(indices.ndim)),
-        out_specs,
-        weight,
-        indices,
-    )
+    result = _run_lookup(body, sharding, out_specs, weight, indices)
     return result if options["max_norm"] is not None else (result, None)
 
 
@@ -177,18 +166,7 @@ def _varying_like(x: jax.Array, ref: jax.Array) -> jax.Array:
     return x + jnp.zeros_like(ref, x.dtype, shape=x.shape)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "sharding",
-        "mode",
-        "padding_idx",
-        "max_norm",
-        "norm_type",
-        "scale_grad_by_freq",
-        "lookup",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("sharding", "mode", *_validation.LOOKUP_OPTIONS))
 def embedding_bag(weight, indices, starts, psw, *, sharding: TableSharding, mode, **options):
     """The sharded :func:`jaxembed.embedding_bag`: ``(bags, new_weight or None)``.
 
@@ -250,17 +228,7 @@ def embedding_bag(weight, indices, starts, psw, *, sharding: TableSharding, mode
     return result if options["max_norm"] is not None else (result, None)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "sharding",
-        "padding_idx",
-        "max_norm",
-        "norm_type",
-        "scale_grad_by_freq",
-        "lookup",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("sharding", *_validation.LOOKUP_OPTIONS))
 def sparse_lookup(weight, indices, *, sharding: TableSharding, **options):
     """The sharded :func:`jaxembed.sparse.lookup`: ``(rows, new_weight, safe, scale)``.
 
@@ -296,14 +264,7 @@ def sparse_lookup(weight, indices, *, sharding: TableSharding, **options):
         out_specs += (flat,)
     if options["max_norm"] is not None:
         out_specs += (sharding.spec,)
-    result = run(
-        body,
-        sharding,
-        (sharding.spec, sharding.indices_spec(indices.ndim)),
-        out_specs,
-        weight,
-        indices,
-    )
+    result = _run_lookup(body, sharding, out_specs, weight, indices)
     rows, safe = result[:2]
     scale = result[2] if freq else None
     new_weight = result[-1] if options["max_norm"] is not None else None

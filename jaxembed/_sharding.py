@@ -64,7 +64,7 @@ class TableSharding:
       >>> mesh = jax.make_mesh((1,), ("model",))
       >>> sharding = jaxembed.TableSharding(mesh, vocab="model")
       >>> sharding.spec
-      PartitionSpec('model', None)
+      P('model', None)
     """
 
     mesh: Any = None

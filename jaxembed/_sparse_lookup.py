@@ -19,7 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed import _embedding, _gradient, _index_policy, _renorm, _sharded_lookup, _sharding
+from jaxembed import (
+    _embedding,
+    _gradient,
+    _index_policy,
+    _renorm,
+    _sharded_lookup,
+    _sharding,
+    _validation,
+)
 
 
 class SparseGrad(NamedTuple):
@@ -75,10 +83,7 @@ class SparseLookup(NamedTuple):
         return SparseGrad(self.indices, values)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "lookup"),
-)
+@functools.partial(jax.jit, static_argnames=_validation.LOOKUP_OPTIONS)
 def _lookup(
     weight: jax.Array,
     indices: jax.Array,

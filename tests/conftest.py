@@ -9,6 +9,11 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# tests/multidevice needs 8 devices: tests/test_sharding.py runs it in a process of its own with
+# XLA_FLAGS=--xla_force_host_platform_device_count=8 (JAX reads it once, at start-up)
+if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+    collect_ignore = ["multidevice"]
+
 
 @pytest.fixture
 def rng():

@@ -27,16 +27,16 @@ def test_multidevice_suite_on_8_fake_cpu_devices():
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/multidevice"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/multidevice"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=1800,
     )
-    summary = result.stdout.strip().splitlines()[-1:] or [""]
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
-    assert "passed" in summary[0] and "skipped" not in summary[0], summary
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
 
 
 def test_one_device_mesh_equals_unsharded():
