@@ -16,8 +16,7 @@ if jax.device_count() < 8:
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "sharded_training.py"
 
 
-@pytest.mark.parametrize("mesh", ["4x2", "1x8"])
-def test_sharded_training_example(mesh):
+def test_sharded_training_example(mesh="4x2"):
     spec = importlib.util.spec_from_file_location("sharded_training", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
