@@ -95,7 +95,8 @@ def embedding(
         the same for every style.
       sharding: a :class:`jaxembed.TableSharding` to run on a mesh: the table split by rows
         (``vocab``) and/or columns (``dim``), the indices' leading dimension by ``batch``. The
-        outputs equal the unsharded ones; the table is never gathered onto one device.
+        outputs equal the unsharded ones (bit for bit with rows split; see the class for the
+        terms); the table is never gathered onto one device.
 
     Returns:
       ``(embeddings, new_params)``: ``embeddings.shape == indices.shape + (embedding_dim,)`` in
