@@ -48,7 +48,8 @@ class TableSharding:
     then run under ``jax.shard_map``: each device gathers the rows it owns (others as zeros) and
     one ``psum`` over ``vocab`` combines them. The table is never gathered onto one device, the
     ``max_norm`` renorm rewrites each shard's own rows, and ``new_params`` keeps the table's
-    sharding. With rows split, outputs and renormed tables equal the unsharded ones bit for bit;
+    sharding. With rows split, outputs and renormed tables equal the unsharded ones bit for bit
+    (but for the sign of zero: a ``psum`` on CPU returns ``+0.0`` for ``-0.0`` entries);
     gradients are equal up to the order the data shards' sums are added in. With columns split a
     row's norm is a sum over shards, so renormed rows may differ by an ulp.
 
