@@ -289,6 +289,25 @@ def _bags_jvp(mode, width, lookup, primals, tangents):
 _bags.defjvp(_bags_jvp, symbolic_zeros=True)
 
 
+def flat_bags(indices, starts, psw):
+    """``(indices, starts, psw, width)`` with the indices (and weights) flat, one start per bag.
+
+    2-D indices hold ``width`` entries per bag (``width`` is None for 1-D indices, whose
+    ``starts`` come from the offsets).
+    """
+    if indices.ndim != 2:
+        return indices, starts, psw, None
+    num_bags, width = indices.shape
+    starts = jnp.arange(num_bags, dtype=jnp.int32) * width
+    psw = None if psw is None else psw.reshape(-1)
+    return indices.reshape(-1), starts, psw, width
+
+
+def kept(safe: jax.Array, padding_idx: int | None) -> jax.Array:
+    """Which entries the reduction keeps: all but ``padding_idx``'s."""
+    return jnp.ones(safe.shape, bool) if padding_idx is None else safe != padding_idx
+
+
 @functools.partial(jax.jit, static_argnames=("mode", *_validation.LOOKUP_OPTIONS))
 def _embedding_bag(
     weight,
@@ -304,19 +323,14 @@ def _embedding_bag(
     lookup,
 ):
     """``indices`` 2-D with ``starts`` None, or 1-D with ``starts`` (one per bag)."""
-    width = None
-    if indices.ndim == 2:
-        num_bags, width = indices.shape
-        starts = jnp.arange(num_bags, dtype=jnp.int32) * width
-        indices = indices.reshape(-1)
-        psw = None if psw is None else psw.reshape(-1)
+    indices, starts, psw, width = flat_bags(indices, starts, psw)
     safe = _index_policy.safe_indices(indices, weight.shape[0])
     table = jax.lax.stop_gradient(weight)
     new_weight = None
     if max_norm is not None:
         table = new_weight = _renorm.renorm_table(table, safe, max_norm, norm_type)
     grad_scale = _gradient.gradient_scale(safe, padding_idx, scale_grad_by_freq, weight.dtype)
-    keep = jnp.ones(safe.shape, bool) if padding_idx is None else safe != padding_idx
+    keep = kept(safe, padding_idx)
     bags = _bags(weight, table, safe, grad_scale, keep, psw, starts, mode, width, lookup)
     return bags, new_weight
 

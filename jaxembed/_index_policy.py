@@ -72,6 +72,13 @@ def safe_indices(indices: jax.Array, num_embeddings: int) -> jax.Array:
     return jnp.where(valid, indices, num_embeddings)
 
 
+def drop_padding(safe: jax.Array, padding_idx: int | None, num_embeddings: int) -> jax.Array:
+    """``safe`` with ``padding_idx`` sent to the sentinel as well, so a sparse update drops it."""
+    if padding_idx is None:
+        return safe
+    return jnp.where(safe == padding_idx, num_embeddings, safe)
+
+
 LOOKUPS = ("gather", "one_hot", "auto")
 
 # "auto" picks one_hot only where a matmul beats a gather: TPUs with a small vocabulary. On CPU

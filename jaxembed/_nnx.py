@@ -93,11 +93,7 @@ class _TableModule(nnx.Module):
         if self.sharding is None:
             return kind(raw, **metadata)
         metadata["out_sharding"] = (self.sharding.vocab, self.sharding.dim)
-        mesh = self.sharding.mesh
-        if mesh is None:
-            context = jax.sharding.get_abstract_mesh()
-            mesh = None if context is None or context.empty else context
-        if mesh is None:
+        if self.sharding.available_mesh() is None:
             # no mesh yet: the table is placed later (nnx.get_partition_spec + jax.device_put)
             metadata["eager_sharding"] = False
         else:

@@ -45,7 +45,8 @@ def everyone(x: jax.Array, sharding: TableSharding) -> jax.Array:
     return jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(buffer, x, at, 0), sharding.batch)
 
 
-def _localizer(num_local: int, sharding: TableSharding):
+def localizer(num_local: int, sharding: TableSharding):
+    """Maps global rows to this device's rows; another vocab shard's become ``num_local``."""
     if sharding.vocab is None:
         return lambda safe: safe
     offset = jax.lax.axis_index(sharding.vocab) * num_local
@@ -79,7 +80,7 @@ def _shard_rows(
     safe = _index_policy.safe_indices(indices.reshape(-1), num_embeddings)
     needs_all = max_norm is not None or scale_grad_by_freq
     all_safe = everyone(safe, sharding) if needs_all else safe
-    localize = _localizer(num_local, sharding)
+    localize = localizer(num_local, sharding)
     table = jax.lax.stop_gradient(weight)
     new_weight = None
     if max_norm is not None:
@@ -178,11 +179,7 @@ def embedding_bag(weight, indices, starts, psw, *, sharding: TableSharding, mode
     padding_idx = options["padding_idx"]
 
     def body(weight, indices, starts, psw):
-        width = None
-        if indices.ndim == 2:
-            num_bags, width = indices.shape
-            starts = jnp.arange(num_bags, dtype=jnp.int32) * width
-            psw = None if psw is None else psw.reshape(-1)
+        indices, starts, psw, width = _bag.flat_bags(indices, starts, psw)
         rows, new_weight, safe, grad_scale = _shard_rows(
             weight,
             indices,
@@ -191,7 +188,7 @@ def embedding_bag(weight, indices, starts, psw, *, sharding: TableSharding, mode
             scale_rows=False,
             **options,
         )
-        keep = jnp.ones(safe.shape, bool) if padding_idx is None else safe != padding_idx
+        keep = _bag.kept(safe, padding_idx)
         positions = jnp.arange(safe.shape[0], dtype=jnp.int32)
         # the bag code's loops need every input to vary over the mesh axes the rows vary over
         keep, positions, starts, psw = (
@@ -249,8 +246,7 @@ def sparse_lookup(weight, indices, *, sharding: TableSharding, **options):
             scale_rows=False,
             **options,
         )
-        if padding_idx is not None:
-            safe = jnp.where(safe == padding_idx, num_embeddings, safe)
+        safe = _index_policy.drop_padding(safe, padding_idx, num_embeddings)
         out = (rows.reshape(indices.shape + rows.shape[-1:]), safe)
         if freq:
             out += (scale,)

@@ -99,10 +99,8 @@ def sharded(optimizer: SparseOptimizer, sharding: _sharding.TableSharding) -> Sp
         def body(indices, values, state, table):
             indices = _sharded_lookup.everyone(indices, entries)
             values = _sharded_lookup.everyone(values, entries)
+            indices = _sharded_lookup.localizer(num_local, layout)(indices)
             if layout.vocab is not None:
-                offset = jax.lax.axis_index(layout.vocab) * num_local
-                local = indices - offset
-                indices = jax.numpy.where((local >= 0) & (local < num_local), local, num_local)
                 # each vocab shard sums and applies its own entries: the values become its own
                 values = jax.lax.pcast(values, layout.vocab, to="varying")
             with _sparse_update.columns_split_over(layout.dim):

@@ -100,16 +100,21 @@ class TableSharding:
         lead = [self.batch] if ndim and self.batch is not None else [None] * min(ndim, 1)
         return P(*lead, *([None] * (ndim - 1)), self.dim)
 
+    def available_mesh(self) -> Any:
+        """:attr:`mesh`, or the one set with ``jax.set_mesh``, or None when there is neither."""
+        if self.mesh is not None:
+            return self.mesh
+        context = jax.sharding.get_abstract_mesh()
+        return None if context is None or context.empty else context
+
     def resolve_mesh(self) -> Any:
-        """The mesh to run on: :attr:`mesh`, or the one set with ``jax.set_mesh``."""
-        mesh = self.mesh
+        """The mesh to run on (:meth:`available_mesh`), its axis names checked; else ValueError."""
+        mesh = self.available_mesh()
         if mesh is None:
-            mesh = jax.sharding.get_abstract_mesh()
-            if mesh is None or mesh.empty:
-                raise ValueError(
-                    "TableSharding has no mesh: pass TableSharding(mesh, ...) or call under "
-                    "`with jax.set_mesh(mesh):`"
-                )
+            raise ValueError(
+                "TableSharding has no mesh: pass TableSharding(mesh, ...) or call under "
+                "`with jax.set_mesh(mesh):`"
+            )
         for name in ("vocab", "dim", "batch"):
             for axis in _names(getattr(self, name)):
                 if axis not in mesh.axis_names:

@@ -102,8 +102,7 @@ def _lookup(
         table = new_weight = _renorm.renorm_table(table, safe, max_norm, norm_type)
     rows = _index_policy.gather_rows(table, safe, lookup).reshape(indices.shape + (dim,))
     scale = _gradient.gradient_scale(safe, None, scale_grad_by_freq, weight.dtype)
-    if padding_idx is not None:
-        safe = jnp.where(safe == padding_idx, num_embeddings, safe)
+    safe = _index_policy.drop_padding(safe, padding_idx, num_embeddings)
     return rows, new_weight, safe, scale
 
 
