@@ -1,14 +1,21 @@
 """jaxembed: torch's ``nn.Embedding`` semantics for JAX: pure, jit-able functions and Flax modules.
 
-Sparse training of large tables (row-wise optimizers) lives in :mod:`jaxembed.sparse`; the
-linen modules in :mod:`jaxembed.linen`. :class:`TableSharding` splits a table (and the batch)
-over a JAX mesh for every lookup, bag, sparse update and module.
+The package, folder by folder (each folder's ``__init__`` says what it owns and may import):
+
+* :mod:`jaxembed.core`: the functional core: :func:`embedding`, :func:`embedding_bag`,
+  :func:`renorm`, :func:`init`, and the one lookup pipeline under all of them;
+* :mod:`jaxembed.sparse`: sparse training of large tables (row-wise optimizers);
+* :mod:`jaxembed.sharding`: :class:`TableSharding`, tables split over a JAX mesh;
+* :mod:`jaxembed.modules`: the Flax modules (nnx here as :class:`Embedding` and
+  :class:`EmbeddingBag`; linen as :mod:`jaxembed.linen`);
+* :mod:`jaxembed.bench`: the ``jaxembed-bench`` command.
+
+``jaxembed.linen`` and ``jaxembed.bench`` are imported when first used, as ``flax.linen`` is.
 """
 
+import importlib as _importlib
+
 from jaxembed import sparse
-from jaxembed._bag import embedding_bag
-from jaxembed._embedding import embedding
-from jaxembed._init import default_embedding_init, init
 from jaxembed._interop import (
     from_torch,
     load_safetensors,
@@ -16,9 +23,16 @@ from jaxembed._interop import (
     save_safetensors,
     to_torch,
 )
-from jaxembed._nnx import Embedding, EmbeddingBag, FrozenWeight
-from jaxembed._renorm import renorm
-from jaxembed._sharding import TableSharding
+from jaxembed.core import (
+    LookupStyle,
+    default_embedding_init,
+    embedding,
+    embedding_bag,
+    init,
+    renorm,
+)
+from jaxembed.modules import Embedding, EmbeddingBag, FrozenWeight
+from jaxembed.sharding import TableSharding
 
 __version__ = "0.1.0"
 
@@ -26,12 +40,14 @@ __all__ = [
     "Embedding",
     "EmbeddingBag",
     "FrozenWeight",
+    "LookupStyle",
     "TableSharding",
     "default_embedding_init",
     "embedding",
     "embedding_bag",
     "from_torch",
     "init",
+    "linen",
     "load_safetensors",
     "renorm",
     "safetensors_names",
@@ -39,3 +55,15 @@ __all__ = [
     "sparse",
     "to_torch",
 ]
+
+_LAZY = ("linen", "bench")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return _importlib.import_module(f"jaxembed.{name}")
+    raise AttributeError(f"module 'jaxembed' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxembed import _validation
+from jaxembed.core import _validation
 
 _SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"),

@@ -293,7 +293,7 @@ def test_forward_mode_is_the_transpose_of_reverse(layout, mode):
 @pytest.mark.parametrize("sizes", [[3, 0, 2, 1, 0, 5], [2, 2, 2], [0, 0], [7], [1, 0, 0, 4, 2]])
 def test_column_loop_equals_segment_reduction(mode, sizes):
     """The two forward passes the offsets layout picks between agree, arg-max positions too."""
-    from jaxembed import _bag
+    from jaxembed.core import _bag
 
     rng = np.random.default_rng(len(sizes))
     n = sum(sizes)
@@ -313,7 +313,7 @@ def test_column_loop_equals_segment_reduction(mode, sizes):
 @pytest.mark.parametrize("shape", [(4, 3), (2, 1), (3, 0), (0, 5)])
 def test_accelerator_pass_equals_column_loop(mode, shape):
     """GPU/TPU take the gather-and-reduce forward pass; the CPU's column loop must agree with it."""
-    from jaxembed import _bag
+    from jaxembed.core import _bag
 
     rng = np.random.default_rng(sum(shape))
     n = shape[0] * shape[1]

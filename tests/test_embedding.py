@@ -173,10 +173,10 @@ def test_no_retrace_on_second_call(max_norm):
     _out2, params = f(params, jnp.array([4, 5, 9]))
     assert len(traces) == 1
     # eager calls reuse the library's own compiled function too
-    size = jaxembed._embedding._embedding._cache_size()
+    size = jaxembed.core._embedding._embedding._cache_size()
     for idx in ([0, 1, 2], [3, 4, 5]):
         jaxembed.embedding(params, jnp.array(idx), padding_idx=1, max_norm=max_norm)
-    assert jaxembed._embedding._embedding._cache_size() <= size + 1
+    assert jaxembed.core._embedding._embedding._cache_size() <= size + 1
 
 
 def test_vmap_over_indices():
@@ -247,7 +247,7 @@ def test_jit_and_eager_agree_bit_for_bit():
 @pytest.mark.parametrize("max_norm", [1.0, 0.1, 0.7, 2.5])
 def test_renorm_scale_is_torchs_double_precision_scale(max_norm):
     """torch divides in float64 and rounds; so does jaxembed (float-float arithmetic)."""
-    from jaxembed._renorm import renorm_scale
+    from jaxembed.core._renorm import renorm_scale
 
     rng = np.random.default_rng(0)
     norms = np.concatenate([rng.uniform(0.5, 50, 50_000), rng.uniform(1, 1.001, 50_000)])

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import jaxembed
-from jaxembed import _sparse_update, sparse
+from jaxembed import sparse
+from jaxembed.sparse import _update as _sparse_update
 
 V, D, STEPS = 13, 5, 5
 

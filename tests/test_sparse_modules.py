@@ -126,7 +126,7 @@ def test_functional_loop_trains_like_torch():
             return jnp.mean((h @ head["kernel"] + head["bias"] - y) ** 2)
 
         loss, (g, g2, g_head) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(rows, rows2, head)
-        grad = sparse.concat(lk.grad(g), lk2.grad(g2))
+        grad = sparse.sum_grads(lk.grad(g), lk2.grad(g2))
         weight, s_state = sparse_tx.update(grad, states[0], lk2.params["weight"])
         updates, d_state = dense_tx.update(g_head, states[1], head)
         return weight, optax.apply_updates(head, updates), (s_state, d_state), loss

@@ -460,10 +460,10 @@ def test_no_retrace_on_second_call():
         f(params, layout.put_indices(_ids(seed=seed)))
     assert len(traces) == 1
     # eagerly, the sharded core compiles once too
-    before = jaxembed._sharded_lookup.embedding._cache_size()
+    before = jaxembed.core._embedding._embedding._cache_size()
     for seed in (2, 3):
         jaxembed.embedding(params, layout.put_indices(_ids(seed=seed)), sharding=layout)
-    assert jaxembed._sharded_lookup.embedding._cache_size() == before + 1
+    assert jaxembed.core._embedding._embedding._cache_size() == before + 1
 
 
 # -- Flax nnx ------------------------------------------------------------------------------------

@@ -22,40 +22,32 @@ The cost is O(n * D) plus a ``num_embeddings``-long int32 fill: nothing of size 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxembed._sparse_lookup import SparseGrad
-
-# inside a sharded update (jaxembed.sparse.sharded), the mesh axis the table's columns are split
-# over: a row-wise statistic (row-wise Adagrad's mean square) then sums over every column shard
-_column_axis = threading.local()
+from jaxembed.sparse._lookup import SparseGrad
 
 
-@contextlib.contextmanager
-def columns_split_over(axis_name: Any):
-    """While tracing a sharded update: the rows' columns are split over ``axis_name``."""
-    previous = getattr(_column_axis, "name", None)
-    _column_axis.name = axis_name
-    try:
-        yield
-    finally:
-        _column_axis.name = previous
+def row_mean(x: jax.Array, column_axis: Any = None) -> jax.Array:
+    """The mean of each row (last axis), over all its columns however they are sharded.
 
+    Args:
+      x: ``(n, d)`` rows, or this device's ``d`` columns of them.
+      column_axis: inside a sharded update, the mesh axis the columns are split over (the
+        ``column_axis`` that :func:`jaxembed.sparse.sharded` gives ``update``); None when the
+        rows are whole.
 
-def row_mean(x: jax.Array) -> jax.Array:
-    """The mean of each row (last axis), over all its columns however they are sharded."""
+    Returns:
+      ``(n,)`` the means, the same on every column shard.
+    """
     total, width = jnp.sum(x, -1), x.shape[-1]
-    axis_name = getattr(_column_axis, "name", None)
-    if axis_name is not None:
-        total = jax.lax.psum(total, axis_name)
-        width = width * jax.lax.axis_size(axis_name)
+    if column_axis is not None:
+        total = jax.lax.psum(total, column_axis)
+        width = width * jax.lax.axis_size(column_axis)
     return total / max(width, 1)
 
 

@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxembed._sharded_update import sharded
-from jaxembed._sharding import TableSharding
-from jaxembed._sparse_lookup import SparseGrad, SparseLookup, concat
-from jaxembed._sparse_optimizers import SparseOptimizer
+from jaxembed.core._layout import Layout
+from jaxembed.sparse._lookup import SparseGrad, SparseLookup, sum_grads
+from jaxembed.sparse._optimizers import RowOptimizer
 
 
 class SparseParam(nnx.Param):
@@ -39,25 +38,29 @@ def _key(path: tuple[Hashable, ...]) -> str:
     return "/".join(str(p) for p in path)
 
 
-def sparse_tables(model: Any) -> dict[str, SparseParam]:
-    """The model's :class:`SparseParam` variables by path (``"embed/weight"``)."""
+def sparse_tables(model: Any, wrt: Any = nnx.Param) -> dict[str, SparseParam]:
+    """The model's :class:`SparseParam` variables that ``wrt`` (an nnx filter) selects, by path
+    (``"embed/weight"``)."""
+    selected = nnx.filterlib.to_predicate(wrt)
     return {
-        _key(path): node for path, node in nnx.iter_graph(model) if isinstance(node, SparseParam)
+        _key(path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, SparseParam) and selected(path, node)
     }
 
 
-def table_optimizers(model: Any, sparse_tx: SparseOptimizer) -> dict[str, SparseOptimizer]:
-    """``sparse_tx`` for each sparse table, wrapped by :func:`~jaxembed.sparse.sharded` where the
-    module owning the table is sharded (its ``sharding`` attribute), so each device updates its
-    own rows."""
+def table_optimizers(model: Any, sparse_tx: RowOptimizer) -> dict[str, RowOptimizer]:
+    """``sparse_tx`` for each sparse table, as its module's layout (its ``sharding`` attribute)
+    wants it: on a :class:`jaxembed.TableSharding`, wrapped by :func:`~jaxembed.sparse.sharded`,
+    so each device updates its own rows."""
     layouts = {}
     for _, node in nnx.iter_graph(model):
         layout = getattr(node, "sharding", None)
         weight = getattr(node, "weight", None)
-        if isinstance(layout, TableSharding) and isinstance(weight, SparseParam):
+        if isinstance(layout, Layout) and isinstance(weight, SparseParam):
             layouts[id(weight)] = layout
     return {
-        key: sharded(sparse_tx, layouts[id(var)]) if id(var) in layouts else sparse_tx
+        key: layouts[id(var)].rowwise(sparse_tx) if id(var) in layouts else sparse_tx
         for key, var in sparse_tables(model).items()
     }
 
@@ -91,6 +94,10 @@ class _Tape:
         return rows + self.probes[k]
 
 
+# The tape is the one piece of trace-time context left in jaxembed, and it must stay: a user's
+# loss calls the modules (``model(ids)``, deep inside their own code), so there is no argument
+# through which value_and_grad could reach each lookup. Flax passes such context the same way
+# (its module stacks). It lives only while value_and_grad traces the loss, on this thread.
 _state = threading.local()
 
 
@@ -109,7 +116,7 @@ def _run(tape: _Tape, fn: Callable, model: Any, args: tuple, kwargs: dict) -> An
         tapes.pop()
 
 
-class SparseGrads(NamedTuple):
+class ModelGrads(NamedTuple):
     """Gradients of a model with sparse tables, for :meth:`Optimizer.update`.
 
     Attributes:
@@ -121,13 +128,30 @@ class SparseGrads(NamedTuple):
     sparse: dict[str, SparseGrad]
 
 
+def _refuse_nnx_optimizer(grads: ModelGrads):
+    raise TypeError(
+        "these gradients come from jaxembed.sparse.value_and_grad: they hold each sparse table's "
+        "looked-up rows (a SparseGrad), which nnx.Optimizer cannot apply. Update with "
+        "jaxembed.sparse.Optimizer(model, tx, sparse_tx) instead (it takes the same wrt=); "
+        "grads.dense alone is an ordinary nnx.State of the other parameters' gradients"
+    )
+
+
+# nnx's own traversals (nnx.state, nnx.split, and so nnx.Optimizer.update) meet a ModelGrads
+# here and get the error above; jax.jit and nnx.jit carry it as the NamedTuple it is
+if hasattr(nnx.graphlib, "register_pytree_node_type"):
+    nnx.graphlib.register_pytree_node_type(
+        ModelGrads, _refuse_nnx_optimizer, lambda values, metadata: None
+    )
+
+
 _DENSE = nnx.All(nnx.Param, nnx.Not(SparseParam))
 
 
 def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
     """``nnx.value_and_grad`` for a model with sparse tables, w.r.t. its first argument.
 
-    Returns a function with ``fn``'s signature that returns ``(value, SparseGrads)`` (``value`` is
+    Returns a function with ``fn``'s signature that returns ``(value, ModelGrads)`` (``value`` is
     ``(loss, aux)`` with ``has_aux``). Sparse tables get a :class:`~jaxembed.sparse.SparseGrad`
     of the rows the loss looked up, summed over every lookup of the call; all other
     ``nnx.Param`` get their ordinary gradient.
@@ -174,9 +198,9 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
         per_table: dict[str, list[SparseGrad]] = {}
         for key, lk, g in zip(keys, lookups, probe_grads, strict=True):
             per_table.setdefault(key, []).append(lk.grad(g))
-        sparse = {key: concat(*grads) for key, grads in per_table.items()}
+        sparse = {key: sum_grads(*grads) for key, grads in per_table.items()}
         value = (loss, aux) if has_aux else loss
-        return value, SparseGrads(dense, sparse)
+        return value, ModelGrads(dense, sparse)
 
     return wrapper
 
@@ -186,11 +210,19 @@ class Optimizer(nnx.Pytree):
 
     Args:
       model: the model.
-      tx: the optax transformation for every ``nnx.Param`` that is not a :class:`SparseParam`.
-      sparse_tx: the row-wise optimizer for the sparse tables (:func:`jaxembed.sparse.sgd`,
-        :func:`~jaxembed.sparse.adagrad`, :func:`~jaxembed.sparse.rowwise_adagrad`,
-        :func:`~jaxembed.sparse.lazy_adam`). A table of a module built with ``sharding=`` gets
-        it wrapped by :func:`~jaxembed.sparse.sharded`: each device updates its own rows.
+      tx: the optax transformation for every parameter ``wrt`` selects that is not a
+        :class:`SparseParam`.
+      sparse_tx: the row-wise optimizer for the sparse tables ``wrt`` selects
+        (:func:`jaxembed.sparse.sgd`, :func:`~jaxembed.sparse.adagrad`,
+        :func:`~jaxembed.sparse.rowwise_adagrad`, :func:`~jaxembed.sparse.lazy_adam`, or a
+        :class:`~jaxembed.sparse.RowOptimizer` of your own). A table of a module built with
+        ``sharding=`` gets it wrapped by :func:`~jaxembed.sparse.sharded`: each device updates
+        its own rows.
+      wrt: an nnx filter of the parameters to train, as ``nnx.Optimizer``'s (default: every
+        ``nnx.Param``); gradients of the others are ignored.
+
+    Raises:
+      TypeError: ``sparse_tx`` is not a ``RowOptimizer``.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed, optax
@@ -204,37 +236,45 @@ class Optimizer(nnx.Pytree):
       (True, 1)
     """
 
-    def __init__(self, model: Any, tx: optax.GradientTransformation, sparse_tx: SparseOptimizer):
-        if not isinstance(sparse_tx, SparseOptimizer):
+    def __init__(
+        self,
+        model: Any,
+        tx: optax.GradientTransformation,
+        sparse_tx: RowOptimizer,
+        *,
+        wrt: Any = nnx.Param,
+    ):
+        if not isinstance(sparse_tx, RowOptimizer):
             raise TypeError(
                 "sparse_tx must be a jaxembed.sparse optimizer (sgd, adagrad, rowwise_adagrad, "
-                f"lazy_adam), got {type(sparse_tx).__name__}"
+                f"lazy_adam, or a RowOptimizer), got {type(sparse_tx).__name__}"
             )
-        self.dense = nnx.Optimizer(model, tx, wrt=_DENSE)
+        self.wrt = wrt
+        self.dense = nnx.Optimizer(model, tx, wrt=nnx.All(wrt, nnx.Not(SparseParam)))
         self.sparse_tx = sparse_tx
         self.step = nnx.training.optimizer.OptState(jnp.array(0, dtype=jnp.uint32))
         txs = table_optimizers(model, sparse_tx)
         self.sparse_state = nnx.data(
             {
                 key: jax.tree.map(nnx.training.optimizer.OptArray, txs[key].init(var.get_value()))
-                for key, var in sparse_tables(model).items()
+                for key, var in sparse_tables(model, wrt).items()
             }
         )
 
-    def update(self, model: Any, grads: SparseGrads) -> None:
+    def update(self, model: Any, grads: ModelGrads) -> None:
         """Applies ``grads`` (from :func:`value_and_grad`) to ``model`` in place.
 
         Tables the loss did not look up are left alone, state and step count included, as torch
         skips a parameter without a gradient. A call that raises changes nothing: every new value
         is computed before the first is written.
         """
-        if not isinstance(grads, SparseGrads):
+        if not isinstance(grads, ModelGrads):
             raise TypeError(
-                "grads must come from jaxembed.sparse.value_and_grad (a SparseGrads), got "
+                "grads must come from jaxembed.sparse.value_and_grad (a ModelGrads), got "
                 f"{type(grads).__name__}"
             )
         tables = sparse_tables(model)
-        unknown = set(grads.sparse) - set(self.sparse_state)
+        unknown = set(grads.sparse) - set(tables)
         if unknown:
             raise ValueError(
                 f"grads hold sparse tables this optimizer was not built for: {unknown}"
@@ -243,6 +283,8 @@ class Optimizer(nnx.Pytree):
         txs = table_optimizers(model, self.sparse_tx)
         results = {}
         for key, grad in grads.sparse.items():
+            if key not in self.sparse_state:
+                continue  # a table wrt leaves out
             variables = self.sparse_state[key]
             state = jax.tree.map(lambda v: v.get_value(), variables, is_leaf=is_var)
             results[key] = txs[key].update(grad, state, tables[key].get_value())

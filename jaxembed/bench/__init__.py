@@ -144,7 +144,7 @@ def train_loss(rows: jax.Array, target: jax.Array) -> jax.Array:
     return 0.5 * jnp.mean((rows.astype(jnp.float32) - target) ** 2)
 
 
-def sparse_train_step(opt: sparse.SparseOptimizer) -> Callable:
+def sparse_train_step(opt: sparse.RowOptimizer) -> Callable:
     """``(table, state, ids, target) -> (table, state, loss)`` with a row-wise optimizer."""
 
     def step(table, state, ids, target):

@@ -8,12 +8,41 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxembed import _validation
+from jaxembed.core import _validation
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
+
+class Normal:
+    """The initializer ``N(0, stddev**2)``, as ``jax.nn.initializers.normal``, with a readable repr.
+
+    Example:
+      >>> import jax, jaxembed
+      >>> jaxembed.default_embedding_init
+      normal(stddev=1.0)
+      >>> jaxembed.default_embedding_init(jax.random.key(0), (2, 3), "float32").shape
+      (2, 3)
+    """
+
+    def __init__(self, stddev: float = 1.0):
+        self.stddev = float(stddev)
+        self._init = jax.nn.initializers.normal(stddev=self.stddev)
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32):
+        return self._init(key, shape, dtype)
+
+    def __repr__(self) -> str:
+        return f"normal(stddev={self.stddev})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Normal) and other.stddev == self.stddev
+
+    def __hash__(self) -> int:
+        return hash((Normal, self.stddev))
+
+
 #: torch's ``nn.Embedding.reset_parameters``: N(0, 1). (Flax's ``Embed`` uses std 1/sqrt(D).)
-default_embedding_init: Initializer = jax.nn.initializers.normal(stddev=1.0)
+default_embedding_init: Initializer = Normal(1.0)
 
 
 def init(

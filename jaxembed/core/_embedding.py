@@ -4,58 +4,44 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 from jax.typing import ArrayLike
 
-from jaxembed import _gradient, _index_policy, _renorm, _sharded_lookup, _sharding, _validation
+from jaxembed.core import _index_policy, _layout, _validation
+from jaxembed.core._options import LookupOptions
+from jaxembed.core._pipeline import Lookup, new_params
 
 
-@functools.partial(jax.jit, static_argnames=_validation.LOOKUP_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("options", "layout"))
 def _embedding(
-    weight: jax.Array,
-    indices: jax.Array,
-    *,
-    padding_idx: int | None,
-    max_norm: float | None,
-    norm_type: float,
-    scale_grad_by_freq: bool,
-    lookup: str,
+    weight: jax.Array, indices: jax.Array, *, options: LookupOptions, layout: _layout.Layout
 ) -> tuple[jax.Array, jax.Array | None]:
-    num_embeddings, dim = weight.shape
-    safe = _index_policy.safe_indices(indices.reshape(-1), num_embeddings)
-    frozen = jax.lax.stop_gradient(weight)
-    new_weight = None
-    if max_norm is not None:
-        # the output is gathered from the renormed table: duplicates all see the renormed row
-        frozen = new_weight = _renorm.renorm_table(frozen, safe, max_norm, norm_type)
-    rows = _index_policy.gather_rows(frozen, safe, lookup)
-    grad_scale = _gradient.gradient_scale(safe, padding_idx, scale_grad_by_freq, weight.dtype)
-    out = _gradient.with_table_gradient(rows, weight, safe, grad_scale)
-    return out.reshape(indices.shape + (dim,)), new_weight
-
-
-def check_lookup(
-    params: Any,
-    indices: Any,
-    padding_idx: Any,
-    max_norm: Any,
-    norm_type: Any,
-    scale_grad_by_freq: Any,
-    lookup: Any = "gather",
-) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-    """Checks a lookup's arguments: ``(weight, indices, options)`` or a clear error."""
-    weight = _validation.check_weight(params)
     num_embeddings = weight.shape[0]
-    options = dict(
-        padding_idx=_validation.check_padding_idx(padding_idx, num_embeddings),
-        max_norm=_validation.check_max_norm(max_norm),
-        norm_type=_validation.check_norm_type(norm_type),
-        scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
-        lookup=_index_policy.check_lookup_style(lookup),
+
+    def body(weight, indices):
+        lookup = Lookup.start(weight, indices, options, layout, num_embeddings)
+        rows = lookup.rows()
+        return rows.reshape(indices.shape + rows.shape[-1:]), lookup.new_weight
+
+    return layout.run(
+        body, (weight, indices), ("table", "indices"), ("rows", "table"), ndim=indices.ndim
     )
-    return weight, _index_policy.prepare_indices(indices, num_embeddings), options
+
+
+def embed(
+    params: Mapping[str, ArrayLike],
+    indices: ArrayLike,
+    options: LookupOptions,
+    sharding: _layout.Layout | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`embedding` with its options already checked (the modules' front end)."""
+    weight = _validation.check_weight(params)
+    options.check_table(weight.shape[0])
+    idx = _index_policy.prepare_indices(indices, weight.shape[0])
+    layout = _layout.bind(sharding, weight.shape, idx.shape)
+    out, new_weight = _embedding(weight, idx, options=options, layout=layout)
+    return out, new_params(params, new_weight)
 
 
 def embedding(
@@ -67,7 +53,7 @@ def embedding(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     lookup: str = "gather",
-    sharding: _sharding.TableSharding | None = None,
+    sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Looks up rows of ``params["weight"]`` with torch's ``nn.Embedding`` semantics.
 
@@ -127,15 +113,13 @@ def embedding(
              [0., 0.],
              [0., 0.]], dtype=float32)
     """
-    weight, idx, options = check_lookup(
-        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
+    weight = _validation.check_weight(params)
+    options = LookupOptions.check(
+        weight.shape[0],
+        padding_idx=padding_idx,
+        max_norm=max_norm,
+        norm_type=norm_type,
+        scale_grad_by_freq=scale_grad_by_freq,
+        lookup=lookup,
     )
-    sharding = _sharding.check_sharding(sharding)
-    if sharding is None:
-        out, new_weight = _embedding(weight, idx, **options)
-    else:
-        sharding = _sharding.bind(sharding, weight.shape, idx.shape)
-        out, new_weight = _sharded_lookup.embedding(weight, idx, sharding=sharding, **options)
-    if new_weight is None:
-        return out, params
-    return out, {**params, "weight": jax.lax.stop_gradient(new_weight)}
+    return embed(params, indices, options, sharding)

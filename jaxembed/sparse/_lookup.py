@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed import (
-    _embedding,
-    _gradient,
-    _index_policy,
-    _renorm,
-    _sharded_lookup,
-    _sharding,
-    _validation,
-)
+from jaxembed.core import _index_policy, _layout, _validation
+from jaxembed.core._options import LookupOptions
+from jaxembed.core._pipeline import Lookup, new_params
 
 
 class SparseGrad(NamedTuple):
@@ -83,27 +77,43 @@ class SparseLookup(NamedTuple):
         return SparseGrad(self.indices, values)
 
 
-@functools.partial(jax.jit, static_argnames=_validation.LOOKUP_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("options", "layout"))
 def _lookup(
-    weight: jax.Array,
-    indices: jax.Array,
-    *,
-    padding_idx: int | None,
-    max_norm: float | None,
-    norm_type: float,
-    scale_grad_by_freq: bool,
-    lookup: str,
+    weight: jax.Array, indices: jax.Array, *, options: LookupOptions, layout: _layout.Layout
 ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
-    num_embeddings, dim = weight.shape
-    safe = _index_policy.safe_indices(indices.reshape(-1), num_embeddings)
-    table = jax.lax.stop_gradient(weight)
-    new_weight = None
-    if max_norm is not None:
-        table = new_weight = _renorm.renorm_table(table, safe, max_norm, norm_type)
-    rows = _index_policy.gather_rows(table, safe, lookup).reshape(indices.shape + (dim,))
-    scale = _gradient.gradient_scale(safe, None, scale_grad_by_freq, weight.dtype)
-    safe = _index_policy.drop_padding(safe, padding_idx, num_embeddings)
-    return rows, new_weight, safe, scale
+    num_embeddings = weight.shape[0]
+
+    def body(weight, indices):
+        lookup = Lookup.start(
+            jax.lax.stop_gradient(weight), indices, options, layout, num_embeddings
+        )
+        rows = lookup.rows(gradient=False)
+        safe = _index_policy.drop_padding(lookup.safe, options.padding_idx, num_embeddings)
+        rows = rows.reshape(indices.shape + rows.shape[-1:])
+        return rows, lookup.new_weight, safe, lookup.scale(padding=False)
+
+    return layout.run(
+        body,
+        (weight, indices),
+        ("table", "indices"),
+        ("rows", "table", "entries", "entries"),
+        ndim=indices.ndim,
+    )
+
+
+def lookup_rows(
+    params: Mapping[str, ArrayLike],
+    indices: ArrayLike,
+    options: LookupOptions,
+    sharding: _layout.Layout | None = None,
+) -> tuple[jax.Array, SparseLookup]:
+    """:func:`lookup` with its options already checked (the modules' front end)."""
+    weight = _validation.check_weight(params)
+    options.check_table(weight.shape[0])
+    idx = _index_policy.prepare_indices(indices, weight.shape[0])
+    layout = _layout.bind(sharding, weight.shape, idx.shape)
+    rows, new_weight, safe, scale = _lookup(weight, idx, options=options, layout=layout)
+    return rows, SparseLookup(dict(new_params(params, new_weight)), safe, scale)
 
 
 def lookup(
@@ -115,7 +125,7 @@ def lookup(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     lookup: str = "gather",
-    sharding: _sharding.TableSharding | None = None,
+    sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, SparseLookup]:
     """Looks rows up for sparse training: the rows to differentiate, and how to update the table.
 
@@ -156,25 +166,41 @@ def lookup(
       >>> table[:, 0]
       Array([1. , 0. , 1. , 1. , 0.5], dtype=float32)
     """
-    weight, idx, options = _embedding.check_lookup(
-        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
+    weight = _validation.check_weight(params)
+    options = LookupOptions.check(
+        weight.shape[0],
+        padding_idx=padding_idx,
+        max_norm=max_norm,
+        norm_type=norm_type,
+        scale_grad_by_freq=scale_grad_by_freq,
+        lookup=lookup,
     )
-    sharding = _sharding.check_sharding(sharding)
-    if sharding is None:
-        rows, new_weight, safe, scale = _lookup(weight, idx, **options)
-    else:
-        sharding = _sharding.bind(sharding, weight.shape, idx.shape)
-        rows, new_weight, safe, scale = _sharded_lookup.sparse_lookup(
-            weight, idx, sharding=sharding, **options
-        )
-    new_params: Any = params if new_weight is None else {**params, "weight": new_weight}
-    return rows, SparseLookup(dict(new_params), safe, scale)
+    return lookup_rows(params, indices, options, sharding)
 
 
-def concat(*grads: SparseGrad) -> SparseGrad:
-    """One :class:`SparseGrad` from several lookups into the same table (their sum)."""
+def sum_grads(*grads: SparseGrad) -> SparseGrad:
+    """The sum of several :class:`SparseGrad` of one table (e.g. from several lookups into it).
+
+    A ``SparseGrad``'s entries are summed per row, so the sum of two is their entries together.
+
+    Args:
+      *grads: one or more ``SparseGrad`` of the same table.
+
+    Returns:
+      A ``SparseGrad`` with every entry of ``grads``, in order.
+
+    Raises:
+      ValueError: no ``grads``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> a = jaxembed.sparse.SparseGrad(jnp.array([1]), jnp.ones((1, 2)))
+      >>> b = jaxembed.sparse.SparseGrad(jnp.array([3, 1]), jnp.ones((2, 2)))
+      >>> jaxembed.sparse.sum_grads(a, b).indices
+      Array([1, 3, 1], dtype=int32)
+    """
     if not grads:
-        raise ValueError("concat needs at least one SparseGrad")
+        raise ValueError("sum_grads needs at least one SparseGrad")
     if len(grads) == 1:
         return grads[0]
     dtype = jnp.result_type(*(g.indices.dtype for g in grads))

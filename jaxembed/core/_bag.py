@@ -29,18 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed import (
-    _embedding,
-    _gradient,
-    _index_policy,
-    _renorm,
-    _sharded_lookup,
-    _sharding,
-    _table,
-    _validation,
-)
+from jaxembed.core import _index_policy, _layout, _options, _renorm, _validation
+from jaxembed.core._options import LookupOptions
+from jaxembed.core._pipeline import Lookup, new_params
 
-MODES = _table.MODES
+MODES = _options.MODES
 
 
 def _check_offsets(offsets: Any, num_indices: int, include_last_offset: bool) -> jax.Array:
@@ -308,31 +301,62 @@ def kept(safe: jax.Array, padding_idx: int | None) -> jax.Array:
     return jnp.ones(safe.shape, bool) if padding_idx is None else safe != padding_idx
 
 
-@functools.partial(jax.jit, static_argnames=("mode", *_validation.LOOKUP_OPTIONS))
-def _embedding_bag(
-    weight,
-    indices,
-    starts,
-    psw,
-    *,
-    mode,
-    padding_idx,
-    max_norm,
-    norm_type,
-    scale_grad_by_freq,
-    lookup,
-):
+@functools.partial(jax.jit, static_argnames=("mode", "options", "layout"))
+def _embedding_bag(weight, indices, starts, psw, *, mode, options, layout):
     """``indices`` 2-D with ``starts`` None, or 1-D with ``starts`` (one per bag)."""
-    indices, starts, psw, width = flat_bags(indices, starts, psw)
-    safe = _index_policy.safe_indices(indices, weight.shape[0])
-    table = jax.lax.stop_gradient(weight)
-    new_weight = None
-    if max_norm is not None:
-        table = new_weight = _renorm.renorm_table(table, safe, max_norm, norm_type)
-    grad_scale = _gradient.gradient_scale(safe, padding_idx, scale_grad_by_freq, weight.dtype)
-    keep = kept(safe, padding_idx)
-    bags = _bags(weight, table, safe, grad_scale, keep, psw, starts, mode, width, lookup)
-    return bags, new_weight
+    num_embeddings = weight.shape[0]
+
+    def body(weight, indices, starts, psw):
+        indices, starts, psw, width = flat_bags(indices, starts, psw)
+        lookup = Lookup.start(weight, indices, options, layout, num_embeddings)
+        keep = kept(lookup.safe, options.padding_idx)
+        source = layout.bag_source(lookup, keep, starts, psw)
+        weight, table, index, keep, starts, psw, style = source
+        bags = _bags(weight, table, index, lookup.scale(), keep, psw, starts, mode, width, style)
+        return bags, lookup.new_weight
+
+    return layout.run(
+        body,
+        (weight, indices, starts, psw),
+        ("table", "indices", "replicated", "indices"),
+        ("bags", "table"),
+        ndim=indices.ndim,
+    )
+
+
+def embed_bags(
+    params: Mapping[str, ArrayLike],
+    indices: ArrayLike,
+    offsets: ArrayLike | None,
+    options: LookupOptions,
+    *,
+    mode: str,
+    per_sample_weights: ArrayLike | None,
+    include_last_offset: bool,
+    sharding: _layout.Layout | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`embedding_bag` with its options already checked (the modules' front end)."""
+    weight = _validation.check_weight(params)
+    options.check_table(weight.shape[0])
+    idx = _index_policy.prepare_indices(indices, weight.shape[0])
+    if idx.ndim == 2 and offsets is not None:
+        raise ValueError("offsets must be None when indices are 2-D (one bag per row)")
+    if idx.ndim == 1 and offsets is None:
+        raise ValueError("1-D indices need offsets (the start of each bag)")
+    if idx.ndim not in (1, 2):
+        raise ValueError(f"indices must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
+    if per_sample_weights is not None:
+        per_sample_weights = _check_per_sample_weights(per_sample_weights, mode, idx.shape)
+    starts = None
+    if idx.ndim == 1:
+        starts = _check_offsets(offsets, idx.shape[0], include_last_offset)
+        if include_last_offset:
+            starts = starts[:-1]
+    layout = _layout.bind(sharding, weight.shape, idx.shape, offsets=idx.ndim == 1)
+    bags, new_weight = _embedding_bag(
+        weight, idx, starts, per_sample_weights, mode=mode, options=options, layout=layout
+    )
+    return bags, new_params(params, new_weight)
 
 
 def embedding_bag(
@@ -348,7 +372,7 @@ def embedding_bag(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     lookup: str = "gather",
-    sharding: _sharding.TableSharding | None = None,
+    sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sums, averages or maxes bags of embeddings, with torch's ``nn.EmbeddingBag`` semantics.
 
@@ -407,43 +431,28 @@ def embedding_bag(
       Array([[1., 2.],
              [3., 3.]], dtype=float32)
     """
-    mode, include_last_offset = _table.check_bag_options(
+    mode, include_last_offset = _options.check_bag_options(
         mode, include_last_offset, scale_grad_by_freq
     )
-    weight, idx, static = _embedding.check_lookup(
-        params, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup
+    weight = _validation.check_weight(params)
+    options = LookupOptions.check(
+        weight.shape[0],
+        padding_idx=padding_idx,
+        max_norm=max_norm,
+        norm_type=norm_type,
+        scale_grad_by_freq=scale_grad_by_freq,
+        lookup=lookup,
     )
-    if idx.ndim == 2 and offsets is not None:
-        raise ValueError("offsets must be None when indices are 2-D (one bag per row)")
-    if idx.ndim == 1 and offsets is None:
-        raise ValueError("1-D indices need offsets (the start of each bag)")
-    if idx.ndim not in (1, 2):
-        raise ValueError(f"indices must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
-    if per_sample_weights is not None:
-        per_sample_weights = _check_per_sample_weights(per_sample_weights, mode, idx.shape)
-    starts = None
-    if idx.ndim == 1:
-        starts = _check_offsets(offsets, idx.shape[0], include_last_offset)
-        if include_last_offset:
-            starts = starts[:-1]
-    sharding = _sharding.check_sharding(sharding)
-    if sharding is None:
-        bags, new_weight = _embedding_bag(
-            weight, idx, starts, per_sample_weights, mode=mode, **static
-        )
-    else:
-        if idx.ndim == 1 and sharding.batch is not None:
-            raise ValueError(
-                "sharding.batch splits 2-D bags only; 1-D indices with offsets need "
-                "TableSharding(batch=None) (each device then reduces every bag)"
-            )
-        sharding = _sharding.bind(sharding, weight.shape, idx.shape)
-        bags, new_weight = _sharded_lookup.embedding_bag(
-            weight, idx, starts, per_sample_weights, sharding=sharding, mode=mode, **static
-        )
-    if new_weight is None:
-        return bags, params
-    return bags, {**params, "weight": jax.lax.stop_gradient(new_weight)}
+    return embed_bags(
+        params,
+        indices,
+        offsets,
+        options,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=include_last_offset,
+        sharding=sharding,
+    )
 
 
 def _check_per_sample_weights(per_sample_weights: Any, mode: str, shape: tuple) -> jax.Array:

@@ -1,9 +1,22 @@
 """How a table and its lookups are laid out on a JAX mesh: :class:`TableSharding`.
 
 The table ``(V, D)`` may be split along V (``vocab``, Megatron's vocab-parallel scheme), along D
-(``dim``), or both, and the indices' leading dimension along ``batch`` (data parallel). The
-lookups themselves live in :mod:`jaxembed._sharded_lookup`; this file holds the layout, its checks
-and the helpers that place arrays on it.
+(``dim``), or both, and the indices' leading dimension along ``batch`` (data parallel).
+:class:`TableSharding` is a :class:`~jaxembed.core._layout.Layout`: the core's one lookup body
+runs on it under ``jax.shard_map``. On each device:
+
+1. the indices map to local rows: an index another vocab shard owns becomes the local sentinel,
+   which the gather fills with zeros and every scatter drops;
+2. with ``max_norm``, the device renorms its own rows referenced by *any* device's indices (the
+   indices, not the table, are gathered over ``batch``), so every copy of a shard stays
+   identical and ``new_params`` keeps the table's sharding; a row's norm over split columns is
+   one ``psum``;
+3. the gathered rows are ``psum``-ed over ``vocab`` (Megatron's vocab-parallel embedding):
+   exactly one shard contributes each row, so the result equals the unsharded gather.
+
+The table's gradient is the core's custom rule on each block (a scatter-add into local rows);
+``shard_map``'s transpose sums it over ``batch``. Nothing table-sized moves between devices
+except that gradient's all-reduce, which is data parallelism's cost for any dense parameter.
 
 Shards must be even: V must be a multiple of the ``vocab`` shard count and D of the ``dim`` one,
 else the call raises ``ValueError``. :meth:`TableSharding.pad_vocab` pads a table with zero rows
@@ -21,6 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxembed.core._layout import Layout
+from jaxembed.sharding import _update
 
 Axis = str | tuple[str, ...] | None
 
@@ -40,7 +56,7 @@ def _check_axis(name: str, axis: Any) -> Axis:
 
 
 @dataclasses.dataclass(frozen=True)
-class TableSharding:
+class TableSharding(Layout):
     """Where a table and its lookups live on a mesh.
 
     Pass it as ``sharding=`` to :func:`jaxembed.embedding`, :func:`jaxembed.embedding_bag`,
@@ -72,6 +88,9 @@ class TableSharding:
     vocab: Axis = None
     dim: Axis = None
     batch: Axis = None
+
+    # the rows another vocab shard holds are zeros here, so the psum over vocab adds them up
+    fill = 0.0
 
     def __post_init__(self):
         for name in ("vocab", "dim", "batch"):
@@ -168,6 +187,129 @@ class TableSharding:
             weight = jnp.concatenate([weight, jnp.zeros((extra, weight.shape[1]), weight.dtype)])
         return {**params, "weight": weight}
 
+    def bind(
+        self,
+        table_shape: tuple[int, ...],
+        indices_shape: tuple[int, ...] | None,
+        *,
+        offsets: bool = False,
+    ) -> TableSharding:
+        """Checks a call against the layout; returns it with its mesh resolved (for ``jit``).
+
+        ``offsets``: the call reduces 1-D bags by offsets, which every device reduces whole.
+        """
+        if offsets and self.batch is not None:
+            raise ValueError(
+                "sharding.batch splits 2-D bags only; 1-D indices with offsets need "
+                "TableSharding(batch=None) (each device then reduces every bag)"
+            )
+        mesh = self.resolve_mesh()
+        self.check_table(table_shape, mesh)
+        if indices_shape is not None:
+            self.check_indices(indices_shape, mesh)
+        return dataclasses.replace(self, mesh=mesh)
+
+    def kind_spec(self, kind: str | None, ndim: int) -> P | None:
+        """The ``PartitionSpec`` of an argument or output of a kind :meth:`run` names."""
+        if kind is None:
+            return None
+        if kind == "table":
+            return self.spec
+        if kind == "indices":
+            return self.indices_spec(ndim)
+        if kind == "rows":
+            return self.output_spec(ndim)
+        if kind == "bags":
+            return self.output_spec(1)
+        if kind == "entries":
+            return P(self.batch if ndim else None)
+        if kind == "replicated":
+            return P()
+        raise ValueError(f"unknown kind {kind!r}")
+
+    def run(self, body, args, in_kinds, out_kinds, *, ndim: int):
+        """``jax.shard_map(body)(*args)`` on the mesh, the arguments placed as their kinds say.
+
+        An argument that is None stays None; so may an output.
+        """
+        in_specs = tuple(
+            None if a is None else self.kind_spec(k, ndim)
+            for a, k in zip(args, in_kinds, strict=True)
+        )
+        out_specs = jax.tree.map(lambda k: self.kind_spec(k, ndim), out_kinds)
+        return self.map(body, in_specs, out_specs, *args)
+
+    def map(self, body, in_specs, out_specs, *args):
+        """``jax.shard_map(body)(*args)`` on the mesh, the arguments placed as specified."""
+        args = [
+            jax.tree.map(lambda x, spec: place(x, self, spec), a, specs)
+            if specs is not None
+            else None
+            for a, specs in zip(args, in_specs, strict=True)
+        ]
+        mapped = jax.shard_map(
+            body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True
+        )
+        return mapped(*args)
+
+    def everyone(self, x: jax.Array) -> jax.Array:
+        """``x`` (one device's slice along ``batch``) gathered from every device, in global order.
+
+        Written as a ``psum`` of each slice placed in a zero buffer, not ``all_gather``, so the
+        result is typed as the same on every device along ``batch`` (``shard_map``'s replication
+        check): the renormed table computed from it is one table, not one per data shard. Each
+        entry is a sum of itself and zeros, so the values are exact.
+        """
+        if self.batch is None:
+            return x
+        n = x.shape[0]
+        shards = self.count("batch", self.mesh)
+        buffer = jnp.zeros((n * shards,) + x.shape[1:], x.dtype)
+        at = jax.lax.axis_index(self.batch) * n
+        return jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(buffer, x, at, 0), self.batch)
+
+    def localizer(self, num_local: int):
+        """Maps global rows to this device's rows; another vocab shard's become ``num_local``."""
+        if self.vocab is None:
+            return lambda safe: safe
+        offset = jax.lax.axis_index(self.vocab) * num_local
+
+        def localize(safe):
+            local = safe - offset
+            return jnp.where((local >= 0) & (local < num_local), local, num_local)
+
+        return localize
+
+    def reduce_columns(self, partial: jax.Array, op: str) -> jax.Array:
+        """A per-row sum (``psum``) or max (``pmax``) completed over the ``dim`` shards."""
+        if self.dim is None:
+            return partial
+        return (jax.lax.pmax if op == "max" else jax.lax.psum)(partial, self.dim)
+
+    def combine(self, rows: jax.Array, out_of_range: jax.Array) -> jax.Array:
+        """The rows summed over ``vocab`` (one shard holds each); out-of-range ones NaN again."""
+        if self.vocab is not None:
+            rows = jax.lax.psum(rows, self.vocab)
+        # an out-of-range index (under jit) gives a NaN row, as the unsharded lookup does
+        return jnp.where(out_of_range[:, None], jnp.nan, rows)
+
+    def bag_source(self, lookup, keep, starts, psw):
+        """The bags reduce the combined rows: each bag then equals the unsharded one bit for bit.
+
+        The rows carry the table's gradient unscaled; the reduction applies the scale.
+        """
+        rows = lookup.rows(scaled=False)
+        positions = jnp.arange(lookup.safe.shape[0], dtype=jnp.int32)
+        # the bag code's loops need every input to vary over the mesh axes the rows vary over
+        keep, positions, starts, psw = (
+            None if x is None else _varying_like(x, rows) for x in (keep, positions, starts, psw)
+        )
+        return rows, jax.lax.stop_gradient(rows), positions, keep, starts, psw, "gather"
+
+    def rowwise(self, optimizer):
+        """``optimizer`` wrapped by :func:`jaxembed.sparse.sharded` for this layout."""
+        return _update.shard_optimizer(optimizer, self)
+
     def _concrete_mesh(self) -> Any:
         self.resolve_mesh()  # checks the axis names
         return self.mesh if self.mesh is not None else jax.sharding.get_mesh()
@@ -187,16 +329,19 @@ class TableSharding:
         return jax.device_put(indices, NamedSharding(mesh, self.indices_spec(indices.ndim)))
 
 
-def check_sharding(sharding: Any) -> TableSharding | None:
-    if sharding is None or isinstance(sharding, TableSharding):
-        return sharding
-    raise TypeError(f"sharding must be a jaxembed.TableSharding or None, got {sharding!r}")
+def place(x: jax.Array | None, sharding: TableSharding, spec) -> jax.Array | None:
+    """``x`` laid out as ``spec`` on the mesh (a no-op when it already is)."""
+    if x is None:
+        return None
+    mesh = sharding.mesh
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    if explicit:
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
-def bind(sharding: TableSharding, table_shape: tuple, indices_shape: tuple | None) -> TableSharding:
-    """Checks a call against ``sharding`` and returns it with its mesh resolved (for ``jit``)."""
-    mesh = sharding.resolve_mesh()
-    sharding.check_table(table_shape, mesh)
-    if indices_shape is not None:
-        sharding.check_indices(indices_shape, mesh)
-    return dataclasses.replace(sharding, mesh=mesh)
+def _varying_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """``x`` unchanged, typed as varying over (at least) the mesh axes ``ref`` varies over."""
+    if x.dtype == bool:
+        return x | jnp.zeros_like(ref, bool, shape=x.shape)
+    return x + jnp.zeros_like(ref, x.dtype, shape=x.shape)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -22,9 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed import _index_policy, _validation
+from jaxembed.core import _index_policy, _validation
 
 _EPS = 1e-7  # torch's constant in embedding_renorm_
+
+# completes a per-row reduction ("sum" or "max") over the row's columns on every device
+Columns = Callable[[jax.Array, str], jax.Array]
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -32,20 +35,24 @@ def compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def row_norms(rows: jax.Array, norm_type: float, axis_name: Any = None) -> jax.Array:
+def whole_rows(partial: jax.Array, op: str) -> jax.Array:
+    """The reduction over a row's columns when this device holds them all: the identity."""
+    del op
+    return partial
+
+
+def row_norms(rows: jax.Array, norm_type: float, columns: Columns = whole_rows) -> jax.Array:
     """The p-norm of each row (last axis), in ``compute_dtype(rows.dtype)``.
 
-    ``axis_name``: inside ``shard_map`` with the columns split over this mesh axis, the partial
-    sums (maxima for ``inf``) of every shard are combined, so each shard gets the whole row's norm.
+    ``columns(partial, "sum" | "max")`` completes a per-row sum (or max, for ``inf``) over the
+    row's columns on every device: the layout's ``reduce_columns`` when they are split.
     """
     x = jnp.abs(rows.astype(compute_dtype(rows.dtype)))
     if math.isinf(norm_type):
-        top = jnp.max(x, axis=-1, initial=0)
-        return top if axis_name is None else jax.lax.pmax(top, axis_name)
+        return columns(jnp.max(x, axis=-1, initial=0), "max")
 
     def total(y):
-        s = jnp.sum(y, axis=-1)
-        return s if axis_name is None else jax.lax.psum(s, axis_name)
+        return columns(jnp.sum(y, axis=-1), "sum")
 
     if norm_type == 1:
         return total(x)
@@ -101,14 +108,14 @@ def _toward_zero(x: jax.Array, dtype: Any) -> jax.Array:
 
 
 def renorm_rows(
-    rows: jax.Array, max_norm: float, norm_type: float, axis_name: Any = None
+    rows: jax.Array, max_norm: float, norm_type: float, columns: Columns = whole_rows
 ) -> jax.Array:
     """Rescales each row whose norm exceeds ``max_norm``; other rows are returned unchanged.
 
     NaN rows stay NaN (their norm is not ``> max_norm``); a row holding ``inf`` is scaled by 0,
     so its infinite entries become NaN, as in torch.
     """
-    norms = row_norms(rows, norm_type, axis_name)
+    norms = row_norms(rows, norm_type, columns)
     over = norms > max_norm
     scale = renorm_scale(norms, max_norm)
     wide = rows.astype(norms.dtype) * scale[..., None]
@@ -118,7 +125,7 @@ def renorm_rows(
         scaled = _toward_zero(wide, rows.dtype)
         # Rounding toward zero already keeps the norm <= the wide one, which is max_norm up to
         # float32 rounding; one more ulp toward zero removes that last sliver where it remains.
-        still_over = row_norms(scaled, norm_type, axis_name) > max_norm
+        still_over = row_norms(scaled, norm_type, columns) > max_norm
         scaled = jnp.where(
             still_over[..., None], jnp.nextafter(scaled, jnp.zeros_like(scaled)), scaled
         )
@@ -126,12 +133,15 @@ def renorm_rows(
 
 
 def renorm_table(
-    weight: jax.Array, safe: jax.Array, max_norm: float, norm_type: float, axis_name: Any = None
+    weight: jax.Array,
+    safe: jax.Array,
+    max_norm: float,
+    norm_type: float,
+    columns: Columns = whole_rows,
 ) -> jax.Array:
     """Returns ``weight`` with the rows ``safe`` (1-D, sentinel-mapped) references renormed.
 
-    ``axis_name``: the mesh axis the columns are split over, inside ``shard_map`` (see
-    :func:`row_norms`).
+    ``columns``: how a row's norm is completed over its columns (see :func:`row_norms`).
 
     Only rows whose norm exceeds ``max_norm`` are written, each once however often it is
     referenced. For float32/float64 tables the write is a scatter-multiply by the scale, which is
@@ -140,7 +150,7 @@ def renorm_table(
     """
     num_embeddings = weight.shape[0]
     rows = jnp.take(weight, safe, axis=0, mode="clip")
-    norms = row_norms(rows, norm_type, axis_name)
+    norms = row_norms(rows, norm_type, columns)
     over = norms > max_norm
     if compute_dtype(weight.dtype) == weight.dtype:
         scale = renorm_scale(norms, max_norm).astype(weight.dtype)
@@ -151,7 +161,7 @@ def renorm_table(
     else:
         target = jnp.where(over, safe, num_embeddings)
         new_weight = weight.at[target].set(
-            renorm_rows(rows, max_norm, norm_type, axis_name), mode="drop"
+            renorm_rows(rows, max_norm, norm_type, columns), mode="drop"
         )
     return new_weight
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxembed._validation import check_index_dtype
+from jaxembed.core._validation import check_index_dtype
 
 
 def _is_traced(x: Any) -> bool:
@@ -79,18 +79,10 @@ def drop_padding(safe: jax.Array, padding_idx: int | None, num_embeddings: int) 
     return jnp.where(safe == padding_idx, num_embeddings, safe)
 
 
-LOOKUPS = ("gather", "one_hot", "auto")
-
 # "auto" picks one_hot only where a matmul beats a gather: TPUs with a small vocabulary. On CPU
 # jaxembed-bench measured the gather faster at every size (the one-hot matmul costs V times more
 # arithmetic than the gather moves bytes), and on GPU XLA's gather is the fast path.
 AUTO_ONE_HOT_MAX_VOCAB = 2048
-
-
-def check_lookup_style(lookup: Any) -> str:
-    if lookup not in LOOKUPS:
-        raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
-    return lookup
 
 
 def _one_hot_rows(weight: jax.Array, safe: jax.Array, fill: float = jnp.nan) -> jax.Array:

@@ -33,16 +33,26 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed import _sparse_update, _validation
-from jaxembed._sparse_lookup import SparseGrad
+from jaxembed.core import _layout, _validation
+from jaxembed.sparse import _update as _sparse_update
+from jaxembed.sparse._lookup import SparseGrad
 
 LearningRate = float | Callable[[jax.Array], ArrayLike]
 
 
-class SparseOptimizer(NamedTuple):
+class RowOptimizer(NamedTuple):
     """A row-wise optimizer: ``init(table) -> state``, ``update(grad, state, table)``.
 
-    ``update`` returns ``(new_table, new_state)``. Donate both to the jitted step.
+    ``update(grad, state, table, *, column_axis=None)`` returns ``(new_table, new_state)``,
+    reading and writing only the rows present in ``grad``. Donate the table and the state to the
+    jitted step, and XLA updates them in place. ``column_axis`` is given by
+    :func:`jaxembed.sparse.sharded` when the table's columns are split over a mesh axis; an
+    optimizer with a row-wise statistic sums it over that axis (:func:`row_mean`). Write your
+    own as ``RowOptimizer(init, update)``.
+
+    Attributes:
+      init: ``init(table) -> state``, for a ``(V, D)`` table.
+      update: ``update(grad, state, table, *, column_axis=None) -> (new_table, new_state)``.
     """
 
     init: Callable[[ArrayLike], Any]
@@ -50,21 +60,52 @@ class SparseOptimizer(NamedTuple):
 
 
 class SgdState(NamedTuple):
+    """:func:`sgd`'s state.
+
+    Attributes:
+      count: ``()`` int32, the number of updates so far (a schedule's step).
+      momentum: ``(V, D)`` in the table's dtype, the momentum buffer; None without momentum.
+    """
+
     count: jax.Array
     momentum: jax.Array | None
 
 
 class AdagradState(NamedTuple):
+    """:func:`adagrad`'s state.
+
+    Attributes:
+      count: ``()`` int32, the number of updates so far.
+      sum: ``(V, D)`` in the table's dtype, each element's sum of squared gradients.
+    """
+
     count: jax.Array
     sum: jax.Array
 
 
 class RowwiseAdagradState(NamedTuple):
+    """:func:`rowwise_adagrad`'s state.
+
+    Attributes:
+      count: ``()`` int32, the number of updates so far.
+      sum: ``(V,)`` float32 (float64 for float64 tables), each row's sum of mean squared
+        gradients.
+    """
+
     count: jax.Array
     sum: jax.Array
 
 
 class LazyAdamState(NamedTuple):
+    """:func:`lazy_adam`'s state.
+
+    Attributes:
+      count: ``()`` int32, the number of updates so far (global: bias correction counts every
+        step, as torch's ``SparseAdam`` does).
+      mu: ``(V, D)`` in the table's dtype, the first moments.
+      nu: ``(V, D)`` in the table's dtype, the second moments.
+    """
+
     count: jax.Array
     mu: jax.Array
     nu: jax.Array
@@ -142,12 +183,32 @@ def sgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     maximize: bool = False,
-) -> SparseOptimizer:
+) -> RowOptimizer:
     """torch's ``optim.SGD`` on sparse gradients: ``table[rows] -= lr * grad_rows``.
 
     Without momentum only the present rows are touched and the result equals dense SGD on the
     same gradient exactly. With ``momentum`` the buffer is dense, as torch's sparse momentum
-    buffer becomes: every row touched before keeps moving (O(V) per step).
+    buffer becomes: every row touched before keeps moving (O(V) per step)::
+
+        buf = grad                                  # first step
+        buf = momentum * buf + (1 - dampening) * grad
+        step = grad + momentum * buf if nesterov else buf
+        table -= lr * step
+
+    Args:
+      learning_rate: a number >= 0, or an optax schedule (a function of the step count).
+      momentum: torch's momentum factor, >= 0. Non-zero makes the state a ``(V, D)`` buffer.
+      dampening: torch's dampening for momentum, >= 0.
+      nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+      weight_decay: must be 0: torch refuses weight decay with sparse gradients.
+      maximize: ascend instead of descend.
+
+    Returns:
+      A :class:`RowOptimizer` whose state is a :class:`SgdState`.
+
+    Raises:
+      TypeError, ValueError: a bad argument, named; ``weight_decay != 0``; ``nesterov`` without
+        momentum or with dampening.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -172,7 +233,7 @@ def sgd(
         buf = _zeros_like_table(table) if momentum else None
         return SgdState(jnp.zeros((), jnp.int32), buf)
 
-    def update(grad: SparseGrad, state: SgdState, table: ArrayLike):
+    def update(grad: SparseGrad, state: SgdState, table: ArrayLike, *, column_axis=None):
         table, rows, values = _prepare(grad, table)
         lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
         if maximize:
@@ -196,7 +257,7 @@ def sgd(
             step = _sparse_update.add_rows(buf * momentum, rows, values)
         return table + step * -lr, SgdState(state.count + 1, buf)
 
-    return SparseOptimizer(init, update)
+    return RowOptimizer(init, update)
 
 
 def adagrad(
@@ -207,10 +268,27 @@ def adagrad(
     eps: float = 1e-10,
     weight_decay: float = 0.0,
     maximize: bool = False,
-) -> SparseOptimizer:
+) -> RowOptimizer:
     """torch's ``optim.Adagrad`` on sparse gradients: a per-element sum of squares, present rows.
 
-    ``sum[rows] += g**2``; ``table[rows] -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(sum) + eps)``.
+    With ``t`` the step number (from 1), for the rows present (duplicates summed first)::
+
+        sum[rows] += g ** 2
+        table[rows] -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(sum[rows]) + eps)
+
+    Args:
+      learning_rate: a number >= 0, or an optax schedule (a function of the step count).
+      lr_decay: torch's learning-rate decay, >= 0.
+      initial_accumulator_value: the initial value of every ``sum`` element, >= 0.
+      eps: added to the square root, >= 0.
+      weight_decay: must be 0: torch refuses weight decay with sparse gradients.
+      maximize: ascend instead of descend.
+
+    Returns:
+      A :class:`RowOptimizer` whose state is an :class:`AdagradState` (``sum``: ``(V, D)``).
+
+    Raises:
+      TypeError, ValueError: a bad argument, named; ``weight_decay != 0``.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -235,7 +313,7 @@ def adagrad(
             jnp.zeros((), jnp.int32), _zeros_like_table(table, initial_accumulator_value)
         )
 
-    def update(grad: SparseGrad, state: AdagradState, table: ArrayLike):
+    def update(grad: SparseGrad, state: AdagradState, table: ArrayLike, *, column_axis=None):
         table, rows, values = _prepare(grad, table)
         count = state.count.astype(_scalar_dtype(table))
         clr = _rate(learning_rate, state.count, count.dtype) / (1.0 + count * lr_decay)
@@ -254,7 +332,7 @@ def adagrad(
         table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, state.sum))
         return table, AdagradState(state.count + 1, acc)
 
-    return SparseOptimizer(init, update)
+    return RowOptimizer(init, update)
 
 
 def rowwise_adagrad(
@@ -264,13 +342,28 @@ def rowwise_adagrad(
     initial_accumulator_value: float = 0.0,
     weight_decay: float = 0.0,
     maximize: bool = False,
-) -> SparseOptimizer:
+) -> RowOptimizer:
     """FBGEMM's row-wise Adagrad: one accumulator per row (float32, or float64 for float64 tables).
 
     For each present row (duplicates summed first), with ``g += weight_decay * table[row]``::
 
         sum[row] += mean(g ** 2)
         table[row] -= lr / (sqrt(sum[row]) + eps) * g
+
+    Args:
+      learning_rate: a number >= 0, or an optax schedule (a function of the step count).
+      eps: added to the square root, >= 0.
+      initial_accumulator_value: the initial value of every row's ``sum``, >= 0.
+      weight_decay: FBGEMM's L2 mode: ``weight_decay * table[row]`` is added to the gradient of
+        each present row, >= 0.
+      maximize: ascend instead of descend.
+
+    Returns:
+      A :class:`RowOptimizer` whose state is a :class:`RowwiseAdagradState` (``sum``: ``(V,)``,
+      ``embedding_dim`` times smaller than Adagrad's).
+
+    Raises:
+      TypeError, ValueError: a bad argument, named.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -294,7 +387,7 @@ def rowwise_adagrad(
         acc = jnp.full(table.shape[:1], initial_accumulator_value, _scalar_dtype(table))
         return RowwiseAdagradState(jnp.zeros((), jnp.int32), acc)
 
-    def update(grad: SparseGrad, state: RowwiseAdagradState, table: ArrayLike):
+    def update(grad: SparseGrad, state: RowwiseAdagradState, table: ArrayLike, *, column_axis=None):
         table, rows, values = _prepare(grad, table)
         cdt = _scalar_dtype(table)
         lr = _rate(learning_rate, state.count, cdt)
@@ -304,7 +397,9 @@ def rowwise_adagrad(
             g = g.astype(cdt) * _sign(maximize)
             if weight_decay:
                 g = g + weight_decay * _sparse_update.read_rows(table, r).astype(cdt)
-            acc = _sparse_update.read_rows(acc_table, r) + _sparse_update.row_mean(g * g)
+            acc = _sparse_update.read_rows(acc_table, r) + _sparse_update.row_mean(
+                g * g, column_axis
+            )
             multiplier = lr / (jnp.sqrt(acc) + eps)
             return (
                 _sparse_update.add_rows(table, r, g * -multiplier[:, None]),
@@ -314,7 +409,7 @@ def rowwise_adagrad(
         table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, state.sum))
         return table, RowwiseAdagradState(state.count + 1, acc)
 
-    return SparseOptimizer(init, update)
+    return RowOptimizer(init, update)
 
 
 def lazy_adam(
@@ -324,10 +419,29 @@ def lazy_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     maximize: bool = False,
-) -> SparseOptimizer:
+) -> RowOptimizer:
     """torch's ``optim.SparseAdam``: Adam whose moments update only on the rows present.
 
-    The step count is global (every call counts for bias correction), as in torch.
+    With ``t`` the step number (from 1, global: every call counts for bias correction, as in
+    torch), for the rows present (duplicates summed first)::
+
+        mu[rows] += (g - mu[rows]) * (1 - b1)
+        nu[rows] += (g ** 2 - nu[rows]) * (1 - b2)
+        table[rows] -= lr * sqrt(1 - b2 ** t) / (1 - b1 ** t) * mu / (sqrt(nu) + eps)
+
+    Args:
+      learning_rate: a number >= 0, or an optax schedule (a function of the step count).
+      b1: the first moment's decay, in [0, 1).
+      b2: the second moment's decay, in [0, 1).
+      eps: added to the square root, >= 0.
+      maximize: ascend instead of descend.
+
+    Returns:
+      A :class:`RowOptimizer` whose state is a :class:`LazyAdamState` (``mu``, ``nu``:
+      ``(V, D)``).
+
+    Raises:
+      TypeError, ValueError: a bad argument, named.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -349,7 +463,7 @@ def lazy_adam(
             jnp.zeros((), jnp.int32), _zeros_like_table(table), _zeros_like_table(table)
         )
 
-    def update(grad: SparseGrad, state: LazyAdamState, table: ArrayLike):
+    def update(grad: SparseGrad, state: LazyAdamState, table: ArrayLike, *, column_axis=None):
         table, rows, values = _prepare(grad, table)
         step = state.count + 1
         t = step.astype(_scalar_dtype(table))
@@ -375,4 +489,44 @@ def lazy_adam(
         )
         return table, LazyAdamState(step, mu, nu)
 
-    return SparseOptimizer(init, update)
+    return RowOptimizer(init, update)
+
+
+def sharded(optimizer: RowOptimizer, sharding: Any) -> RowOptimizer:
+    """``optimizer`` for a table laid out as ``sharding`` says: every device updates its rows.
+
+    ``init`` builds the state on the mesh (each device its own block: a ``(V, D)`` state is never
+    materialised on one device); ``update`` takes the :class:`~jaxembed.sparse.SparseGrad` of a
+    sharded :func:`jaxembed.sparse.lookup` and returns the table and state with the table's
+    sharding. Donate both to the jitted step to update in place.
+
+    Args:
+      optimizer: a :class:`~jaxembed.sparse.RowOptimizer`: any of :mod:`jaxembed.sparse`, or
+        your own. With the table's columns split (``sharding.dim``), its ``update`` must take a
+        ``column_axis`` keyword: the mesh axis a row's columns are split over, which a row-wise
+        statistic must sum over (:func:`jaxembed.sparse.row_mean` does).
+      sharding: the table's :class:`jaxembed.TableSharding`.
+
+    Returns:
+      A :class:`~jaxembed.sparse.RowOptimizer` whose ``init`` and ``update`` run on the mesh.
+
+    Raises:
+      TypeError: ``optimizer`` is not a ``RowOptimizer``; ``sharding`` is not a
+        ``TableSharding``; the columns are split and ``optimizer.update`` takes no
+        ``column_axis``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxembed
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> layout = jaxembed.TableSharding(mesh, vocab="model")
+      >>> opt = jaxembed.sparse.sharded(jaxembed.sparse.sgd(0.5), layout)
+      >>> table = layout.put({"weight": jnp.zeros((4, 2))})["weight"]
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([1, 1]), jnp.ones((2, 2)))
+      >>> table, state = opt.update(grad, opt.init(table), table)
+      >>> table[:, 0]
+      Array([ 0., -1.,  0.,  0.], dtype=float32)
+    """
+    layout = _layout.check(sharding)
+    if layout is _layout.LOCAL:
+        raise TypeError("sharding must be a jaxembed.TableSharding, got None")
+    return layout.rowwise(optimizer)

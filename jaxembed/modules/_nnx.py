@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,17 +11,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxembed import (
-    _bag,
-    _embedding,
-    _gradient,
-    _sharding,
-    _sparse_lookup,
-    _sparse_nnx,
-    _table,
-    _validation,
-)
-from jaxembed._init import Initializer, default_embedding_init
+from jaxembed.core import _bag, _embedding, _gradient, _layout, _options, _validation
+from jaxembed.core._init import Initializer, default_embedding_init
+from jaxembed.modules import _table
+from jaxembed.sharding import TableSharding
+from jaxembed.sparse import _lookup as _sparse_lookup
+from jaxembed.sparse import _nnx as _sparse_nnx
 
 
 class FrozenWeight(nnx.Variable):
@@ -29,6 +25,12 @@ class FrozenWeight(nnx.Variable):
 
 class _TableModule(nnx.Module):
     """The table, its checked configuration, and the write-back of the renorm."""
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        # help() and inspect.signature show the constructor's arguments, not nnx's (*args, **kw)
+        signature = inspect.signature(cls.__init__)
+        cls.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def __init__(
         self,
@@ -45,27 +47,35 @@ class _TableModule(nnx.Module):
         rngs: nnx.Rngs,
         sparse: bool = False,
         lookup: str = "gather",
-        sharding: _sharding.TableSharding | None = None,
+        sharding: TableSharding | None = None,
     ):
-        self._configure(
+        self.config = _options.TableConfig.check(
             num_embeddings,
             embedding_dim,
-            padding_idx,
-            max_norm,
-            norm_type,
-            scale_grad_by_freq,
-            lookup,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            lookup=lookup,
         )
+        options = self.config.options
+        self.num_embeddings = self.config.num_embeddings
+        self.embedding_dim = self.config.embedding_dim
+        self.padding_idx = options.padding_idx
+        self.max_norm = options.max_norm
+        self.norm_type = options.norm_type
+        self.scale_grad_by_freq = options.scale_grad_by_freq
+        self.lookup = options.lookup
         _table.check_dtypes(dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.sharding = _sharding.check_sharding(sharding)
-        value = embedding_init(rngs.params(), (num_embeddings, embedding_dim), param_dtype)
+        self.sharding = _layout.check(sharding) if sharding is not None else None
         self.sparse = _validation.check_flag("sparse", sparse)
-        param = _sparse_nnx.SparseParam if self.sparse else nnx.Param
-        self.weight = self._table_variable(
-            param, _table.zero_padding_row(value, self.config.padding_idx)
-        )
+        value = embedding_init(rngs.params(), (num_embeddings, embedding_dim), param_dtype)
+        if not isinstance(embedding_init, _Pretrained):  # a given table keeps its padding row
+            value = _table.zero_padding_row(value, options.padding_idx)
+        kind = _sparse_nnx.SparseParam if self.sparse else nnx.Param
+        self.weight = self._table_variable(kind, value)
 
     def _table_variable(self, kind: type, value: Any) -> nnx.Variable:
         """The table as a ``kind`` variable, with Flax partitioning metadata when sharded.
@@ -80,9 +90,7 @@ class _TableModule(nnx.Module):
         names = metadata.get("out_sharding")
         if names is not None:
             names = tuple(names) + (None,) * (2 - len(names))
-            implied = _sharding.TableSharding(
-                metadata.get("mesh"), vocab=names[0], dim=names[1], batch=None
-            )
+            implied = TableSharding(metadata.get("mesh"), vocab=names[0], dim=names[1], batch=None)
             if self.sharding is None:
                 self.sharding = implied
             elif (self.sharding.vocab, self.sharding.dim) != names[:2]:
@@ -102,58 +110,38 @@ class _TableModule(nnx.Module):
                 metadata["mesh"] = self.sharding.mesh
         return kind(raw, **metadata)
 
-    def _configure(self, *args: Any) -> None:
-        self.config = _table.TableConfig.check(*args)
-        self.num_embeddings = self.config.num_embeddings
-        self.embedding_dim = self.config.embedding_dim
-        self.padding_idx = self.config.padding_idx
-        self.max_norm = self.config.max_norm
-        self.norm_type = self.config.norm_type
-        self.scale_grad_by_freq = self.config.scale_grad_by_freq
-        self.lookup = self.config.lookup
-
     @classmethod
-    def _pretrained(
-        cls,
-        embeddings: ArrayLike,
-        freeze: bool,
-        padding_idx: int | None,
-        max_norm: float | None,
-        norm_type: float,
-        scale_grad_by_freq: bool,
-        **kwargs: Any,
-    ):
+    def _pretrained(cls, embeddings: ArrayLike, *, freeze: bool, **kwargs: Any):
         embeddings = _validation.check_table("embeddings", jnp.asarray(embeddings))
+        freeze = _validation.check_flag("freeze", freeze)
         self = cls(
             *embeddings.shape,
-            max_norm=max_norm,
-            norm_type=norm_type,
-            scale_grad_by_freq=scale_grad_by_freq,
             param_dtype=embeddings.dtype,
-            embedding_init=lambda key, shape, dtype: embeddings,
+            embedding_init=_Pretrained(embeddings),
             rngs=nnx.Rngs(0),
             **kwargs,
         )
-        # padding_idx is set after construction: the given table keeps its padding row
-        self._configure(
-            *embeddings.shape,
-            padding_idx,
-            max_norm,
-            norm_type,
-            scale_grad_by_freq,
-            kwargs.get("lookup", "gather"),
-        )
-        freeze = _validation.check_flag("freeze", freeze)
-        param = _sparse_nnx.SparseParam if self.sparse else nnx.Param
-        self.weight = self._table_variable(FrozenWeight if freeze else param, embeddings)
+        if freeze:
+            self.weight = self._table_variable(FrozenWeight, embeddings)
         return self
 
     def _finish(self, out: jax.Array, weight: jax.Array, new_params: Mapping) -> jax.Array:
         """Writes the renormed table back (as torch does in place) and casts the output."""
-        if self.config.max_norm is not None:
+        if self.config.options.max_norm is not None:
             # a later lookup in the same forward pass must still reach the parameter's gradient
             self.weight.set_value(_gradient.straight_through(weight, new_params["weight"]))
         return _table.cast_output(out, self.dtype)
+
+
+class _Pretrained:
+    """The initializer of ``from_pretrained``: the given table, as it is (padding row kept)."""
+
+    def __init__(self, embeddings: jax.Array):
+        self.embeddings = embeddings
+
+    def __call__(self, key: jax.Array, shape: tuple, dtype: Any) -> jax.Array:
+        del key, shape, dtype
+        return self.embeddings
 
 
 class Embedding(_TableModule):
@@ -213,7 +201,7 @@ class Embedding(_TableModule):
         embedding_init: Initializer = default_embedding_init,
         sparse: bool = False,
         lookup: str = "gather",
-        sharding: _sharding.TableSharding | None = None,
+        sharding: TableSharding | None = None,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -245,7 +233,7 @@ class Embedding(_TableModule):
         dtype: Any = None,
         sparse: bool = False,
         lookup: str = "gather",
-        sharding: _sharding.TableSharding | None = None,
+        sharding: TableSharding | None = None,
     ) -> Embedding:
         """A module over a given table (torch's ``nn.Embedding.from_pretrained``).
 
@@ -262,11 +250,11 @@ class Embedding(_TableModule):
         """
         return cls._pretrained(
             embeddings,
-            freeze,
-            padding_idx,
-            max_norm,
-            norm_type,
-            scale_grad_by_freq,
+            freeze=freeze,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
             dtype=dtype,
             sparse=sparse,
             lookup=lookup,
@@ -277,17 +265,16 @@ class Embedding(_TableModule):
         """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
         weight = self.weight.get_value()
         tape = _sparse_nnx.active_tape() if self.sparse else None
+        options = self.config.options
         if tape is not None:
             # under jaxembed.sparse.value_and_grad: the rows' gradient is the table's
-            rows, lk = _sparse_lookup.lookup(
-                {"weight": weight}, indices, sharding=self.sharding, **self.config.lookup_options
+            rows, lk = _sparse_lookup.lookup_rows(
+                {"weight": weight}, indices, options, self.sharding
             )
-            if self.config.max_norm is not None:
+            if options.max_norm is not None:
                 self.weight.set_value(lk.params["weight"])
             return _table.cast_output(tape.record(self.weight, rows, lk), self.dtype)
-        out, new_params = _embedding.embedding(
-            {"weight": weight}, indices, sharding=self.sharding, **self.config.lookup_options
-        )
+        out, new_params = _embedding.embed({"weight": weight}, indices, options, self.sharding)
         return self._finish(out, weight, new_params)
 
     def attend(self, query: ArrayLike) -> jax.Array:
@@ -325,10 +312,10 @@ class EmbeddingBag(_TableModule):
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
         lookup: str = "gather",
-        sharding: _sharding.TableSharding | None = None,
+        sharding: TableSharding | None = None,
         rngs: nnx.Rngs,
     ):
-        self.mode, self.include_last_offset = _table.check_bag_options(
+        self.mode, self.include_last_offset = _options.check_bag_options(
             mode, include_last_offset, scale_grad_by_freq
         )
         super().__init__(
@@ -360,16 +347,16 @@ class EmbeddingBag(_TableModule):
         include_last_offset: bool = False,
         dtype: Any = None,
         lookup: str = "gather",
-        sharding: _sharding.TableSharding | None = None,
+        sharding: TableSharding | None = None,
     ) -> EmbeddingBag:
         """A bag module over a given table (torch's ``nn.EmbeddingBag.from_pretrained``)."""
         return cls._pretrained(
             embeddings,
-            freeze,
-            padding_idx,
-            max_norm,
-            norm_type,
-            scale_grad_by_freq,
+            freeze=freeze,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
             mode=mode,
             include_last_offset=include_last_offset,
             dtype=dtype,
@@ -385,14 +372,14 @@ class EmbeddingBag(_TableModule):
     ) -> jax.Array:
         """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``."""
         weight = self.weight.get_value()
-        out, new_params = _bag.embedding_bag(
+        out, new_params = _bag.embed_bags(
             {"weight": weight},
             indices,
             offsets,
+            self.config.options,
             mode=self.mode,
             per_sample_weights=per_sample_weights,
             include_last_offset=self.include_last_offset,
             sharding=self.sharding,
-            **self.config.lookup_options,
         )
         return self._finish(out, weight, new_params)

@@ -16,10 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# the keyword options of every lookup (``embedding``, ``embedding_bag``, ``sparse.lookup``),
-# checked by ``_embedding.check_lookup`` and static under ``jit``
-LOOKUP_OPTIONS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "lookup")
-
 
 def check_size(name: str, value: Any) -> int:
     """Returns ``value`` as a non-negative Python int, or raises."""

@@ -1,0 +1,126 @@
+"""The options of a lookup, as one checked, frozen, hashable value: :class:`LookupOptions`.
+
+A front end (``embedding``, ``embedding_bag``, ``sparse.lookup``) or a module builds it once from
+its keyword arguments, and it travels from there to the kernel as one static argument of
+``jax.jit``. A module builds it at construction, so a bad option raises before any table exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from jaxembed.core import _validation
+
+
+class LookupStyle(str, enum.Enum):
+    """How rows are read from the table (haiku's ``lookup_style``).
+
+    Every style gives the same outputs and gradients for a finite table.
+
+    Attributes:
+      GATHER: XLA's gather, the default.
+      ONE_HOT: ``one_hot(indices) @ weight``, a matmul: often faster on TPU for small
+        vocabularies; exact for finite tables, but a NaN or inf anywhere in the table reaches
+        every row.
+      AUTO: ``ONE_HOT`` on TPU up to 2,048 rows, else ``GATHER``.
+    """
+
+    GATHER = "gather"
+    ONE_HOT = "one_hot"
+    AUTO = "auto"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def check_lookup_style(lookup: Any) -> str:
+    """``lookup`` (a :class:`LookupStyle` or its string) as its string, or ``ValueError``."""
+    try:
+        return LookupStyle(lookup).value
+    except ValueError:
+        names = tuple(s.value for s in LookupStyle)
+        raise ValueError(f"lookup must be one of {names}, got {lookup!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupOptions:
+    """torch's ``nn.Embedding`` options, checked for a table of ``num_embeddings`` rows.
+
+    Build it with :meth:`check`; its fields are then normalised (``padding_idx`` in
+    ``[0, num_embeddings)``, numbers as Python floats), so equal options hash equal and a jitted
+    kernel compiles once for them.
+
+    Attributes:
+      padding_idx: the row whose gradient is always zero, or None.
+      max_norm: renorm referenced rows whose norm exceeds this, or None.
+      norm_type: the p of the p-norm for ``max_norm``.
+      scale_grad_by_freq: divide each row's gradient by its index's count in the call.
+      lookup: the :class:`LookupStyle`'s string.
+    """
+
+    padding_idx: int | None = None
+    max_norm: float | None = None
+    norm_type: float = 2.0
+    scale_grad_by_freq: bool = False
+    lookup: str = "gather"
+
+    @classmethod
+    def check(
+        cls,
+        num_embeddings: int,
+        *,
+        padding_idx: Any = None,
+        max_norm: Any = None,
+        norm_type: Any = 2.0,
+        scale_grad_by_freq: Any = False,
+        lookup: Any = "gather",
+    ) -> LookupOptions:
+        """The options, checked; a bad one raises ``TypeError`` or ``ValueError`` naming it."""
+        return cls(
+            padding_idx=_validation.check_padding_idx(padding_idx, num_embeddings),
+            max_norm=_validation.check_max_norm(max_norm),
+            norm_type=_validation.check_norm_type(norm_type),
+            scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
+            lookup=check_lookup_style(lookup),
+        )
+
+    def check_table(self, num_embeddings: int) -> LookupOptions:
+        """Raises ``ValueError`` unless these options fit a table of ``num_embeddings`` rows."""
+        if self.padding_idx is not None and self.padding_idx >= num_embeddings:
+            raise ValueError(
+                f"padding_idx={self.padding_idx} is outside the table's {num_embeddings} rows"
+            )
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class TableConfig:
+    """A module's table: its shape and its :class:`LookupOptions` (checked at construction)."""
+
+    num_embeddings: int
+    embedding_dim: int
+    options: LookupOptions
+
+    @classmethod
+    def check(cls, num_embeddings: Any, embedding_dim: Any, **options: Any) -> TableConfig:
+        """The configuration, checked; ``options`` are :meth:`LookupOptions.check`'s."""
+        num_embeddings = _validation.check_size("num_embeddings", num_embeddings)
+        return cls(
+            num_embeddings=num_embeddings,
+            embedding_dim=_validation.check_size("embedding_dim", embedding_dim),
+            options=LookupOptions.check(num_embeddings, **options),
+        )
+
+
+MODES = ("sum", "mean", "max")
+
+
+def check_bag_options(mode: Any, include_last_offset: Any, scale_grad_by_freq: Any) -> tuple:
+    """``(mode, include_last_offset)`` of a bag, checked."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if scale_grad_by_freq and mode == "max":
+        raise ValueError('scale_grad_by_freq is not supported with mode="max" (as in torch)')
+    return mode, _validation.check_flag("include_last_offset", include_last_offset)

@@ -1,0 +1,17 @@
+"""The Flax modules over the functional core: thin layers that hold the table and call the core.
+
+What this folder owns, module by module:
+
+* ``_nnx``: ``flax.nnx`` :class:`~jaxembed.Embedding`, :class:`~jaxembed.EmbeddingBag` and
+  :class:`~jaxembed.FrozenWeight`;
+* ``_linen``: the ``flax.linen`` modules (public as :mod:`jaxembed.linen`);
+* ``_table``: what both share (dtype checks, the initial table, the tied head).
+
+It may import :mod:`jaxembed.core`, :mod:`jaxembed.sparse` and :mod:`jaxembed.sharding`. Each
+module builds its :class:`~jaxembed.core.LookupOptions` once, at construction, and hands that
+one value to the core on every call.
+"""
+
+from jaxembed.modules._nnx import Embedding, EmbeddingBag, FrozenWeight
+
+__all__ = ["Embedding", "EmbeddingBag", "FrozenWeight"]
