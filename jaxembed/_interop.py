@@ -85,6 +85,15 @@ def from_torch(
       name: the full key instead of ``prefix + "weight"``.
       dtype: cast to this dtype; None keeps the checkpoint's (bfloat16 included).
 
+    Returns:
+      ``{"weight": Array[num_embeddings, embedding_dim]}``.
+
+    Raises:
+      TypeError: ``state_dict`` is not a mapping; the tensor is not floating; a float64 tensor
+        with x64 off (it would be rounded silently).
+      KeyError: the key is missing (the message lists the keys that look like tables).
+      ValueError: the tensor is not 2-D.
+
     Example:
       >>> import torch, jaxembed
       >>> emb = torch.nn.Embedding(4, 2)
@@ -103,6 +112,16 @@ def from_torch(
 
 def to_torch(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
     """A torch state dict ``{prefix + "weight": tensor}`` for ``nn.Embedding.load_state_dict``.
+
+    Args:
+      params: ``{"weight": Array[num_embeddings, embedding_dim]}``.
+      prefix: prepended to ``"weight"``, e.g. ``"model.embed_tokens."``.
+
+    Returns:
+      ``{prefix + "weight": torch.Tensor}`` in the table's dtype (bfloat16 included), on CPU.
+
+    Raises:
+      TypeError, ValueError: ``params`` is not a table dict.
 
     Example:
       >>> import jax.numpy as jnp, torch, jaxembed
@@ -134,7 +153,24 @@ def _read_header(f: Any, path: str) -> tuple[dict[str, Any], int]:
 
 
 def safetensors_names(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """The tensors a safetensors file holds: ``{name: (dtype, shape)}``, read from its header."""
+    """The tensors a safetensors file holds: ``{name: (dtype, shape)}``, read from its header.
+
+    Args:
+      path: the file.
+
+    Returns:
+      ``{name: (dtype, shape)}``, without the ``__metadata__`` entry.
+
+    Raises:
+      ValueError: the file is not a safetensors file.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, jaxembed
+      >>> path = os.path.join(tempfile.mkdtemp(), "emb.safetensors")
+      >>> jaxembed.save_safetensors(path, {"weight": jnp.eye(3)}, prefix="tok.")
+      >>> jaxembed.safetensors_names(path)
+      {'tok.weight': ('F32', (3, 3))}
+    """
     path = os.fspath(path)
     with open(path, "rb") as f:
         header, _ = _read_header(f, path)
@@ -153,6 +189,22 @@ def load_safetensors(
       prefix: where the table sits, e.g. ``"model.embed_tokens."``.
       name: the full tensor name instead of ``prefix + "weight"``.
       dtype: cast to this dtype; None keeps the file's.
+
+    Returns:
+      ``{"weight": Array[num_embeddings, embedding_dim]}``.
+
+    Raises:
+      KeyError: no such tensor (the message lists the file's tensors).
+      TypeError: the tensor is not floating.
+      ValueError: not a safetensors file, truncated, or the tensor is not 2-D.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, jaxembed
+      >>> path = os.path.join(tempfile.mkdtemp(), "emb.safetensors")
+      >>> jaxembed.save_safetensors(path, {"weight": jnp.eye(2)})
+      >>> jaxembed.load_safetensors(path)["weight"]
+      Array([[1., 0.],
+             [0., 1.]], dtype=float32)
     """
     path = os.fspath(path)
     key = _key(prefix, name)
@@ -187,6 +239,18 @@ def save_safetensors(
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Writes ``params["weight"]`` as the tensor ``prefix + "weight"`` of a ``.safetensors`` file.
+
+    The file is written beside ``path`` and renamed into place, so a failed save leaves no half
+    file.
+
+    Args:
+      path: the file to write (replaced if it exists).
+      params: ``{"weight": Array[num_embeddings, embedding_dim]}``, float64/32/16 or bfloat16.
+      prefix: prepended to ``"weight"``, e.g. ``"model.embed_tokens."``.
+      metadata: string pairs for the file's ``__metadata__``.
+
+    Raises:
+      TypeError, ValueError: ``params`` is not a table dict of a supported dtype.
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp, jaxembed

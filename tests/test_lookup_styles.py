@@ -26,7 +26,7 @@ def _embedding_run(lookup, idx, kw, dtype=jnp.float32):
     cot = jnp.asarray(np.random.default_rng(1).normal(size=idx.shape + (D,)), dtype)
 
     def loss(p):
-        out, new = jaxembed.embedding(p, idx, lookup=lookup, **kw)
+        out, new = jaxembed.embedding(p, idx, lookup_style=lookup, **kw)
         return jnp.sum(out * cot), (out, new)
 
     grads, (out, new) = jax.jit(jax.grad(loss, has_aux=True))({"weight": jnp.asarray(W, dtype)})
@@ -69,7 +69,7 @@ def test_bag_styles_agree(layout, idx, offsets, mode):
     def run(lookup):
         def loss(p, w):
             out, new = jaxembed.embedding_bag(
-                p, idx, offsets, lookup=lookup, per_sample_weights=w, **kw
+                p, idx, offsets, lookup_style=lookup, per_sample_weights=w, **kw
             )
             return jnp.sum(out * jnp.arange(out.size).reshape(out.shape)), (out, new)
 
@@ -88,30 +88,30 @@ def test_bag_styles_agree(layout, idx, offsets, mode):
 
 def test_sparse_lookup_and_modules_take_the_style():
     idx = np.array([[1, 4], [4, 9]])
-    rows, _ = jaxembed.sparse.lookup({"weight": jnp.asarray(W)}, idx, lookup="one_hot")
+    rows, _ = jaxembed.sparse.lookup({"weight": jnp.asarray(W)}, idx, lookup_style="one_hot")
     np.testing.assert_array_equal(rows, W[idx])
     for cls, call in (
         (jaxembed.Embedding, lambda m: m(idx)),
         (jaxembed.EmbeddingBag, lambda m: m(idx)),
     ):
         a = cls.from_pretrained(jnp.asarray(W), max_norm=1.0)
-        b = cls.from_pretrained(jnp.asarray(W), max_norm=1.0, lookup="one_hot")
-        assert b.lookup == "one_hot"
+        b = cls.from_pretrained(jnp.asarray(W), max_norm=1.0, lookup_style="one_hot")
+        assert b.lookup_style == "one_hot"
         np.testing.assert_array_equal(call(a), call(b))
         np.testing.assert_array_equal(a.weight[...], b.weight[...])
-    m = jlinen.Embedding(V, D, lookup="one_hot")
+    m = jlinen.Embedding(V, D, lookup_style="one_hot")
     variables = m.init(jax.random.key(0), idx)
     np.testing.assert_array_equal(
         m.apply(variables, idx), np.asarray(variables["params"]["weight"])[idx]
     )
-    emb = jaxembed.Embedding(V, D, lookup="one_hot", rngs=nnx.Rngs(0))
+    emb = jaxembed.Embedding(V, D, lookup_style="one_hot", rngs=nnx.Rngs(0))
     assert emb(idx).shape == (2, 2, D)
 
 
 def test_out_of_range_under_jit_is_nan_in_every_style():
     for style in ("gather", "one_hot", "auto"):
         out = jax.jit(
-            lambda i, s=style: jaxembed.embedding({"weight": jnp.asarray(W)}, i, lookup=s)[0]
+            lambda i, s=style: jaxembed.embedding({"weight": jnp.asarray(W)}, i, lookup_style=s)[0]
         )(jnp.array([1, V, -1]))
         assert np.isnan(out[1:]).all() and not np.isnan(out[0]).any()
 
@@ -120,22 +120,22 @@ def test_one_hot_spreads_non_finite_values():
     """Documented: with one_hot, a NaN/inf anywhere in the table reaches every row (0 * inf)."""
     w = jnp.asarray(W).at[5, 0].set(jnp.inf)
     gathered = jaxembed.embedding({"weight": w}, jnp.array([1, 2]))[0]
-    hot = jaxembed.embedding({"weight": w}, jnp.array([1, 2]), lookup="one_hot")[0]
+    hot = jaxembed.embedding({"weight": w}, jnp.array([1, 2]), lookup_style="one_hot")[0]
     assert np.isfinite(gathered).all()
     assert np.isnan(hot[:, 0]).all()
 
 
 def test_bad_lookup_and_no_retrace():
     with pytest.raises(ValueError, match="lookup"):
-        jaxembed.embedding({"weight": jnp.asarray(W)}, [1], lookup="matmul")
+        jaxembed.embedding({"weight": jnp.asarray(W)}, [1], lookup_style="matmul")
     with pytest.raises(ValueError, match="lookup"):
-        jaxembed.EmbeddingBag(V, D, lookup="x", rngs=nnx.Rngs(0))
+        jaxembed.EmbeddingBag(V, D, lookup_style="x", rngs=nnx.Rngs(0))
     traces = []
 
     @jax.jit
     def f(p, i):
         traces.append(1)
-        return jaxembed.embedding(p, i, lookup="one_hot", max_norm=1.0)[0]
+        return jaxembed.embedding(p, i, lookup_style="one_hot", max_norm=1.0)[0]
 
     for k in range(3):
         f({"weight": jnp.asarray(W)}, jnp.array([k, k + 1]))

@@ -27,7 +27,7 @@ def test_multidevice_suite_on_8_fake_cpu_devices():
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/multidevice"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "tests/multidevice"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -188,7 +188,7 @@ def _all_jax_cases(op: str, table, ids, bags, cot, target) -> dict[str, Case]:
         # with max_norm the renormed table is the state a step hands on (donated, as in training)
         cases = {
             f"jaxembed:{style}": Case(
-                lambda p, i, s=style: jaxembed.embedding(p, i, lookup=s, **kw)[::-1],
+                lambda p, i, s=style: jaxembed.embedding(p, i, lookup_style=s, **kw)[::-1],
                 ({"weight": table + 0} if kw else params, ids),
                 carry=bool(kw),
                 donate=(0,) if kw else (),
@@ -201,7 +201,9 @@ def _all_jax_cases(op: str, table, ids, bags, cot, target) -> dict[str, Case]:
     if op == "grad":
 
         def grad(lookup):
-            return jax.grad(lambda p, i: jnp.sum(jaxembed.embedding(p, i, lookup=lookup)[0] * cot))
+            return jax.grad(
+                lambda p, i: jnp.sum(jaxembed.embedding(p, i, lookup_style=lookup)[0] * cot)
+            )
 
         return {
             "jaxembed:gather": Case(grad("gather"), (params, ids)),
@@ -218,7 +220,7 @@ def _all_jax_cases(op: str, table, ids, bags, cot, target) -> dict[str, Case]:
                 lambda p, b: jaxembed.embedding_bag(p, b, mode=mode)[0], (params, bags)
             ),
             "jaxembed:one_hot": Case(
-                lambda p, b: jaxembed.embedding_bag(p, b, mode=mode, lookup="one_hot")[0],
+                lambda p, b: jaxembed.embedding_bag(p, b, mode=mode, lookup_style="one_hot")[0],
                 (params, bags),
             ),
             "jnp.take+reduce": Case(

@@ -359,6 +359,7 @@ def embed_bags(
     return bags, new_params(params, new_weight)
 
 
+@_options.renamed_lookup
 def embedding_bag(
     params: Mapping[str, ArrayLike],
     indices: ArrayLike,
@@ -371,7 +372,7 @@ def embedding_bag(
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
-    lookup: str = "gather",
+    lookup_style: str = "gather",
     sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sums, averages or maxes bags of embeddings, with torch's ``nn.EmbeddingBag`` semantics.
@@ -393,7 +394,7 @@ def embedding_bag(
       scale_grad_by_freq: the gradient of :func:`jaxembed.embedding` with this option, followed
         by the reduction (torch 2.13's CPU bag kernel divides by the wrong index's count when
         counts are mixed; this follows torch's documented semantics instead).
-      lookup: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in
+      lookup_style: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in
         :func:`jaxembed.embedding`. Same bags and gradients for every style.
       sharding: a :class:`jaxembed.TableSharding`, as in :func:`jaxembed.embedding`. ``batch``
         splits the bags of 2-D indices; 1-D indices with offsets are given to every device whole
@@ -441,7 +442,7 @@ def embedding_bag(
         max_norm=max_norm,
         norm_type=norm_type,
         scale_grad_by_freq=scale_grad_by_freq,
-        lookup=lookup,
+        lookup_style=lookup_style,
     )
     return embed_bags(
         params,

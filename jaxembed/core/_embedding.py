@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import jax
 from jax.typing import ArrayLike
 
-from jaxembed.core import _index_policy, _layout, _validation
+from jaxembed.core import _index_policy, _layout, _options, _validation
 from jaxembed.core._options import LookupOptions
 from jaxembed.core._pipeline import Lookup, new_params
 
@@ -44,6 +44,7 @@ def embed(
     return out, new_params(params, new_weight)
 
 
+@_options.renamed_lookup
 def embedding(
     params: Mapping[str, ArrayLike],
     indices: ArrayLike,
@@ -52,7 +53,7 @@ def embedding(
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
-    lookup: str = "gather",
+    lookup_style: str = "gather",
     sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Looks up rows of ``params["weight"]`` with torch's ``nn.Embedding`` semantics.
@@ -74,7 +75,7 @@ def embedding(
       max_norm: renorm referenced rows whose norm exceeds this (> 0), or None.
       norm_type: the p of the p-norm for ``max_norm``: > 0, or ``inf``.
       scale_grad_by_freq: divide each row's gradient by its index's count in ``indices``.
-      lookup: how rows are read: ``"gather"`` (XLA's gather, the default), ``"one_hot"``
+      lookup_style: how rows are read: ``"gather"`` (XLA's gather, the default), ``"one_hot"``
         (``one_hot(indices) @ weight``, a matmul: often faster on TPU for small vocabularies;
         exact for finite tables, but a NaN/inf anywhere in the table reaches every row) or
         ``"auto"`` (one_hot on TPU up to 2,048 rows, else gather). Outputs and gradients are
@@ -120,6 +121,6 @@ def embedding(
         max_norm=max_norm,
         norm_type=norm_type,
         scale_grad_by_freq=scale_grad_by_freq,
-        lookup=lookup,
+        lookup_style=lookup_style,
     )
     return embed(params, indices, options, sharding)

@@ -106,16 +106,16 @@ def _gather(weight: jax.Array, safe: jax.Array, fill: float = jnp.nan) -> jax.Ar
 
 
 def gather_rows(
-    weight: jax.Array, safe: jax.Array, lookup: str = "gather", fill: float = jnp.nan
+    weight: jax.Array, safe: jax.Array, style: str = "gather", fill: float = jnp.nan
 ) -> jax.Array:
     """``weight[safe]`` with rows of ``fill`` (NaN) for the out-of-range sentinel.
 
-    ``lookup`` is how: ``"gather"`` (XLA's gather), ``"one_hot"`` (a matmul) or ``"auto"``.
+    ``style`` is how: ``"gather"`` (XLA's gather), ``"one_hot"`` (a matmul) or ``"auto"``.
     A vocab-sharded lookup fills with 0 the rows another shard owns.
     """
-    if lookup == "one_hot":
+    if style == "one_hot":
         return _one_hot_rows(weight, safe, fill)
-    if lookup == "auto" and weight.shape[0] <= AUTO_ONE_HOT_MAX_VOCAB:
+    if style == "auto" and weight.shape[0] <= AUTO_ONE_HOT_MAX_VOCAB:
         return jax.lax.platform_dependent(
             weight,
             safe,

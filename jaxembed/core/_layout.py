@@ -77,7 +77,7 @@ class Layout:
             keep,
             starts,
             psw,
-            lookup.options.lookup,
+            lookup.options.lookup_style,
         )
 
     def rowwise(self, optimizer: Any) -> Any:

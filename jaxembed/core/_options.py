@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 from jaxembed.core import _validation
@@ -35,13 +38,35 @@ class LookupStyle(str, enum.Enum):
         return self.value
 
 
-def check_lookup_style(lookup: Any) -> str:
-    """``lookup`` (a :class:`LookupStyle` or its string) as its string, or ``ValueError``."""
+def check_lookup_style(lookup_style: Any) -> str:
+    """``lookup_style`` (a :class:`LookupStyle` or its string) as its string, or ``ValueError``."""
     try:
-        return LookupStyle(lookup).value
+        return LookupStyle(lookup_style).value
     except ValueError:
         names = tuple(s.value for s in LookupStyle)
-        raise ValueError(f"lookup must be one of {names}, got {lookup!r}") from None
+        raise ValueError(f"lookup_style must be one of {names}, got {lookup_style!r}") from None
+
+
+def renamed_lookup(fn: Callable) -> Callable:
+    """Accepts jaxembed 0.1's ``lookup=`` for ``lookup_style=``, with a DeprecationWarning.
+
+    (``lookup=`` read as the name of ``jaxembed.sparse.lookup``, hence the rename: haiku's.)
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "lookup" in kwargs:
+            if "lookup_style" in kwargs:
+                raise TypeError("give lookup_style= only (lookup= is its old name)")
+            warnings.warn(
+                "lookup= is now lookup_style= (jaxembed.LookupStyle)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kwargs["lookup_style"] = kwargs.pop("lookup")
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +82,14 @@ class LookupOptions:
       max_norm: renorm referenced rows whose norm exceeds this, or None.
       norm_type: the p of the p-norm for ``max_norm``.
       scale_grad_by_freq: divide each row's gradient by its index's count in the call.
-      lookup: the :class:`LookupStyle`'s string.
+      lookup_style: the :class:`LookupStyle`'s string.
     """
 
     padding_idx: int | None = None
     max_norm: float | None = None
     norm_type: float = 2.0
     scale_grad_by_freq: bool = False
-    lookup: str = "gather"
+    lookup_style: str = "gather"
 
     @classmethod
     def check(
@@ -75,7 +100,7 @@ class LookupOptions:
         max_norm: Any = None,
         norm_type: Any = 2.0,
         scale_grad_by_freq: Any = False,
-        lookup: Any = "gather",
+        lookup_style: Any = "gather",
     ) -> LookupOptions:
         """The options, checked; a bad one raises ``TypeError`` or ``ValueError`` naming it."""
         return cls(
@@ -83,7 +108,7 @@ class LookupOptions:
             max_norm=_validation.check_max_norm(max_norm),
             norm_type=_validation.check_norm_type(norm_type),
             scale_grad_by_freq=_validation.check_flag("scale_grad_by_freq", scale_grad_by_freq),
-            lookup=check_lookup_style(lookup),
+            lookup_style=check_lookup_style(lookup_style),
         )
 
     def check_table(self, num_embeddings: int) -> LookupOptions:

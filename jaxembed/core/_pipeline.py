@@ -105,7 +105,7 @@ class Lookup:
         reduction) that applies it itself.
         """
         rows = _index_policy.gather_rows(
-            self.table, self.local, self.options.lookup, fill=self.layout.fill
+            self.table, self.local, self.options.lookup_style, fill=self.layout.fill
         )
         if gradient:
             scale = self.scale() if scaled else None

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed.core import _bag, _embedding, _gradient, _layout, _options
+from jaxembed.core import _embedding, _gradient, _layout, _options
 from jaxembed.core._init import Initializer, default_embedding_init
 from jaxembed.modules import _table
 from jaxembed.sharding import TableSharding
@@ -49,7 +49,9 @@ class _TableModule(nn.Module):
     param_dtype: Any = jnp.float32
     embedding_init: Initializer = default_embedding_init
     on_immutable: str = "warn"
-    lookup: str = "gather"
+    lookup_style: str = "gather"
+    # jaxembed 0.1's name of lookup_style: still read, with a DeprecationWarning
+    lookup: str | None = None
     sharding: TableSharding | None = None
 
     def __post_init__(self):
@@ -75,8 +77,17 @@ class _TableModule(nn.Module):
             max_norm=self.max_norm,
             norm_type=self.norm_type,
             scale_grad_by_freq=self.scale_grad_by_freq,
-            lookup=self.lookup,
+            lookup_style=self._lookup_style,
         )
+
+    @property
+    def _lookup_style(self) -> str:
+        if self.lookup is None:
+            return self.lookup_style
+        warnings.warn(
+            "lookup= is now lookup_style= (jaxembed.LookupStyle)", DeprecationWarning, stacklevel=3
+        )
+        return self.lookup
 
     def _init_weight(self, key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:
         value = self.embedding_init(key, shape, dtype)
@@ -169,14 +180,5 @@ class EmbeddingBag(_TableModule):
     ) -> jax.Array:
         """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``."""
         weight = self._current_weight()
-        out, new_params = _bag.embed_bags(
-            {"weight": weight},
-            indices,
-            offsets,
-            self.config.options,
-            mode=self.mode,
-            per_sample_weights=per_sample_weights,
-            include_last_offset=self.include_last_offset,
-            sharding=self.sharding,
-        )
+        out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights)
         return self._finish(out, weight, new_params)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from jaxembed.core import _bag, _embedding, _gradient, _layout, _options, _validation
+from jaxembed.core import _embedding, _gradient, _layout, _options, _validation
 from jaxembed.core._init import Initializer, default_embedding_init
 from jaxembed.modules import _table
 from jaxembed.sharding import TableSharding
@@ -46,7 +46,7 @@ class _TableModule(nnx.Module):
         embedding_init: Initializer,
         rngs: nnx.Rngs,
         sparse: bool = False,
-        lookup: str = "gather",
+        lookup_style: str = "gather",
         sharding: TableSharding | None = None,
     ):
         self.config = _options.TableConfig.check(
@@ -56,7 +56,7 @@ class _TableModule(nnx.Module):
             max_norm=max_norm,
             norm_type=norm_type,
             scale_grad_by_freq=scale_grad_by_freq,
-            lookup=lookup,
+            lookup_style=lookup_style,
         )
         options = self.config.options
         self.num_embeddings = self.config.num_embeddings
@@ -65,7 +65,7 @@ class _TableModule(nnx.Module):
         self.max_norm = options.max_norm
         self.norm_type = options.norm_type
         self.scale_grad_by_freq = options.scale_grad_by_freq
-        self.lookup = options.lookup
+        self.lookup_style = options.lookup_style
         _table.check_dtypes(dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -168,7 +168,7 @@ class Embedding(_TableModule):
         :func:`jaxembed.sparse.value_and_grad` its gradient is the looked-up rows only, and
         :class:`jaxembed.sparse.Optimizer` updates just those rows (torch's ``sparse=True``).
         Elsewhere it trains as a dense ``nnx.Param``.
-      lookup: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"`` (see
+      lookup_style: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"`` (see
         :func:`jaxembed.embedding`); :class:`EmbeddingBag` takes it too.
       sharding: a :class:`jaxembed.TableSharding` to split the table (and the batch) over a mesh;
         every call then runs the sharded lookup. Without it, an ``embedding_init`` wrapped in
@@ -187,6 +187,7 @@ class Embedding(_TableModule):
       True
     """
 
+    @_options.renamed_lookup
     def __init__(
         self,
         num_embeddings: int,
@@ -200,7 +201,7 @@ class Embedding(_TableModule):
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
         sparse: bool = False,
-        lookup: str = "gather",
+        lookup_style: str = "gather",
         sharding: TableSharding | None = None,
         rngs: nnx.Rngs,
     ):
@@ -216,11 +217,12 @@ class Embedding(_TableModule):
             embedding_init=embedding_init,
             rngs=rngs,
             sparse=sparse,
-            lookup=lookup,
+            lookup_style=lookup_style,
             sharding=sharding,
         )
 
     @classmethod
+    @_options.renamed_lookup
     def from_pretrained(
         cls,
         embeddings: ArrayLike,
@@ -232,7 +234,7 @@ class Embedding(_TableModule):
         scale_grad_by_freq: bool = False,
         dtype: Any = None,
         sparse: bool = False,
-        lookup: str = "gather",
+        lookup_style: str = "gather",
         sharding: TableSharding | None = None,
     ) -> Embedding:
         """A module over a given table (torch's ``nn.Embedding.from_pretrained``).
@@ -257,7 +259,7 @@ class Embedding(_TableModule):
             scale_grad_by_freq=scale_grad_by_freq,
             dtype=dtype,
             sparse=sparse,
-            lookup=lookup,
+            lookup_style=lookup_style,
             sharding=sharding,
         )
 
@@ -297,6 +299,7 @@ class EmbeddingBag(_TableModule):
       (2, 3)
     """
 
+    @_options.renamed_lookup
     def __init__(
         self,
         num_embeddings: int,
@@ -311,7 +314,7 @@ class EmbeddingBag(_TableModule):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
-        lookup: str = "gather",
+        lookup_style: str = "gather",
         sharding: TableSharding | None = None,
         rngs: nnx.Rngs,
     ):
@@ -329,11 +332,12 @@ class EmbeddingBag(_TableModule):
             param_dtype=param_dtype,
             embedding_init=embedding_init,
             rngs=rngs,
-            lookup=lookup,
+            lookup_style=lookup_style,
             sharding=sharding,
         )
 
     @classmethod
+    @_options.renamed_lookup
     def from_pretrained(
         cls,
         embeddings: ArrayLike,
@@ -346,7 +350,7 @@ class EmbeddingBag(_TableModule):
         scale_grad_by_freq: bool = False,
         include_last_offset: bool = False,
         dtype: Any = None,
-        lookup: str = "gather",
+        lookup_style: str = "gather",
         sharding: TableSharding | None = None,
     ) -> EmbeddingBag:
         """A bag module over a given table (torch's ``nn.EmbeddingBag.from_pretrained``)."""
@@ -360,7 +364,7 @@ class EmbeddingBag(_TableModule):
             mode=mode,
             include_last_offset=include_last_offset,
             dtype=dtype,
-            lookup=lookup,
+            lookup_style=lookup_style,
             sharding=sharding,
         )
 
@@ -372,14 +376,5 @@ class EmbeddingBag(_TableModule):
     ) -> jax.Array:
         """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``."""
         weight = self.weight.get_value()
-        out, new_params = _bag.embed_bags(
-            {"weight": weight},
-            indices,
-            offsets,
-            self.config.options,
-            mode=self.mode,
-            per_sample_weights=per_sample_weights,
-            include_last_offset=self.include_last_offset,
-            sharding=self.sharding,
-        )
+        out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights)
         return self._finish(out, weight, new_params)

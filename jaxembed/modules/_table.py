@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxembed.core import _bag
+
 
 def check_dtypes(dtype: Any, param_dtype: Any) -> None:
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
@@ -37,3 +39,17 @@ def attend(query: jax.Array, weight: jax.Array, dtype: Any) -> jax.Array:
     query = jnp.asarray(query)
     dtype = dtype or jnp.result_type(query, weight)
     return jnp.dot(query.astype(dtype), weight.astype(dtype).T)
+
+
+def bags(module: Any, weight: jax.Array, indices: Any, offsets: Any, per_sample_weights: Any):
+    """A bag module's call into the core: its options, mode and layout, then ``(bags, params)``."""
+    return _bag.embed_bags(
+        {"weight": weight},
+        indices,
+        offsets,
+        module.config.options,
+        mode=module.mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=module.include_last_offset,
+        sharding=module.sharding,
+    )

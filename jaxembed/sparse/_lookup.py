@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed.core import _index_policy, _layout, _validation
+from jaxembed.core import _index_policy, _layout, _options, _validation
 from jaxembed.core._options import LookupOptions
 from jaxembed.core._pipeline import Lookup, new_params
 
@@ -35,6 +35,14 @@ class SparseGrad(NamedTuple):
     Attributes:
       indices: ``(n,)`` integer rows.
       values: ``(n, embedding_dim)`` gradient rows.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([2, 0, 2]), jnp.ones((3, 4)))
+      >>> opt, table = jaxembed.sparse.sgd(1.0), jnp.zeros((3, 4))
+      >>> table, _ = opt.update(grad, opt.init(table), table)
+      >>> table[:, 0]
+      Array([-1.,  0., -2.], dtype=float32)
     """
 
     indices: jax.Array
@@ -50,6 +58,16 @@ class SparseLookup(NamedTuple):
       indices: ``(n,)`` the looked-up rows, flat; padding and out-of-range entries are
         ``num_embeddings``.
       scale: ``(n,)`` ``1 / count`` per entry with ``scale_grad_by_freq``, else None.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> rows, lk = jaxembed.sparse.lookup({"weight": jnp.ones((4, 2))}, jnp.array([3, 3]),
+      ...                                   scale_grad_by_freq=True)
+      >>> lk.indices, lk.scale
+      (Array([3, 3], dtype=int32), Array([0.5, 0.5], dtype=float32))
+      >>> lk.grad(jnp.ones((2, 2))).values
+      Array([[0.5, 0.5],
+             [0.5, 0.5]], dtype=float32)
     """
 
     params: dict[str, jax.Array]
@@ -116,6 +134,7 @@ def lookup_rows(
     return rows, SparseLookup(dict(new_params(params, new_weight)), safe, scale)
 
 
+@_options.renamed_lookup
 def lookup(
     params: Mapping[str, ArrayLike],
     indices: ArrayLike,
@@ -124,7 +143,7 @@ def lookup(
     max_norm: float | None = None,
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
-    lookup: str = "gather",
+    lookup_style: str = "gather",
     sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, SparseLookup]:
     """Looks rows up for sparse training: the rows to differentiate, and how to update the table.
@@ -143,7 +162,7 @@ def lookup(
       norm_type: the p of the p-norm for ``max_norm``: > 0, or ``inf``.
       scale_grad_by_freq: divide each entry's gradient by its index's count in ``indices``
         (torch refuses this with ``sparse=True``; here it equals the dense gradient's scaling).
-      lookup: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in :func:`jaxembed.embedding`.
+      lookup_style: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in :func:`jaxembed.embedding`.
       sharding: a :class:`jaxembed.TableSharding`, as in :func:`jaxembed.embedding`. The
         gradient's entries are then split over ``batch``; update the table with an optimizer
         wrapped by :func:`jaxembed.sparse.sharded` for the same sharding.
@@ -173,7 +192,7 @@ def lookup(
         max_norm=max_norm,
         norm_type=norm_type,
         scale_grad_by_freq=scale_grad_by_freq,
-        lookup=lookup,
+        lookup_style=lookup_style,
     )
     return lookup_rows(params, indices, options, sharding)
 

@@ -151,10 +151,24 @@ _DENSE = nnx.All(nnx.Param, nnx.Not(SparseParam))
 def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
     """``nnx.value_and_grad`` for a model with sparse tables, w.r.t. its first argument.
 
-    Returns a function with ``fn``'s signature that returns ``(value, ModelGrads)`` (``value`` is
-    ``(loss, aux)`` with ``has_aux``). Sparse tables get a :class:`~jaxembed.sparse.SparseGrad`
-    of the rows the loss looked up, summed over every lookup of the call; all other
-    ``nnx.Param`` get their ordinary gradient.
+    Sparse tables get a :class:`~jaxembed.sparse.SparseGrad` of the rows the loss looked up,
+    summed over every lookup of the call; all other ``nnx.Param`` get their ordinary gradient.
+    The loss is traced once more, abstractly (``jax.eval_shape``), to find the lookups' shapes.
+
+    Args:
+      fn: ``fn(model, *args, **kwargs) -> loss`` (``(loss, aux)`` with ``has_aux``), whose
+        lookups into sparse tables depend only on shapes.
+      has_aux: ``fn`` returns ``(loss, aux)``.
+
+    Returns:
+      A function with ``fn``'s signature that returns ``(value, grads)``: ``value`` is ``loss``
+      (``(loss, aux)`` with ``has_aux``), ``grads`` a :class:`ModelGrads` for
+      :meth:`Optimizer.update` (``nnx.Optimizer`` refuses it with an error naming
+      :class:`Optimizer`).
+
+    Raises:
+      ValueError: the loss looked up a sparse table of another model.
+      RuntimeError: the loss looked up sparse tables differently on its two traces.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed, optax

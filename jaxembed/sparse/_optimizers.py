@@ -53,6 +53,17 @@ class RowOptimizer(NamedTuple):
     Attributes:
       init: ``init(table) -> state``, for a ``(V, D)`` table.
       update: ``update(grad, state, table, *, column_axis=None) -> (new_table, new_state)``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> def init(table):
+      ...     return ()
+      >>> def update(grad, state, table, *, column_axis=None):  # SGD with lr 1, duplicates summed
+      ...     return table.at[grad.indices].add(-grad.values, mode="drop"), state
+      >>> mine = jaxembed.sparse.RowOptimizer(init, update)
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([1, 1]), jnp.ones((2, 2)))
+      >>> mine.update(grad, mine.init(None), jnp.zeros((3, 2)))[0][:, 0]
+      Array([ 0., -2.,  0.], dtype=float32)
     """
 
     init: Callable[[ArrayLike], Any]

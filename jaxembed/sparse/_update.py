@@ -43,6 +43,11 @@ def row_mean(x: jax.Array, column_axis: Any = None) -> jax.Array:
 
     Returns:
       ``(n,)`` the means, the same on every column shard.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> jaxembed.sparse.row_mean(jnp.array([[1.0, 3.0], [2.0, 2.0]]))
+      Array([2., 2.], dtype=float32)
     """
     total, width = jnp.sum(x, -1), x.shape[-1]
     if column_axis is not None:

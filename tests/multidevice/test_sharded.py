@@ -85,7 +85,7 @@ OPTIONS = [
     dict(padding_idx=1, scale_grad_by_freq=True),
     dict(max_norm=1.0),
     dict(max_norm=2.0, norm_type=1.0, padding_idx=0, scale_grad_by_freq=True),
-    dict(max_norm=1.0, norm_type=float("inf"), lookup="one_hot"),
+    dict(max_norm=1.0, norm_type=float("inf"), lookup_style="one_hot"),
 ]
 
 
