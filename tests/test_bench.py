@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxembed import bench
@@ -74,6 +75,7 @@ def test_command_end_to_end_writes_json_and_png(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "measured copy bandwidth" in res.stdout and "train-sparse-lazy_adam" in res.stdout
+    assert "Sparse invariant checks" not in res.stdout + res.stderr
     doc = json.loads(out_json.read_text())
     assert doc["device"]["platform"] == "cpu" and doc["versions"]["jax"]
     assert doc["config"]["ops"] == list(bench.OPS)
@@ -87,3 +89,104 @@ def test_command_end_to_end_writes_json_and_png(tmp_path):
         assert r["ms"] > 0 and r["bytes"] > 0
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] / 1e3) / 1e9)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bench_json(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    assert bench.main([*args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _ms(doc, op, impl, ids="uniform"):
+    (r,) = [r for r in doc["results"] if (r["op"], r["impl"], r["ids"]) == (op, impl, ids)]
+    return r["ms"]
+
+
+def test_the_lookup_times_the_lookup_not_a_copy_of_the_table(tmp_path):
+    # a 51 MB table: copying it costs several times the lookup, so a copy cannot hide
+    doc = _bench_json(
+        tmp_path,
+        *("--vocab", "200000", "--dim", "64", "--batch", "16384", "--repeat", "15"),
+        *("--ops", "lookup,bag-sum", "--no-torch"),
+    )
+    assert _ms(doc, "lookup", "jaxembed:gather") <= 1.2 * _ms(doc, "lookup", "jnp.take")
+    assert _ms(doc, "bag-sum", "jaxembed:gather") <= 1.2 * _ms(doc, "bag-sum", "jnp.take+reduce")
+
+
+def test_ids_distributions():
+    rng = np.random.default_rng(0)
+    uniform = bench.make_ids("uniform", 100_000, 65_536, rng)
+    zipf = bench.make_ids("zipf:1.15", 100_000, 65_536, rng)
+    assert uniform.dtype == zipf.dtype == np.int32
+    assert 0 <= zipf.min() and zipf.max() < 100_000
+    # heavy-tailed: far fewer distinct rows, and the hottest row takes a large share
+    assert len(np.unique(zipf)) < 0.5 * len(np.unique(uniform))
+    assert np.bincount(zipf).max() > 100 * np.bincount(uniform).max()
+    # the head follows the law: rank 1 is drawn about 2**alpha times as often as rank 2
+    counts = np.sort(np.bincount(bench.make_ids("zipf:1.0", 1000, 200_000, rng)))[::-1]
+    assert 1.8 < counts[0] / counts[1] < 2.2
+    for bad in ("zipf", "zipf:0", "zipf:-1", "pareto:2", "zipf:x"):
+        with pytest.raises(ValueError, match="ids must be"):
+            bench.parse_ids(bad)
+    with pytest.raises(SystemExit):
+        bench.main(["--ids", "zipf:nope"])
+
+
+def test_skewed_ids_and_the_fbgemm_baseline_without_a_sweep_draw_bars(tmp_path):
+    png = tmp_path / "bars.png"
+    ops = "lookup,train-sparse-rowwise_adagrad,train-bag-rowwise_adagrad"
+    doc = _bench_json(
+        tmp_path,
+        *("--vocab", "512", "--dim", "8", "--batch", "256", "--bag-size", "8", "--repeat", "2"),
+        *("--ids", "uniform,zipf:1.2", "--ops", ops, "--plot", str(png)),
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert doc["config"]["ids"] == ["uniform", "zipf:1.2"]
+    unique = {r["ids"]: r["unique_ids"] for r in doc["results"]}
+    assert 0 < unique["zipf:1.2"] < unique["uniform"] <= 256
+    impls = {(r["op"], r["impl"], r["ids"]) for r in doc["results"]}
+    for ids in ("uniform", "zipf:1.2"):
+        assert ("train-bag-rowwise_adagrad", "jaxembed.sparse", ids) in impls
+        if not doc["skipped"]:  # FBGEMM installed: its fused step is the baseline
+            assert ("train-bag-rowwise_adagrad", "fbgemm TBE", ids) in impls
+    for r in doc["results"]:
+        if r["op"].startswith("train-") and "rowwise" in r["op"] and not doc["skipped"]:
+            assert r["baseline"] == "fbgemm TBE" and r["vs_baseline"] > 0
+
+
+def test_a_missing_baseline_is_left_out_and_said(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fbgemm(name, *args, **kwargs):
+        if name.startswith("fbgemm_gpu"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fbgemm)
+    table = np.zeros((8, 2), np.float32)
+    ids = np.arange(8, dtype=np.int32)
+    found, missing = bench._baselines.cases(
+        "train-bag-rowwise_adagrad", table, ids, ids.reshape(2, 4), table, table[:2], "cpu", 0.1
+    )
+    assert "fbgemm TBE" not in found
+    assert "bench-baselines" in missing["fbgemm TBE"]
+
+
+def test_help_shows_every_default():
+    text = bench._parser().format_help()
+    for option in ("--vocab", "--dim", "--batch", "--dtype", "--repeat", "--ids", "--allocator"):
+        assert option in text
+    assert text.count("(default:") >= 8
+
+
+def test_allocator_run_compares_runs(tmp_path, capsys):
+    out = tmp_path / "alloc.json"
+    args = ["--vocab", "64", "--dim", "4", "--batch", "32", "--repeat", "1", "--ops", "lookup"]
+    assert bench.main([*args, "--no-torch", "--allocator", "glibc", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["allocators"]) == {"glibc"}
+    assert doc["allocators"]["glibc"]["allocator"] == "glibc"
+    with pytest.raises(SystemExit, match="neither glibc"):
+        bench._allocator.resolve("/no/such/malloc.so")

@@ -6,8 +6,11 @@
     python -m jaxembed.bench --help
 
 Method: each (op, implementation) is jit-compiled first (the compile time is reported on its
-own), run once more to warm up, then timed ``--repeat`` times with ``block_until_ready``; the
-median is reported. The device's copy bandwidth is measured in the same run (a large on-device
+own), run once more to warm up, then timed ``--repeat`` times with ``block_until_ready``, the
+implementations of an op in interleaved rounds; the median is reported. What is timed is what a
+training step does: the state it hands on (the table, the optimizer state) is donated, and only
+the outputs an op really produces are returned (an undonated table returned from ``jit`` would
+time a copy of it). The device's copy bandwidth is measured in the same run (a large on-device
 copy, read + write), and every op's *theoretical bytes* (what it must at least read and write,
 see :func:`op_bytes`) divided by its time gives its effective bandwidth and the fraction of the
 copy bandwidth it reaches: the roofline of a memory-bound op. Baselines run in the same process
@@ -20,6 +23,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +35,7 @@ import optax
 
 import jaxembed
 from jaxembed import sparse
+from jaxembed.bench import _allocator, _baselines
 
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "lazy_adam")
 OPS = (
@@ -42,6 +47,7 @@ OPS = (
     "bag-max",
     "train-dense",
     *(f"train-sparse-{name}" for name in SPARSE_OPTIMIZERS),
+    "train-bag-rowwise_adagrad",
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LR = 0.01
@@ -64,6 +70,8 @@ def op_bytes(op: str, vocab: int, dim: int, batch: int, itemsize: int, bag_size:
     * ``train-sparse-<opt>``: read the rows and the target, write their gradient, read and write
       the touched table rows and optimizer-state rows (Adagrad: one state row, row-wise Adagrad:
       one float32 per row, lazy Adam: two state rows).
+    * ``train-bag-rowwise_adagrad``: bags of ``bag_size`` summed, then row-wise Adagrad: read the
+      rows, read the bags' target, read and write the touched rows and their accumulators.
     """
     rows = batch * dim * itemsize
     table = vocab * dim * itemsize
@@ -82,6 +90,9 @@ def op_bytes(op: str, vocab: int, dim: int, batch: int, itemsize: int, bag_size:
         state_rows = {"sgd": 0, "adagrad": 2 * rows, "rowwise_adagrad": 2 * batch * 4}
         state = state_rows.get(op.removeprefix("train-sparse-"), 4 * rows)
         return 3 * rows + 2 * rows + state + idx
+    if op == "train-bag-rowwise_adagrad":
+        bags = (batch // bag_size) * dim * itemsize
+        return 3 * rows + bags + 2 * batch * 4 + idx
     raise ValueError(f"unknown op {op!r}; one of {OPS}")
 
 
@@ -91,6 +102,62 @@ def bandwidth(nbytes: float, ms: float) -> float:
 
 
 # --- timing ----------------------------------------------------------------------------------
+
+
+def make_ids(spec: str, vocab: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` int32 ids in ``[0, vocab)`` drawn as ``spec`` says.
+
+    * ``"uniform"``: every row equally likely.
+    * ``"zipf:ALPHA"``: heavy-tailed, as real traffic is: the row of rank ``k`` (from 0) is drawn
+      with probability proportional to ``1 / (k + 1) ** ALPHA`` (any ``ALPHA > 0``: a finite
+      vocabulary needs no ``ALPHA > 1``), and the ranks sit at random rows of the table.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxembed import bench
+      >>> ids = bench.make_ids("zipf:1.15", 1000, 10_000, np.random.default_rng(0))
+      >>> ids.dtype, int(ids.min()) >= 0, int(ids.max()) < 1000, len(np.unique(ids)) < 1000
+      (dtype('int32'), True, True, True)
+    """
+    kind, alpha = parse_ids(spec)
+    if kind == "uniform":
+        return rng.integers(0, vocab, n).astype(np.int32)
+    cdf = np.cumsum(np.arange(1, vocab + 1, dtype=np.float64) ** -alpha)
+    ranks = np.searchsorted(cdf, rng.uniform(0, cdf[-1], n), side="right")
+    rows = rng.permutation(vocab)
+    return rows[np.minimum(ranks, vocab - 1)].astype(np.int32)
+
+
+def parse_ids(spec: str) -> tuple[str, float]:
+    """``("uniform", 0.0)`` or ``("zipf", ALPHA)`` from ``--ids``; ``ValueError`` otherwise."""
+    if spec == "uniform":
+        return "uniform", 0.0
+    kind, _, alpha = spec.partition(":")
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = float("nan")
+    if kind != "zipf" or not value > 0:
+        raise ValueError(f"ids must be 'uniform' or 'zipf:ALPHA' with ALPHA > 0, got {spec!r}")
+    return "zipf", value
+
+
+def _interleaved_ms(cases: dict[str, Any], repeat: int) -> dict[str, float]:
+    """Median ms of each case, timed in interleaved rounds (one call of each per round), so that
+    a noisy neighbour slows every implementation alike and their ratios hold.
+
+    Each round starts one case later than the last: torch's and FBGEMM's OpenMP threads spin for
+    a while after their call, slowing whatever runs next, and the rotation spreads that evenly.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            case = cases[name]
+            t0 = time.perf_counter()
+            jax.block_until_ready(case())
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
@@ -122,20 +189,6 @@ class Case:
         return out
 
 
-class TorchCase:
-    def __init__(self, fn: Callable, sync: Callable | None):
-        self.fn, self.sync = fn, sync
-
-    def compile_ms(self) -> float:
-        return 0.0
-
-    def __call__(self):
-        out = self.fn()
-        if self.sync is not None:
-            self.sync()
-        return out
-
-
 # --- the implementations -----------------------------------------------------------------------
 
 
@@ -150,6 +203,34 @@ def sparse_train_step(opt: sparse.RowOptimizer) -> Callable:
     def step(table, state, ids, target):
         rows, lk = sparse.lookup({"weight": table}, ids)
         loss, row_grads = jax.value_and_grad(train_loss)(rows, target)
+        table, state = opt.update(lk.grad(row_grads), state, lk.params["weight"])
+        return table, state, loss
+
+    return step
+
+
+# the floor of a sparse step: its lookup, loss and rows' gradient, with no update at all
+FLOOR = "floor: take+loss+grad"
+
+
+def floor_step(pool: Callable) -> Callable:
+    """``(table, ids, target) -> (loss, rows' gradient)`` with ``jnp.take``: what any sparse step
+    must at least do (the ``FLOOR`` row of the training ops; ``pool`` reduces bags)."""
+
+    def step(table, ids, target):
+        return jax.value_and_grad(lambda r: train_loss(pool(r), target))(
+            jnp.take(table, ids, axis=0)
+        )
+
+    return step
+
+
+def sparse_bag_train_step(opt: sparse.RowOptimizer) -> Callable:
+    """``(table, state, bags, target) -> (table, state, loss)``: bags summed, then ``opt``."""
+
+    def step(table, state, bags, target):
+        rows, lk = sparse.lookup({"weight": table}, bags)
+        loss, row_grads = jax.value_and_grad(lambda r: train_loss(r.sum(1), target))(rows)
         table, state = opt.update(lk.grad(row_grads), state, lk.params["weight"])
         return table, state, loss
 
@@ -174,30 +255,36 @@ def dense_train_step(tx: optax.GradientTransformation) -> Callable:
 ONE_HOT_MAX_ELEMENTS = 2**26
 
 
-def _jax_cases(op: str, table, ids, bags, cot, target) -> dict[str, Case]:
-    cases = _all_jax_cases(op, table, ids, bags, cot, target)
+def _jax_cases(op: str, table, ids, bags, cot, target, bag_target) -> dict[str, Case]:
+    cases = _all_jax_cases(op, table, ids, bags, cot, target, bag_target)
     if ids.shape[0] * table.shape[0] > ONE_HOT_MAX_ELEMENTS:
         cases = {k: v for k, v in cases.items() if not k.endswith(":one_hot")}
     return cases
 
 
-def _all_jax_cases(op: str, table, ids, bags, cot, target) -> dict[str, Case]:
+def _all_jax_cases(op: str, table, ids, bags, cot, target, bag_target) -> dict[str, Case]:
     params = {"weight": table}
-    if op in ("lookup", "lookup+max_norm"):
-        kw = {"max_norm": 1.0} if op == "lookup+max_norm" else {}
-        # with max_norm the renormed table is the state a step hands on (donated, as in training)
+    if op == "lookup":
+        # only the rows: returning the (undonated) params too would time a copy of the table
         cases = {
             f"jaxembed:{style}": Case(
-                lambda p, i, s=style: jaxembed.embedding(p, i, lookup_style=s, **kw)[::-1],
-                ({"weight": table + 0} if kw else params, ids),
-                carry=bool(kw),
-                donate=(0,) if kw else (),
+                lambda p, i, s=style: jaxembed.embedding(p, i, lookup_style=s)[0], (params, ids)
             )
             for style in ("gather", "one_hot")
         }
-        if not kw:
-            cases["jnp.take"] = Case(lambda w, i: jnp.take(w, i, axis=0), (table, ids))
+        cases["jnp.take"] = Case(lambda w, i: jnp.take(w, i, axis=0), (table, ids))
         return cases
+    if op == "lookup+max_norm":
+        # the renormed table is the state a step hands on: donated, in place, as in training
+        return {
+            f"jaxembed:{style}": Case(
+                lambda p, i, s=style: jaxembed.embedding(p, i, lookup_style=s, max_norm=1.0)[::-1],
+                ({"weight": table + 0}, ids),
+                carry=True,
+                donate=(0,),
+            )
+            for style in ("gather", "one_hot")
+        }
     if op == "grad":
 
         def grad(lookup):
@@ -241,7 +328,19 @@ def _all_jax_cases(op: str, table, ids, bags, cot, target) -> dict[str, Case]:
         return {
             "jaxembed.sparse": Case(
                 step, (table + 0, opt.init(table), ids, target), carry=True, donate=(0, 1)
-            )
+            ),
+            FLOOR: Case(floor_step(lambda rows: rows), (table, ids, target)),
+        }
+    if op == "train-bag-rowwise_adagrad":
+        opt = sparse.rowwise_adagrad(LR)
+        return {
+            "jaxembed.sparse": Case(
+                sparse_bag_train_step(opt),
+                (table + 0, opt.init(table), bags, bag_target),
+                carry=True,
+                donate=(0, 1),
+            ),
+            FLOOR: Case(floor_step(lambda rows: rows.sum(1)), (table, bags, bag_target)),
         }
     raise ValueError(f"unknown op {op!r}; one of {OPS}")
 
@@ -257,60 +356,11 @@ BASELINE = {
 def _baseline(op: str) -> str:
     if op.startswith("bag-"):
         return "jnp.take+reduce"
+    if op in ("train-sparse-rowwise_adagrad", "train-bag-rowwise_adagrad"):
+        return "fbgemm TBE"
     if op.startswith("train-sparse-"):
         return "torch"
     return BASELINE[op]
-
-
-def _torch_cases(op, table_np, ids_np, bags_np, cot_np, target_np, device) -> dict[str, TorchCase]:
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return {}
-    if table_np.dtype != np.float32:
-        return {}
-    sync = torch.cuda.synchronize if device == "cuda" else None
-    w = torch.from_numpy(table_np.copy()).to(device)
-    ids = torch.from_numpy(ids_np.astype(np.int64)).to(device)
-    if op == "lookup":
-        return {"torch": TorchCase(lambda: F.embedding(ids, w), sync)}
-    if op == "lookup+max_norm":
-        return {"torch": TorchCase(lambda: F.embedding(ids, w, max_norm=1.0), sync)}
-    if op == "grad":
-        wg = w.clone().requires_grad_()
-        cot = torch.from_numpy(cot_np).to(device)
-
-        def grad():
-            wg.grad = None
-            (F.embedding(ids, wg) * cot).sum().backward()
-            return wg.grad
-
-        return {"torch": TorchCase(grad, sync)}
-    if op.startswith("bag-"):
-        bags = torch.from_numpy(bags_np.astype(np.int64)).to(device)
-        mode = op.removeprefix("bag-")
-        return {"torch": TorchCase(lambda: F.embedding_bag(bags, w, mode=mode), sync)}
-    if op.startswith("train-"):
-        name = op.removeprefix("train-sparse-")
-        torch_opt = {"sgd": "SGD", "adagrad": "Adagrad", "lazy_adam": "SparseAdam"}
-        if op == "train-dense":
-            emb, make = torch.nn.Embedding.from_pretrained(w, freeze=False), torch.optim.Adam
-        elif name in torch_opt:
-            emb = torch.nn.Embedding.from_pretrained(w, freeze=False, sparse=True)
-            make = getattr(torch.optim, torch_opt[name])
-        else:
-            return {}
-        opt = make(emb.parameters(), lr=LR)
-        target = torch.from_numpy(target_np).to(device)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            (0.5 * ((emb(ids) - target) ** 2).mean()).backward()
-            opt.step()
-
-        return {"torch": TorchCase(step, sync)}
-    return {}
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -341,7 +391,11 @@ def _peak_memory(device) -> int | None:
 
 
 def run(config: dict[str, Any], ops: list[str], progress: Callable[[str], None] | None = None):
-    """Times every implementation of every op at one configuration; returns result dicts."""
+    """Times every implementation of every op at one configuration.
+
+    Returns ``(results, copy_bandwidth, skipped)``: a dict per (op, implementation), the measured
+    copy bandwidth in bytes/s, and ``(op, baseline, why)`` for each baseline left out.
+    """
     V, D, N = config["vocab"], config["dim"], config["batch"]
     bag_size = config["bag_size"]
     dtype = DTYPES[config["dtype"]]
@@ -349,71 +403,88 @@ def run(config: dict[str, Any], ops: list[str], progress: Callable[[str], None] 
     rng = np.random.default_rng(0)
     with jax.default_device(device):
         table = jax.jit(lambda k: jax.random.normal(k, (V, D), dtype))(jax.random.key(0))
-        ids_np = rng.integers(0, V, N).astype(np.int32)
+        ids_np = make_ids(config["ids"], V, N, rng)
+        unique = len(np.unique(ids_np))
         bags_np = ids_np[: (N // bag_size) * bag_size].reshape(-1, bag_size)
         cot_np = rng.normal(size=(N, D)).astype(np.float32)
+        bag_target_np = cot_np[: bags_np.shape[0]].copy()
         ids, bags = jnp.asarray(ids_np), jnp.asarray(bags_np)
         cot, target = jnp.asarray(cot_np, dtype), jnp.asarray(cot_np)
+        bag_target = jnp.asarray(bag_target_np)
         copy_bw = _copy_bandwidth(table, config["repeat"])
         table_np = np.asarray(table) if config["torch"] else None
-        results = []
+        results, skipped = [], []
         for op in ops:
-            cases = _jax_cases(op, table, ids, bags, cot, target)
+            cases: dict[str, Any] = _jax_cases(op, table, ids, bags, cot, target, bag_target)
             if table_np is not None:
-                torch_device = "cuda" if device.platform == "gpu" else "cpu"
-                cases.update(
-                    _torch_cases(op, table_np, ids_np, bags_np, cot_np, cot_np, torch_device)
+                found, missing = _baselines.cases(
+                    op,
+                    table_np,
+                    ids_np,
+                    bags_np,
+                    cot_np,
+                    bag_target_np,
+                    "cuda" if device.platform == "gpu" else "cpu",
+                    LR,
                 )
-            nbytes = op_bytes(op, V, D, N, jnp.dtype(dtype).itemsize, bag_size)
-            times = {}
+                cases.update(found)
+                skipped += [(op, name, why) for name, why in missing.items()]
+            compile_ms = {}
             for name, case in cases.items():
                 if progress is not None:
                     progress(f"{op} / {name}")
-                compile_ms = case.compile_ms()
-                jax.block_until_ready(case())  # warm-up
-                ms = _median_ms(case, config["repeat"])
-                times[name] = ms
+                compile_ms[name] = case.compile_ms()
+                for _ in range(3):  # warm-up: the first calls fault in fresh pages
+                    jax.block_until_ready(case())
+            times = _interleaved_ms(cases, config["repeat"])
+            del cases
+            nbytes = op_bytes(op, V, D, N, jnp.dtype(dtype).itemsize, bag_size)
+            base = times.get(_baseline(op))
+            for name, ms in times.items():
                 results.append(
                     dict(
                         op=op,
                         impl=name,
                         ms=ms,
-                        compile_ms=compile_ms,
+                        compile_ms=compile_ms[name],
                         bytes=nbytes,
                         gbps=bandwidth(nbytes, ms) / 1e9,
                         fraction=bandwidth(nbytes, ms) / copy_bw,
                         peak_bytes=_peak_memory(device),
+                        vs_baseline=None if base is None else ms / base,
+                        baseline=_baseline(op) if base is not None else None,
+                        ids=config["ids"],
+                        unique_ids=unique,
                         **{k: config[k] for k in ("vocab", "dim", "batch", "dtype")},
                     )
                 )
-                del case
-            base = times.get(_baseline(op))
-            for r in results:
-                if r["op"] == op and r["vocab"] == V and r["batch"] == N and r["dim"] == D:
-                    r["vs_baseline"] = None if base is None else r["ms"] / base
-                    r["baseline"] = _baseline(op) if base is not None else None
-    return results, copy_bw
+    return results, copy_bw, skipped
 
 
 # --- output ------------------------------------------------------------------------------------
 
 
 _CAPTION = (
-    "ms: median; GB/s: the op's theoretical bytes (MB) / time; of copy: that as a share of the "
-    "measured copy bandwidth; vs base: time / the op's baseline's time"
+    "ms: the median of --repeat calls, timed in interleaved rounds. compile ms: trace, lowering "
+    "and XLA compile, apart (0 for torch). GB/s: the op's theoretical bytes (MB: what it must at "
+    "least read and write) / its time. of copy: that as a share of the copy bandwidth measured "
+    "in this run on a buffer of at least 128 MiB; past 100% the op's data stayed in cache (a "
+    "small table or batch), which the large copy cannot. vs base: time / the op's baseline's "
+    "time (its row says (base)); - where the baseline did not run."
 )
 
 
-def _table(results: list[dict], copy_bw: float, title: str):
+def _table(results: list[dict], title: str):
     from rich.table import Table
 
     t = Table(title=title, caption=_CAPTION)
-    for col in ("op", "implementation", "ms", "compile ms", "GB/s", "of copy", "vs base", "MB"):
+    columns = ("op", "implementation", "ms", "compile ms", "GB/s", "of copy", "vs base", "MB")
+    for col in columns:
         t.add_column(
             col, justify="left" if col in ("op", "implementation") else "right", no_wrap=True
         )
     for r in results:
-        ratio = "" if r.get("vs_baseline") is None else f"{r['vs_baseline']:.2f}x"
+        ratio = "-" if r.get("vs_baseline") is None else f"{r['vs_baseline']:.2f}x"
         if r["impl"] == r.get("baseline"):
             ratio += " (base)"
         t.add_row(
@@ -429,7 +500,19 @@ def _table(results: list[dict], copy_bw: float, title: str):
     return t
 
 
-def _plot(path: str, results: list[dict], key: str):
+def _colors(n: int) -> list:
+    """``n`` distinct colours (matplotlib's tab20, then evenly spaced hues past 20)."""
+    import matplotlib
+
+    if n <= 20:
+        return [matplotlib.colormaps["tab20"](k) for k in range(n)]
+    return [matplotlib.colormaps["hsv"](k / n) for k in range(n)]
+
+
+def _plot(path: str, results: list[dict], key: str | None):
+    """A PNG: with a sweep, time and share of copy bandwidth against the swept size, a line per
+    (op, implementation); without one, horizontal bars, a group per op, a colour per
+    implementation."""
     try:
         import matplotlib
 
@@ -437,25 +520,67 @@ def _plot(path: str, results: list[dict], key: str):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'jaxembed[bench]'") from None
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
-    lines = sorted({(r["op"], r["impl"]) for r in results})
-    for op, impl in lines:
+    if key is None:
+        _bars(plt, results)
+    else:
+        _lines(plt, results, key)
+    plt.gcf().suptitle(f"jaxembed-bench on {jax.devices()[0].device_kind}", y=1.02)
+    plt.gcf().savefig(path, dpi=110, bbox_inches="tight")
+    plt.close("all")
+
+
+def _group(r: dict) -> str:
+    return r["op"] + ("" if r["ids"] == "uniform" else f" [{r['ids']}]")
+
+
+def _bars(plt, results: list[dict]) -> None:
+    groups = list(dict.fromkeys(_group(r) for r in results))
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    colors = dict(zip(impls, _colors(len(impls)), strict=True))
+    height = 0.8 / max(len(impls), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 1.5 + 0.08 * len(groups) * max(len(impls), 4)))
+    for ax, value, label in (
+        (axes[0], lambda r: r["ms"], "median time (ms), log scale"),
+        (axes[1], lambda r: 100 * r["fraction"], "% of measured copy bandwidth"),
+    ):
+        for k, impl in enumerate(impls):
+            pts = [(groups.index(_group(r)), value(r)) for r in results if r["impl"] == impl]
+            ax.barh(
+                [g + (k - (len(impls) - 1) / 2) * height for g, _ in pts],
+                [v for _, v in pts],
+                height=height,
+                color=colors[impl],
+                label=impl if ax is axes[0] else None,
+            )
+        ax.set_yticks(range(len(groups)), groups, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[1].set_yticklabels([])
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="implementation")
+    fig.tight_layout()
+
+
+def _lines(plt, results: list[dict], key: str) -> None:
+    series = list(dict.fromkeys((_group(r), r["impl"]) for r in results))
+    colors = dict(zip(series, _colors(len(series)), strict=True))
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(13, 5))
+    for s in series:
         pts = sorted(
-            (r[key], r["ms"], r["fraction"]) for r in results if r["op"] == op and r["impl"] == impl
+            (r[key], r["ms"], r["fraction"]) for r in results if (_group(r), r["impl"]) == s
         )
         xs = [p[0] for p in pts]
-        ax_t.plot(xs, [p[1] for p in pts], marker="o", label=f"{op}: {impl}")
-        ax_f.plot(xs, [100 * p[2] for p in pts], marker="o", label=f"{op}: {impl}")
+        ax_t.plot(xs, [p[1] for p in pts], marker="o", color=colors[s], label=f"{s[0]}: {s[1]}")
+        ax_f.plot(xs, [100 * p[2] for p in pts], marker="o", color=colors[s])
     for ax, label in ((ax_t, "median time (ms)"), (ax_f, "% of measured copy bandwidth")):
         ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     ax_t.set_yscale("log")
-    ax_f.legend(fontsize=7, loc="best")
-    fig.suptitle(f"jaxembed-bench on {jax.devices()[0].device_kind}")
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def _parse_sweep(text: str | None) -> tuple[str | None, list[int]]:
@@ -467,31 +592,65 @@ def _parse_sweep(text: str | None) -> tuple[str | None, list[int]]:
     return key, [int(float(v)) for v in values.split(",")]
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's layout and shows every option's default."""
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="jaxembed-bench",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="jaxembed-bench", description=__doc__, formatter_class=_Formatter
     )
-    ap.add_argument("--vocab", type=int, default=100_000)
-    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=100_000, help="rows of the table (V)")
+    ap.add_argument("--dim", type=int, default=64, help="width of each row (D)")
     ap.add_argument("--batch", type=int, default=16_384, help="indices per call")
-    ap.add_argument("--bag-size", type=int, default=16, help="indices per bag for bag-*")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
+    ap.add_argument(
+        "--bag-size", type=int, default=16, help="indices per bag for bag-* and train-bag-*"
+    )
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the table's dtype")
+    ap.add_argument("--ops", default="all", help="comma-separated, from: " + ", ".join(OPS))
+    ap.add_argument(
+        "--ids",
+        default="uniform",
+        help="how ids are drawn, comma-separated to run each: uniform, zipf:ALPHA (heavy-tailed: "
+        "rank k with probability ~ 1/(k+1)**ALPHA), e.g. uniform,zipf:1.15",
+    )
     ap.add_argument("--backend", default=None, help="cpu, gpu, tpu: what jax.devices() offers")
-    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument(
+        "--repeat", type=int, default=10, help="timed calls per implementation (the median)"
+    )
     ap.add_argument("--sweep", help="vary one size: vocab=1e4,1e5,1e6 (or batch=..., dim=...)")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--plot", help="write a PNG of time and bandwidth fraction vs the sweep")
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
+    ap.add_argument(
+        "--plot",
+        help="write a PNG: time and share of copy bandwidth against the --sweep, or bars without",
+    )
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch and FBGEMM baselines")
+    ap.add_argument(
+        "--allocator",
+        default=None,
+        help="re-run under each of these allocators and report both: 'glibc', and 'tcmalloc' "
+        "or a path to a malloc library to LD_PRELOAD (comma-separated, e.g. glibc,tcmalloc)",
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops = list(OPS) if args.ops == "all" else [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
     if bad:
         ap.error(f"unknown ops {bad}; choose from {', '.join(OPS)}")
     if args.repeat < 1 or args.batch < args.bag_size or min(args.vocab, args.dim) < 1:
         ap.error("sizes and --repeat must be positive, and --batch at least --bag-size")
+    id_specs = [i.strip() for i in args.ids.split(",") if i.strip()]
+    try:
+        for spec in id_specs:
+            parse_ids(spec)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.allocator:
+        return _allocator.rerun(argv if argv is not None else sys.argv[1:], args.allocator)
     key, values = _parse_sweep(args.sweep)
     base = dict(
         vocab=args.vocab,
@@ -503,14 +662,18 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         torch=not args.no_torch,
     )
-    configs = [{**base, key: v} for v in values] if key else [base]
+    configs = [
+        {**base, **({key: v} if key else {}), "ids": spec}
+        for v in (values or [None])
+        for spec in id_specs
+    ]
 
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console(width=max(Console().width, 120))
     device = jax.devices(args.backend)[0] if args.backend else jax.devices()[0]
-    all_results, copies = [], []
+    all_results, copies, skipped = [], [], []
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("jaxembed-bench", total=len(configs) * len(ops))
         for config in configs:
@@ -523,18 +686,22 @@ def main(argv: list[str] | None = None) -> int:
                     bar.advance(task)
                 bar.update(task, description=f"{config['vocab']:,}x{config['dim']} {label}")
 
-            results, copy_bw = run(config, ops, progress)
+            results, copy_bw, missing = run(config, ops, progress)
             all_results += results
             copies.append(copy_bw)
+            skipped += [m for m in missing if m not in skipped]
+            unique = results[0]["unique_ids"] if results else 0
             console.print(
                 _table(
                     results,
-                    copy_bw,
                     f"V={config['vocab']:,} D={config['dim']} batch={config['batch']:,} "
-                    f"{config['dtype']} on {device.device_kind} ({device.platform}); measured copy "
-                    f"bandwidth {copy_bw / 1e9:.1f} GB/s",
+                    f"{config['dtype']}, {config['ids']} ids ({unique:,} unique) on "
+                    f"{device.device_kind} ({device.platform}); measured copy bandwidth "
+                    f"{copy_bw / 1e9:.1f} GB/s",
                 )
             )
+    for op, name, why in skipped:
+        console.print(f"baseline left out: {op} / {name}: {why}")
     if args.json:
         import jaxlib
 
@@ -550,14 +717,16 @@ def main(argv: list[str] | None = None) -> int:
                 jaxembed=jaxembed.__version__,
                 python=platform.python_version(),
             ),
-            config=dict(base, ops=ops, sweep=args.sweep),
+            allocator=_allocator.current(),
+            config=dict(base, ops=ops, ids=id_specs, sweep=args.sweep),
             copy_bandwidth_gbps=[c / 1e9 for c in copies],
             results=all_results,
+            skipped=[dict(op=op, impl=name, why=why) for op, name, why in skipped],
         )
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     if args.plot:
-        _plot(args.plot, all_results, key or "vocab")
+        _plot(args.plot, all_results, key)
     return 0
 
 

@@ -274,7 +274,8 @@ class Embedding(_TableModule):
                 {"weight": weight}, indices, options, self.sharding
             )
             if options.max_norm is not None:
-                self.weight.set_value(lk.params["weight"])
+                # a later read of the table (attend) must still reach the parameter's gradient
+                self.weight.set_value(_gradient.straight_through(weight, lk.params["weight"]))
             return _table.cast_output(tape.record(self.weight, rows, lk), self.dtype)
         out, new_params = _embedding.embed({"weight": weight}, indices, options, self.sharding)
         return self._finish(out, weight, new_params)

@@ -108,4 +108,4 @@ def shard_optimizer(optimizer: RowOptimizer, sharding: Any) -> RowOptimizer:
             body, in_specs, (layout.spec, specs), grad.indices, grad.values, state, table
         )
 
-    return RowOptimizer(init, update)
+    return RowOptimizer(init, update, optimizer.applies_dense)

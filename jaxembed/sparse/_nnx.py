@@ -18,7 +18,9 @@ from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -122,10 +124,14 @@ class ModelGrads(NamedTuple):
     Attributes:
       dense: ``nnx.State`` of the gradients of every ``nnx.Param`` that is not sparse.
       sparse: ``{"path/to/weight": SparseGrad}`` for each sparse table the loss looked up.
+      tables: ``{"path/to/weight": (V, D) array}``: the gradient of the reads of a sparse table
+        outside its lookups (a tied ``attend`` head, a penalty on ``weight``), for each table the
+        loss read so. The table's whole gradient is that plus its ``sparse`` entries.
     """
 
     dense: Any
     sparse: dict[str, SparseGrad]
+    tables: dict[str, jax.Array] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 def _refuse_nnx_optimizer(grads: ModelGrads):
@@ -148,12 +154,77 @@ if hasattr(nnx.graphlib, "register_pytree_node_type"):
 _DENSE = nnx.All(nnx.Param, nnx.Not(SparseParam))
 
 
+# what read each sparse table outside a lookup, as the last trace of value_and_grad found: for
+# the error of an optimizer that cannot apply the dense gradient (names only, no arrays)
+_READ_BY: dict[str, str] = {}
+
+
+def _tables_at(keys: dict[str, str]) -> Callable:
+    """An nnx filter: the sparse tables at ``keys``."""
+    return lambda path, x: isinstance(x, SparseParam) and _key(path) in keys
+
+
+def _is_zero(var: Any, eqns: dict) -> bool:
+    """Whether a jaxpr output is a constant zero (a gradient JAX knew to be zero)."""
+    if isinstance(var, jax.extend.core.Literal):
+        return not np.any(var.val)
+    eqn = eqns.get(var)
+    if eqn is not None and eqn.primitive.name in ("broadcast_in_dim", "convert_element_type"):
+        return _is_zero(eqn.invars[0], eqns)
+    return False
+
+
+def _reads_outside_lookups(graphdef: Any, state: Any, loss: Callable) -> dict[str, str]:
+    """``{table: what read it}`` for each sparse table the loss reads other than by a lookup.
+
+    A lookup reads its table outside autograd (its gradient is the rows'), so the gradient of
+    the loss w.r.t. a table that is only looked up is a constant zero in the traced program.
+    Anything else (``attend``, a penalty on ``weight``) leaves a real gradient there. This traces
+    the loss abstractly once more: compile time only.
+    """
+    table_state, rest = nnx.split_state(state, SparseParam, ...)
+    flat = list(nnx.to_flat_state(table_state))
+    if not flat:
+        return {}
+
+    def of_tables(values, rest):
+        tables = nnx.from_flat_state([(p, v.replace(values[_key(p)])) for p, v in flat])
+        return loss(nnx.merge(graphdef, tables, rest))
+
+    values = {_key(p): v.get_value() for p, v in flat}
+    grads = jax.make_jaxpr(jax.grad(of_tables))(values, rest).jaxpr
+    eqns = {v: e for e in grads.eqns for v in e.outvars}
+    out = dict(zip(sorted(values), grads.outvars, strict=True))  # a dict's leaves: sorted keys
+    forward = jax.make_jaxpr(of_tables)(values, rest).jaxpr
+    inputs = dict(zip(sorted(values), forward.invars, strict=False))
+    read = {}
+    for key, var in out.items():
+        if not _is_zero(var, eqns):
+            users = sorted(
+                {
+                    e.params.get("name", e.primitive.name)
+                    for e in forward.eqns
+                    if inputs[key] in e.invars and e.primitive.name != "stop_gradient"
+                }
+                - {"_lookup"}
+            )
+            read[key] = ", ".join(users) or "a read outside a lookup"
+    return read
+
+
 def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
     """``nnx.value_and_grad`` for a model with sparse tables, w.r.t. its first argument.
 
     Sparse tables get a :class:`~jaxembed.sparse.SparseGrad` of the rows the loss looked up,
     summed over every lookup of the call; all other ``nnx.Param`` get their ordinary gradient.
-    The loss is traced once more, abstractly (``jax.eval_shape``), to find the lookups' shapes.
+    The loss is traced abstractly twice more (compile time only): to find the lookups' shapes,
+    and to find reads of a sparse table outside its lookups.
+
+    A read outside a lookup (a tied ``attend`` head, a penalty on ``weight``, any use of the
+    table's value) is never dropped: its gradient is the table's dense ``(V, D)`` gradient, in
+    ``grads.tables``, and :class:`Optimizer` adds it to the lookups' rows, as torch's gradient
+    becomes dense in that case. That step then costs O(V), and an optimizer that cannot apply a
+    dense gradient (:func:`~jaxembed.sparse.lazy_adam`, as torch's ``SparseAdam``) raises.
 
     Args:
       fn: ``fn(model, *args, **kwargs) -> loss`` (``(loss, aux)`` with ``has_aux``), whose
@@ -182,6 +253,10 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
     def wrapper(model: Any, *args: Any, **kwargs: Any):
         graphdef, state = nnx.split(model)
 
+        def loss_of(m, probes):
+            out = _run(_Tape(m, probes), fn, m, args, kwargs)
+            return out[0] if has_aux else out
+
         # the probes' shapes only: ``discover_shapes`` is traced abstractly, never run
         found: list = []
 
@@ -194,6 +269,9 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
         jax.eval_shape(discover_shapes, state)
         probes = [jnp.zeros(s.shape, s.dtype) for s in found]
         keys: list[str] = []
+        read = _reads_outside_lookups(graphdef, state, lambda m: loss_of(m, probes))
+        _READ_BY.update(read)
+        differentiated = nnx.Any(_DENSE, _tables_at(read))
 
         def inner(model, probes):
             tape = _Tape(model, probes)
@@ -207,16 +285,32 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
             keys.extend(key for key, _ in tape.records)
             return loss, (aux, [lk for _, lk in tape.records])
 
-        grad_fn = nnx.value_and_grad(inner, argnums=(nnx.DiffState(0, _DENSE), 1), has_aux=True)
+        grad_fn = nnx.value_and_grad(
+            inner, argnums=(nnx.DiffState(0, differentiated), 1), has_aux=True
+        )
         (loss, (aux, lookups)), (dense, probe_grads) = grad_fn(model, probes)
+        tables = {
+            _key(path): g.get_value()
+            for path, g in nnx.to_flat_state(nnx.filter_state(dense, _tables_at(read)))
+        }
+        dense = nnx.filter_state(dense, _DENSE)
         per_table: dict[str, list[SparseGrad]] = {}
         for key, lk, g in zip(keys, lookups, probe_grads, strict=True):
             per_table.setdefault(key, []).append(lk.grad(g))
         sparse = {key: sum_grads(*grads) for key, grads in per_table.items()}
         value = (loss, aux) if has_aux else loss
-        return value, ModelGrads(dense, sparse)
+        return value, ModelGrads(dense, sparse, tables)
 
     return wrapper
+
+
+def _whole_gradient(rows: SparseGrad | None, table: jax.Array | None) -> SparseGrad:
+    """A table's gradient as one SparseGrad: its lookups' entries, plus every row of the dense
+    gradient of its reads outside lookups (the optimizer sums them per row)."""
+    if table is None:
+        return rows
+    everything = SparseGrad(jnp.arange(table.shape[0], dtype=jnp.int32), table)
+    return everything if rows is None else sum_grads(rows, everything)
 
 
 class Optimizer(nnx.Pytree):
@@ -296,9 +390,19 @@ class Optimizer(nnx.Pytree):
         is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
         txs = table_optimizers(model, self.sparse_tx)
         results = {}
-        for key, grad in grads.sparse.items():
+        for key in grads.tables:
+            if key in self.sparse_state and not txs[key].applies_dense:
+                raise ValueError(
+                    f"the sparse table {key!r} was read outside a lookup (by "
+                    f"{_READ_BY.get(key, 'a read outside a lookup')}), "
+                    "so its gradient is dense, which this row-wise optimizer cannot apply (as "
+                    "torch's SparseAdam refuses dense gradients). Use sgd, adagrad or "
+                    "rowwise_adagrad, or train that table densely (sparse=False)"
+                )
+        for key in set(grads.sparse) | set(grads.tables):
             if key not in self.sparse_state:
                 continue  # a table wrt leaves out
+            grad = _whole_gradient(grads.sparse.get(key), grads.tables.get(key))
             variables = self.sparse_state[key]
             state = jax.tree.map(lambda v: v.get_value(), variables, is_leaf=is_var)
             results[key] = txs[key].update(grad, state, tables[key].get_value())

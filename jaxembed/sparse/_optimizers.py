@@ -53,6 +53,10 @@ class RowOptimizer(NamedTuple):
     Attributes:
       init: ``init(table) -> state``, for a ``(V, D)`` table.
       update: ``update(grad, state, table, *, column_axis=None) -> (new_table, new_state)``.
+      applies_dense: whether a dense gradient may be given as every row's entry (a table read
+        outside its lookups has one, see :func:`jaxembed.sparse.value_and_grad`): True where
+        that equals the optimizer on the dense gradient, as for SGD and Adagrad; False for lazy
+        Adam, which then raises, as torch's ``SparseAdam`` refuses dense gradients.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -68,6 +72,7 @@ class RowOptimizer(NamedTuple):
 
     init: Callable[[ArrayLike], Any]
     update: Callable[[SparseGrad, Any, ArrayLike], tuple[jax.Array, Any]]
+    applies_dense: bool = True
 
 
 class SgdState(NamedTuple):
@@ -500,7 +505,7 @@ def lazy_adam(
         )
         return table, LazyAdamState(step, mu, nu)
 
-    return RowOptimizer(init, update)
+    return RowOptimizer(init, update, applies_dense=False)
 
 
 def sharded(optimizer: RowOptimizer, sharding: Any) -> RowOptimizer:
