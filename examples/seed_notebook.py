@@ -53,8 +53,13 @@ def main() -> None:
 
     print("\n## The same with the functional core: the renorm is an explicit state update")
     params = jaxembed.init(jax.random.key(1), 8, 4, padding_idx=2)
+    show("row norms before any lookup", jnp.linalg.norm(params["weight"], axis=-1))
     emb, params = jaxembed.embedding(params, idx, padding_idx=2, max_norm=1.0)
     show("embedding(params, [1, 3, 4])[0]", emb)
+    show("row norms of new_params after [1, 3, 4]", jnp.linalg.norm(params["weight"], axis=-1))
+    for step in ([0, 2], [7]):
+        _, params = jaxembed.embedding(params, jnp.array(step), padding_idx=2, max_norm=1.0)
+        show(f"row norms after looking up {step}", jnp.linalg.norm(params["weight"], axis=-1))
 
 
 if __name__ == "__main__":

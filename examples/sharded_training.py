@@ -1,9 +1,10 @@
 """Train a model whose embedding table is split over a mesh of devices.
 
-A click-through-rate style model: each example is a bag of item ids (one EmbeddingBag) plus a
-user id (one Embedding), and a linear head predicts a label. Both tables are split by rows over
-the mesh axis "model" (vocab parallel) and the batch over "data" (data parallel). The item table
-trains sparsely: each device updates only its own looked-up rows, in place, with row-wise Adagrad.
+A click-through-rate style model: each example is a list of item ids (one Embedding, whose rows
+are averaged) plus a user id (a bag of one, in an EmbeddingBag), and a linear head predicts a
+label. Both tables are split by rows over the mesh axis "model" (vocab parallel) and the batch
+over "data" (data parallel). The item table trains sparsely: each device updates only its own
+looked-up rows, in place, with row-wise Adagrad.
 
 On a CPU this runs on fake devices (the script asks for 8 before JAX starts)::
 

@@ -5,7 +5,7 @@ tables are ``jaxembed.Embedding`` modules with ``padding_idx=0`` (windows at the
 are padded) and ``max_norm`` (rows are renormed as they are looked up, as in torch). Training is a
 jit-compiled ``nnx.Optimizer`` + ``optax.adam`` loop with negative sampling.
 
-    python examples/train_skipgram.py                      # ~1 minute on 2 CPU cores
+    python examples/train_skipgram.py                      # ~15 s on 2 CPU cores
     python examples/train_skipgram.py --steps 20000 --dim 128 --vocab 20000
 
 At the end it prints the nearest neighbours of a few words and saves the loss curve as a PNG.
@@ -117,7 +117,12 @@ def main(argv=None) -> dict:
 
     docs, words = load_corpus(args.vocab)
     centers, contexts = make_pairs(docs, args.window)
-    print(f"corpus: {len(docs)} topics, {len(centers)} words, vocabulary {len(words)}")
+    note = ""
+    if len(words) < args.vocab:  # every distinct word fits: the table needs no more rows
+        note = (
+            f" (--vocab {args.vocab} asked; the corpus holds only {len(words) - 2} distinct words)"
+        )
+    print(f"corpus: {len(docs)} topics, {len(centers)} words, vocabulary {len(words)}{note}")
     # negatives drawn from the unigram distribution ^ 0.75, as in word2vec
     freq = np.bincount(centers, minlength=len(words)).astype(np.float64) ** 0.75
     freq[[PAD, UNK]] = 0

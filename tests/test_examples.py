@@ -27,6 +27,12 @@ def test_seed_notebook(capsys):
     norms = np.array([float(x) for x in last])
     np.testing.assert_allclose(norms[[0, 1, 3, 4, 7]], 1.0, atol=1e-4)
     assert norms[2] == 0
+    # the functional half shows the same pattern: looked-up rows over max_norm end at norm 1
+    functional = out.split("## The same with the functional core")[1]
+    blocks = functional.split("row norms after looking up [7]")
+    assert len(blocks) == 2
+    norms = np.array([float(x) for x in blocks[1].strip().split("\n\n")[0].strip("[]").split()])
+    assert np.all(norms[[0, 1, 3, 4, 7]] <= 1 + 1e-4) and norms[2] == 0
 
 
 def test_train_skipgram_tiny(tmp_path):
