@@ -29,14 +29,16 @@ from jaxembed.core import (
     embedding,
     embedding_bag,
     init,
+    pad_bags,
     renorm,
 )
-from jaxembed.modules import Embedding, EmbeddingBag, FrozenWeight
+from jaxembed.modules import Embed, Embedding, EmbeddingBag, FrozenWeight
 from jaxembed.sharding import TableSharding
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Embed",
     "Embedding",
     "EmbeddingBag",
     "FrozenWeight",
@@ -49,6 +51,7 @@ __all__ = [
     "init",
     "linen",
     "load_safetensors",
+    "pad_bags",
     "renorm",
     "safetensors_names",
     "save_safetensors",

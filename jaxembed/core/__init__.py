@@ -18,7 +18,7 @@ It may import nothing else of jaxembed. Sharding, sparse training and the Flax m
 it; a sharded table reaches the pipeline as a ``Layout``.
 """
 
-from jaxembed.core._bag import embedding_bag
+from jaxembed.core._bag import embedding_bag, pad_bags
 from jaxembed.core._embedding import embedding
 from jaxembed.core._init import default_embedding_init, init
 from jaxembed.core._options import LookupOptions, LookupStyle
@@ -31,5 +31,6 @@ __all__ = [
     "embedding",
     "embedding_bag",
     "init",
+    "pad_bags",
     "renorm",
 ]

@@ -21,7 +21,7 @@ entry receives the gradient (torch's CPU rule).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +36,12 @@ from jaxembed.core._pipeline import Lookup, new_params
 MODES = _options.MODES
 
 
-def _check_offsets(offsets: Any, num_indices: int, include_last_offset: bool) -> jax.Array:
+def _check_offsets(
+    offsets: Any, num_indices: int, include_last_offset: bool, end: Any = None
+) -> jax.Array:
+    """The offsets, checked where they are concrete; ``end`` is where the last bag ends
+    (``num_valid``, or ``len(indices)``)."""
+    end = num_indices if end is None or isinstance(end, jax.core.Tracer) else int(end)
     offsets = _index_policy.as_integer_array(offsets, "offsets")
     if offsets.ndim != 1:
         raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
@@ -54,15 +59,17 @@ def _check_offsets(offsets: Any, num_indices: int, include_last_offset: bool) ->
             raise ValueError(f"offsets[0] must be 0, got {values[0]}")
         if np.any(np.diff(values) < 0):
             raise ValueError("offsets must be non-decreasing")
-        if values[-1] > num_indices:
+        if values[-1] > end:
             raise ValueError(
-                f"offsets hold {values[-1]}, past the end of the {num_indices} indices"
+                f"offsets hold {values[-1]}, past the end of the {end} indices"
+                + ("" if end == num_indices else " num_valid counts")
             )
-        if include_last_offset and values[-1] != num_indices:
+        if include_last_offset and values[-1] != end:
             raise ValueError(
-                f"with include_last_offset=True the last offset ends the last bag and must equal "
-                f"len(indices) = {num_indices}, got {values[-1]} (torch's CPU kernel would "
-                "silently drop or keep the trailing indices)"
+                "with include_last_offset=True the last offset ends the last bag and must equal "
+                + (f"len(indices) = {end}" if end == num_indices else f"num_valid = {end}")
+                + f", got {values[-1]} (torch's CPU kernel would silently drop or keep the "
+                "trailing indices)"
             )
     return jnp.asarray(offsets, jnp.int32)
 
@@ -273,7 +280,10 @@ def _bags_jvp(mode, width, lookup, primals, tangents):
             out_dot = reduce(rows_dot)
     if psw is not None and not _is_zero(psw_dot):  # sum mode only
         rows = _index_policy.gather_rows(table, safe, lookup).astype(acc)
-        out_dot = out_dot + reduce(jnp.where(keep[:, None], rows * psw_dot.astype(acc)[:, None], 0))
+        # rows left out (padding, past num_valid) are zeroed first, so that their weights'
+        # gradient is 0 even where the row holds NaN (the sentinel's)
+        rows = jnp.where(keep[:, None], rows, 0)
+        out_dot = out_dot + reduce(rows * psw_dot.astype(acc)[:, None])
     if mode == "mean":
         out_dot = out_dot / jnp.maximum(_bag_counts(keep, starts, acc), 1)[:, None]
     return out, out_dot.astype(out.dtype)
@@ -302,14 +312,25 @@ def kept(safe: jax.Array, padding_idx: int | None) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "options", "layout"))
-def _embedding_bag(weight, indices, starts, psw, *, mode, options, layout):
-    """``indices`` 2-D with ``starts`` None, or 1-D with ``starts`` (one per bag)."""
+def _embedding_bag(weight, indices, starts, psw, num_valid, *, mode, options, layout):
+    """``indices`` 2-D with ``starts`` None, or 1-D with ``starts`` (one per bag).
+
+    ``num_valid``: with offsets, the entries from this position on are in no bag (None: all
+    count). They are sent to the sentinel row and left out of the reduction: no value, no
+    gradient, no renorm, no count.
+    """
     num_embeddings = weight.shape[0]
 
-    def body(weight, indices, starts, psw):
+    def body(weight, indices, starts, psw, num_valid):
         indices, starts, psw, width = flat_bags(indices, starts, psw)
+        valid = None
+        if num_valid is not None:
+            valid = jnp.arange(indices.shape[0], dtype=jnp.int32) < num_valid
+            indices = jnp.where(valid, indices, num_embeddings)
         lookup = Lookup.start(weight, indices, options, layout, num_embeddings)
         keep = kept(lookup.safe, options.padding_idx)
+        if valid is not None:
+            keep = keep & valid
         source = layout.bag_source(lookup, keep, starts, psw)
         weight, table, index, keep, starts, psw, style = source
         bags = _bags(weight, table, index, lookup.scale(), keep, psw, starts, mode, width, style)
@@ -317,11 +338,30 @@ def _embedding_bag(weight, indices, starts, psw, *, mode, options, layout):
 
     return layout.run(
         body,
-        (weight, indices, starts, psw),
-        ("table", "indices", "replicated", "indices"),
+        (weight, indices, starts, psw, num_valid),
+        ("table", "indices", "replicated", "indices", "replicated"),
         ("bags", "table"),
         ndim=indices.ndim,
     )
+
+
+def _check_num_valid(num_valid: Any, ndim: int, num_indices: int) -> jax.Array | None:
+    if num_valid is None:
+        return None
+    if ndim != 1:
+        raise ValueError(
+            "num_valid is for 1-D indices with offsets; 2-D bags pad with padding_idx instead"
+        )
+    num_valid = _index_policy.as_integer_array(num_valid, "num_valid")
+    if num_valid.ndim != 0:
+        raise ValueError(f"num_valid must be a scalar, got shape {tuple(num_valid.shape)}")
+    if not isinstance(num_valid, jax.core.Tracer):
+        value = int(num_valid)
+        if not 0 <= value <= num_indices:
+            raise ValueError(
+                f"num_valid must be within [0, len(indices)] = [0, {num_indices}], got {value}"
+            )
+    return jnp.asarray(num_valid, jnp.int32)
 
 
 def embed_bags(
@@ -333,6 +373,7 @@ def embed_bags(
     mode: str,
     per_sample_weights: ArrayLike | None,
     include_last_offset: bool,
+    num_valid: ArrayLike | None = None,
     sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`embedding_bag` with its options already checked (the modules' front end)."""
@@ -347,19 +388,82 @@ def embed_bags(
         raise ValueError(f"indices must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
     if per_sample_weights is not None:
         per_sample_weights = _check_per_sample_weights(per_sample_weights, mode, idx.shape)
+    num_valid = _check_num_valid(num_valid, idx.ndim, idx.shape[0] if idx.ndim else 0)
     starts = None
     if idx.ndim == 1:
-        starts = _check_offsets(offsets, idx.shape[0], include_last_offset)
+        end = idx.shape[0] if num_valid is None else num_valid
+        starts = _check_offsets(offsets, idx.shape[0], include_last_offset, end)
         if include_last_offset:
             starts = starts[:-1]
     layout = _layout.bind(sharding, weight.shape, idx.shape, offsets=idx.ndim == 1)
     bags, new_weight = _embedding_bag(
-        weight, idx, starts, per_sample_weights, mode=mode, options=options, layout=layout
+        weight,
+        idx,
+        starts,
+        per_sample_weights,
+        num_valid,
+        mode=mode,
+        options=options,
+        layout=layout,
     )
     return bags, new_params(params, new_weight)
 
 
-@_options.renamed_lookup
+def pad_bags(
+    bags: Sequence[Sequence[int]],
+    *,
+    num_bags: int | None = None,
+    capacity: int | None = None,
+    min_capacity: int = 16,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """A batch of variable-length bags as fixed-shape arrays: ``(indices, offsets, num_valid)``.
+
+    For :func:`embedding_bag` / :class:`jaxembed.EmbeddingBag` with ``num_valid``: the flat ids
+    are padded to a capacity of a power of two (or ``capacity``), so a data loader whose batches
+    vary in length compiles one program per capacity it reaches (a handful), not one per batch.
+    The padding (zeros) after ``num_valid`` is in no bag, and the table needs no padding row.
+
+    Args:
+      bags: one sequence of ids per bag (lists, NumPy arrays); a bag may be empty.
+      num_bags: pad the bags themselves to this many (the extra bags are empty, so zeros);
+        default ``len(bags)``.
+      capacity: the length of ``indices``; default the smallest power of two (and at least
+        ``min_capacity``) that holds every id.
+      min_capacity: the least default capacity.
+
+    Returns:
+      ``indices`` ``(capacity,)`` int32, ``offsets`` ``(num_bags,)`` int32 (each bag's start),
+      and ``num_valid``, the number of real ids.
+
+    Raises:
+      ValueError: ``num_bags`` below ``len(bags)``, or ``capacity`` below the number of ids.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> ids, offsets, n = jaxembed.pad_bags([[1, 2, 3], [], [4]])
+      >>> ids.shape, offsets, n
+      ((16,), array([0, 3, 3], dtype=int32), 4)
+      >>> params = {"weight": jnp.arange(10.0)[:, None]}
+      >>> jaxembed.embedding_bag(params, ids, offsets, mode="sum", num_valid=n)[0][:, 0]
+      Array([6., 0., 4.], dtype=float32)
+    """
+    lengths = [len(b) for b in bags]
+    total = sum(lengths)
+    num_bags = len(bags) if num_bags is None else int(num_bags)
+    if num_bags < len(bags):
+        raise ValueError(f"num_bags={num_bags} is below the {len(bags)} bags given")
+    if capacity is None:
+        capacity = max(int(min_capacity), 1 << max(total - 1, 0).bit_length())
+    if capacity < total:
+        raise ValueError(f"capacity={capacity} cannot hold the {total} ids")
+    indices = np.zeros(capacity, np.int32)
+    if total:
+        indices[:total] = np.concatenate([np.asarray(b, np.int64).reshape(-1) for b in bags])
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    offsets = np.concatenate([starts[:-1], np.full(num_bags - len(bags), total, np.int32)])
+    return indices, offsets.astype(np.int32), total
+
+
 def embedding_bag(
     params: Mapping[str, ArrayLike],
     indices: ArrayLike,
@@ -373,6 +477,7 @@ def embedding_bag(
     norm_type: float = 2.0,
     scale_grad_by_freq: bool = False,
     lookup_style: str = "gather",
+    num_valid: ArrayLike | None = None,
     sharding: _layout.Layout | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sums, averages or maxes bags of embeddings, with torch's ``nn.EmbeddingBag`` semantics.
@@ -396,6 +501,10 @@ def embedding_bag(
         counts are mixed; this follows torch's documented semantics instead).
       lookup_style: how rows are read: ``"gather"``, ``"one_hot"`` or ``"auto"``, as in
         :func:`jaxembed.embedding`. Same bags and gradients for every style.
+      num_valid: with offsets, how many of the indices are real (a scalar, traced or not): the
+        rest, up to the static length, are in no bag, as if they were not there, for tables with
+        or without ``padding_idx``. Feed a data loader's variable-length batches at a fixed
+        capacity this way (see :func:`jaxembed.pad_bags`); new lengths never recompile.
       sharding: a :class:`jaxembed.TableSharding`, as in :func:`jaxembed.embedding`. ``batch``
         splits the bags of 2-D indices; 1-D indices with offsets are given to every device whole
         (``batch`` must then be None). The rows are combined over ``vocab`` before the reduction,
@@ -412,7 +521,8 @@ def embedding_bag(
         offsets that define no bag for non-empty indices; eagerly, ``offsets[0] != 0``, decreasing
         offsets, offsets past the end, a last offset other than ``len(indices)`` with
         ``include_last_offset``; ``scale_grad_by_freq`` with ``mode="max"``; and the
-        configuration errors of :func:`jaxembed.embedding`.
+        configuration errors of :func:`jaxembed.embedding`; ``num_valid`` with 2-D indices, not
+        a scalar, or (concrete) outside ``[0, len(indices)]``, and offsets past it.
       TypeError: non-integer indices or offsets, non-floating ``per_sample_weights``.
       IndexError: concrete out-of-range indices. Under ``jit`` their bags come back NaN.
 
@@ -452,6 +562,7 @@ def embedding_bag(
         mode=mode,
         per_sample_weights=per_sample_weights,
         include_last_offset=include_last_offset,
+        num_valid=num_valid,
         sharding=sharding,
     )
 

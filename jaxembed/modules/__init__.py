@@ -12,6 +12,6 @@ module builds its :class:`~jaxembed.core.LookupOptions` once, at construction, a
 one value to the core on every call.
 """
 
-from jaxembed.modules._nnx import Embedding, EmbeddingBag, FrozenWeight
+from jaxembed.modules._nnx import Embed, Embedding, EmbeddingBag, FrozenWeight
 
-__all__ = ["Embedding", "EmbeddingBag", "FrozenWeight"]
+__all__ = ["Embed", "Embedding", "EmbeddingBag", "FrozenWeight"]

@@ -177,8 +177,13 @@ class EmbeddingBag(_TableModule):
         indices: ArrayLike,
         offsets: ArrayLike | None = None,
         per_sample_weights: ArrayLike | None = None,
+        num_valid: ArrayLike | None = None,
     ) -> jax.Array:
-        """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``."""
+        """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``.
+
+        ``num_valid``: with offsets, how many indices are real; the rest are in no bag (see
+        :func:`jaxembed.embedding_bag` and :func:`jaxembed.pad_bags`).
+        """
         weight = self._current_weight()
-        out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights)
+        out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights, num_valid)
         return self._finish(out, weight, new_params)

@@ -19,6 +19,20 @@ from jaxembed.sparse import _lookup as _sparse_lookup
 from jaxembed.sparse import _nnx as _sparse_nnx
 
 
+class _FlaxEmbedInit:
+    """Flax ``nnx.Embed``'s default initializer (variance scaling, fan-in, normal: a std of about
+    ``1/sqrt(features)``), with a readable repr."""
+
+    def __call__(self, key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
+        return nnx.nn.linear.default_embed_init(key, shape, dtype)
+
+    def __repr__(self) -> str:
+        return "variance_scaling(1.0, 'fan_in', 'normal', out_axis=0)"
+
+
+_flax_embed_init = _FlaxEmbedInit()
+
+
 class FrozenWeight(nnx.Variable):
     """A table that gets no gradient (torch's ``requires_grad=False``): not an ``nnx.Param``."""
 
@@ -374,8 +388,156 @@ class EmbeddingBag(_TableModule):
         indices: ArrayLike,
         offsets: ArrayLike | None = None,
         per_sample_weights: ArrayLike | None = None,
+        num_valid: ArrayLike | None = None,
     ) -> jax.Array:
-        """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``."""
+        """Returns one row per bag, ``(num_bags, embedding_dim)``, in ``dtype``.
+
+        ``num_valid``: with offsets, how many indices are real; the rest are in no bag (see
+        :func:`jaxembed.embedding_bag` and :func:`jaxembed.pad_bags`).
+        """
         weight = self.weight.get_value()
-        out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights)
+        out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights, num_valid)
         return self._finish(out, weight, new_params)
+
+
+class Embed(Embedding):
+    """A drop-in for Flax's ``nnx.Embed``, with torch's options on top.
+
+    It has ``nnx.Embed``'s constructor (``num_embeddings, features``), its parameter
+    (``embedding``, so checkpoint paths and code that reads ``.embedding`` stay as they are), its
+    default initializer (variance scaling, about N(0, 1/features); torch's N(0, 1) would make a
+    tied head's logits about ``sqrt(features)`` times larger) and its ``out_sharding`` on
+    ``__call__`` and ``attend``. A model that swaps ``nnx.Embed`` for it gives the same outputs,
+    gradients and state paths. Unlike ``nnx.Embed``, a negative or too-large index is an error
+    eagerly (and a NaN row under ``jit``, see the index policy), never a wrapped-around row.
+
+    Args:
+      num_embeddings: rows of the table.
+      features: width of each row.
+      dtype: the dtype of the outputs and of ``attend``'s computation; None keeps
+        ``param_dtype`` (as ``nnx.Embed``).
+      param_dtype: the dtype the table is stored in.
+      embedding_init: ``init(key, shape, dtype)``; Flax's ``nnx.Embed`` default.
+      padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse, lookup_style, sharding:
+        as :class:`Embedding`.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> from flax import nnx
+      >>> ours = jaxembed.Embed(10, 4, rngs=nnx.Rngs(0))
+      >>> flax = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+      >>> bool(jnp.all(ours(jnp.array([3, 7])) == flax(jnp.array([3, 7]))))
+      True
+      >>> list(nnx.state(ours)) == list(nnx.state(flax)) == ["embedding"]
+      True
+    """
+
+    @_options.renamed_lookup
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        embedding_init: Initializer = _flax_embed_init,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        lookup_style: str = "gather",
+        sharding: TableSharding | None = None,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            num_embeddings,
+            features,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=embedding_init,
+            sparse=sparse,
+            lookup_style=lookup_style,
+            sharding=sharding,
+            rngs=rngs,
+        )
+        self.features = self.embedding_dim
+
+    # the table is ``embedding``, as in nnx.Embed; ``weight`` is its other name here
+    @property
+    def weight(self) -> nnx.Variable:
+        return self.embedding
+
+    @weight.setter
+    def weight(self, variable: nnx.Variable) -> None:
+        self.embedding = variable
+
+    def __call__(self, inputs: ArrayLike, out_sharding: Any = None) -> jax.Array:
+        """The embeddings, ``inputs.shape + (features,)``; ``out_sharding`` as ``nnx.Embed``'s.
+
+        With a ``dtype`` other than the table's (and no ``max_norm``), the lookup reads the table
+        cast to ``dtype``, as ``nnx.Embed`` does, so the gradient is rounded as Flax's is. With
+        ``max_norm`` the renorm runs on the stored table, as in :class:`Embedding`.
+        """
+        weight = self.embedding.get_value()
+        cast_first = (
+            self.dtype is not None
+            and jnp.dtype(self.dtype) != weight.dtype
+            and self.config.options.max_norm is None
+            and not self.sparse
+        )
+        if cast_first:
+            out, _ = _embedding.embed(
+                {"weight": weight.astype(self.dtype)}, inputs, self.config.options, self.sharding
+            )
+        else:
+            out = super().__call__(inputs)
+        return out if out_sharding is None else jax.sharding.reshard(out, out_sharding)
+
+    def attend(self, query: ArrayLike, out_sharding: Any = None) -> jax.Array:
+        """``query @ embedding.T`` in ``dtype`` (the table's by default), as ``nnx.Embed``."""
+        dtype = self.dtype or self.embedding.get_value().dtype
+        query = jnp.asarray(query).astype(dtype)
+        table = self.embedding.get_value().astype(dtype)
+        return jnp.dot(query, table.T, out_sharding=out_sharding)
+
+    @classmethod
+    def from_flax(cls, embed: nnx.Embed, **options: Any) -> Embed:
+        """An ``Embed`` holding ``embed``'s table (copied) and dtypes, with torch's ``options``
+        (``padding_idx`` does not zero the given row).
+
+        Example:
+          >>> import jaxembed
+          >>> from flax import nnx
+          >>> ours = jaxembed.Embed.from_flax(nnx.Embed(6, 2, rngs=nnx.Rngs(0)), max_norm=1.0)
+          >>> ours.embedding.shape, ours.max_norm
+          ((6, 2), 1.0)
+        """
+        if not isinstance(embed, nnx.Embed):
+            raise TypeError(f"embed must be a flax nnx.Embed, got {type(embed).__name__}")
+        table = embed.embedding.get_value()
+        dtype = None if embed.dtype == table.dtype else embed.dtype
+        return cls._pretrained(table, freeze=False, dtype=dtype, **options)
+
+    def to_flax(self) -> nnx.Embed:
+        """An ``nnx.Embed`` holding this table (copied) and dtypes (torch's options are dropped).
+
+        Example:
+          >>> import jaxembed
+          >>> from flax import nnx
+          >>> jaxembed.Embed(6, 2, rngs=nnx.Rngs(0)).to_flax().embedding.shape
+          (6, 2)
+        """
+        table = self.embedding.get_value()
+        return nnx.Embed(
+            *table.shape,
+            dtype=self.dtype,
+            param_dtype=table.dtype,
+            embedding_init=_Pretrained(jnp.array(table)),
+            rngs=nnx.Rngs(0),
+        )

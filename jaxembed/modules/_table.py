@@ -41,7 +41,14 @@ def attend(query: jax.Array, weight: jax.Array, dtype: Any) -> jax.Array:
     return jnp.dot(query.astype(dtype), weight.astype(dtype).T)
 
 
-def bags(module: Any, weight: jax.Array, indices: Any, offsets: Any, per_sample_weights: Any):
+def bags(
+    module: Any,
+    weight: jax.Array,
+    indices: Any,
+    offsets: Any,
+    per_sample_weights: Any,
+    num_valid: Any = None,
+):
     """A bag module's call into the core: its options, mode and layout, then ``(bags, params)``."""
     return _bag.embed_bags(
         {"weight": weight},
@@ -51,5 +58,6 @@ def bags(module: Any, weight: jax.Array, indices: Any, offsets: Any, per_sample_
         mode=module.mode,
         per_sample_weights=per_sample_weights,
         include_last_offset=module.include_last_offset,
+        num_valid=num_valid,
         sharding=module.sharding,
     )

@@ -288,15 +288,18 @@ def test_bags_equal_unsharded(mesh_shape, layout_name, options):
         _check_equal(g, r, exact=False)
 
 
+@pytest.mark.parametrize("num_valid", [None, 14])
 @pytest.mark.parametrize("layout_name", ["vocab", "vocab+dim"])
-def test_offset_bags_equal_unsharded(layout_name):
+def test_offset_bags_equal_unsharded(layout_name, num_valid):
     layout = _layout((2, 4), layout_name)
     weight, ids = _table(), _ids((20,))
     offsets = jnp.array([0, 3, 3, 11])
     for mode in ("sum", "mean", "max"):
 
         def loss(p, sharding, mode=mode):
-            out, _ = jaxembed.embedding_bag(p, ids, offsets, mode=mode, sharding=sharding)
+            out, _ = jaxembed.embedding_bag(
+                p, ids, offsets, mode=mode, num_valid=num_valid, sharding=sharding
+            )
             return (out**3).sum(), out
 
         grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
