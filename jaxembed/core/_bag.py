@@ -545,14 +545,8 @@ def embedding_bag(
     mode, include_last_offset = _options.check_bag_options(
         mode, include_last_offset, scale_grad_by_freq
     )
-    weight = _validation.check_weight(params)
-    options = LookupOptions.check(
-        weight.shape[0],
-        padding_idx=padding_idx,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        scale_grad_by_freq=scale_grad_by_freq,
-        lookup_style=lookup_style,
+    options = LookupOptions.of_call(
+        params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
     )
     return embed_bags(
         params,

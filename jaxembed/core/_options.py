@@ -111,6 +111,28 @@ class LookupOptions:
             lookup_style=check_lookup_style(lookup_style),
         )
 
+    @classmethod
+    def of_call(
+        cls,
+        params: Any,
+        padding_idx: Any,
+        max_norm: Any,
+        norm_type: Any,
+        scale_grad_by_freq: Any,
+        lookup_style: Any,
+    ) -> LookupOptions:
+        """The options of a front end's call on ``params`` (the table checked first), in the
+        order every front end's signature lists them."""
+        weight = _validation.check_weight(params)
+        return cls.check(
+            weight.shape[0],
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            lookup_style=lookup_style,
+        )
+
     def check_table(self, num_embeddings: int) -> LookupOptions:
         """Raises ``ValueError`` unless these options fit a table of ``num_embeddings`` rows."""
         if self.padding_idx is not None and self.padding_idx >= num_embeddings:

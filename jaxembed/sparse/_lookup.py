@@ -185,14 +185,8 @@ def lookup(
       >>> table[:, 0]
       Array([1. , 0. , 1. , 1. , 0.5], dtype=float32)
     """
-    weight = _validation.check_weight(params)
-    options = LookupOptions.check(
-        weight.shape[0],
-        padding_idx=padding_idx,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        scale_grad_by_freq=scale_grad_by_freq,
-        lookup_style=lookup_style,
+    options = LookupOptions.of_call(
+        params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
     )
     return lookup_rows(params, indices, options, sharding)
 
