@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run: the core and bag benchmarks (torch on the same GPU), then a subset of the
-# torch-parity tests with JAX on the GPU. Writes its logs under $OUT (or ./gpu-out).
+# One prepared GPU run: the core and bag benchmarks (torch on the same GPU), a subset of the
+# torch-parity tests with JAX on the GPU, then jaxembed-bench under uniform and Zipf ids. Writes
+# its logs under $OUT (or ./gpu-out).
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -16,3 +17,7 @@ pt 150 tests/test_bag.py -k "2d or balanced"
 python3 benchmarks/bench_sparse.py --torch-device cuda --repeat 30 2>&1 | tee "$out/sparse.txt"
 python3 benchmarks/bench_sparse.py --sweep 10000,100000,1000000,4000000 --optimizers sgd,lazy_adam --repeat 30 2>&1 | tee -a "$out/sparse.txt"
 pt 200 tests/test_sparse.py tests/test_sparse_modules.py
+# jaxembed-bench on the GPU: every op under uniform and Zipf ids (the sparse steps against the
+# dense one, Zipf against uniform, lookup and bag against the copy bandwidth), JSON for the note
+python3 -m jaxembed.bench --backend gpu --vocab 1000000 --dim 128 --batch 65536 --repeat 20 \
+  --ids uniform,zipf:1.15 --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"

@@ -91,7 +91,7 @@ def test_tied_model_trains_like_torch(name, ours, theirs):
     lin = torch.nn.Linear(D, D)
     with torch.no_grad():
         emb.weight.copy_(torch.from_numpy(table0.copy()))
-        lin.weight.copy_(torch.from_numpy(kernel0.T))
+        lin.weight.copy_(torch.from_numpy(kernel0.T.copy()))
         lin.bias.copy_(torch.from_numpy(bias0))
     t_table, t_dense = theirs(emb.parameters()), torch.optim.SGD(lin.parameters(), lr=0.1)
     rng = np.random.default_rng(0)
