@@ -180,7 +180,7 @@ def _reads_outside_lookups(graphdef: Any, state: Any, loss: Callable) -> dict[st
     A lookup reads its table outside autograd (its gradient is the rows'), so the gradient of
     the loss w.r.t. a table that is only looked up is a constant zero in the traced program.
     Anything else (``attend``, a penalty on ``weight``) leaves a real gradient there. This traces
-    the loss abstractly once more: compile time only.
+    the loss's gradient abstractly once: compile time only.
     """
     table_state, rest = nnx.split_state(state, SparseParam, ...)
     flat = list(nnx.to_flat_state(table_state))
@@ -195,15 +195,15 @@ def _reads_outside_lookups(graphdef: Any, state: Any, loss: Callable) -> dict[st
     grads = jax.make_jaxpr(jax.grad(of_tables))(values, rest).jaxpr
     eqns = {v: e for e in grads.eqns for v in e.outvars}
     out = dict(zip(sorted(values), grads.outvars, strict=True))  # a dict's leaves: sorted keys
-    forward = jax.make_jaxpr(of_tables)(values, rest).jaxpr
-    inputs = dict(zip(sorted(values), forward.invars, strict=False))
+    # the traced gradient holds the forward pass too: what reads the table there names the read
+    inputs = dict(zip(sorted(values), grads.invars, strict=False))  # the tables come first
     read = {}
     for key, var in out.items():
         if not _is_zero(var, eqns):
             users = sorted(
                 {
                     e.params.get("name", e.primitive.name)
-                    for e in forward.eqns
+                    for e in grads.eqns
                     if inputs[key] in e.invars and e.primitive.name != "stop_gradient"
                 }
                 - {"_lookup"}
