@@ -5,6 +5,7 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 * :mod:`jaxembed.core`: the functional core: :func:`embedding`, :func:`embedding_bag`,
   :func:`renorm`, :func:`init`, and the one lookup pipeline under all of them;
 * :mod:`jaxembed.sparse`: sparse training of large tables (row-wise optimizers);
+* :mod:`jaxembed.collections`: many tables over jagged keyed features (TorchRec's names);
 * :mod:`jaxembed.sharding`: :class:`TableSharding`, tables split over a JAX mesh;
 * :mod:`jaxembed.modules`: the Flax modules (nnx here as :class:`Embedding` and
   :class:`EmbeddingBag`; linen as :mod:`jaxembed.linen`);
@@ -15,13 +16,20 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 
 import importlib as _importlib
 
-from jaxembed import sparse
+from jaxembed import collections, sparse
 from jaxembed._interop import (
     from_torch,
     load_safetensors,
     safetensors_names,
     save_safetensors,
     to_torch,
+)
+from jaxembed.collections import (
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    KeyedJagged,
+    embedding_bag_collection,
+    embedding_collection,
 )
 from jaxembed.core import (
     LookupStyle,
@@ -32,7 +40,14 @@ from jaxembed.core import (
     pad_bags,
     renorm,
 )
-from jaxembed.modules import Embed, Embedding, EmbeddingBag, FrozenWeight
+from jaxembed.modules import (
+    Embed,
+    Embedding,
+    EmbeddingBag,
+    EmbeddingBagCollection,
+    EmbeddingCollection,
+    FrozenWeight,
+)
 from jaxembed.sharding import TableSharding
 
 __version__ = "0.1.0"
@@ -41,12 +56,20 @@ __all__ = [
     "Embed",
     "Embedding",
     "EmbeddingBag",
+    "EmbeddingBagCollection",
+    "EmbeddingBagConfig",
+    "EmbeddingCollection",
+    "EmbeddingConfig",
     "FrozenWeight",
+    "KeyedJagged",
     "LookupStyle",
     "TableSharding",
+    "collections",
     "default_embedding_init",
     "embedding",
     "embedding_bag",
+    "embedding_bag_collection",
+    "embedding_collection",
     "from_torch",
     "init",
     "linen",

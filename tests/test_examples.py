@@ -45,3 +45,17 @@ def test_train_skipgram_tiny(tmp_path):
     assert np.mean(losses[-20:]) < np.mean(losses[:20])
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
     assert result["neighbours"]  # some query words are in a 500-word vocabulary
+
+
+def test_dlrm_tiny(tmp_path):
+    plot = tmp_path / "dlrm.png"
+    result = _load("dlrm").main(
+        ["--steps", "60", "--batch", "128", "--dim", "8", "--cap", "2000", "--eval-every", "30",
+         "--plot", str(plot)]
+    )  # fmt: skip
+    losses = result["losses"]
+    assert len(losses) == 60 and np.isfinite(losses).all()
+    assert np.mean(losses[-15:]) < np.mean(losses[:15])
+    assert [step for step, _ in result["aucs"]] == [30, 60]
+    assert all(0 <= a <= 1 for _, a in result["aucs"])
+    assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -95,10 +95,13 @@ ALLOWED = {
     "jaxembed.core": ("jaxembed.core",),
     "jaxembed.sparse": ("jaxembed.core", "jaxembed.sparse"),
     "jaxembed.sharding": ("jaxembed.core", "jaxembed.sparse", "jaxembed.sharding"),
+    "jaxembed.collections": ("jaxembed.core", "jaxembed.sparse", "jaxembed.collections"),
     "jaxembed.modules": (
         "jaxembed.core",
         "jaxembed.sparse",
         "jaxembed.sharding",
+        "jaxembed.collections",
+        "jaxembed._interop",
         "jaxembed.modules",
     ),
     "jaxembed._interop": ("jaxembed.core",),
@@ -122,7 +125,9 @@ def test_each_folder_imports_only_the_layers_below(folder):
     assert wrong == set()
 
 
-@pytest.mark.parametrize("folder", ["core", "sparse", "sharding", "modules", "bench"])
+@pytest.mark.parametrize(
+    "folder", ["core", "sparse", "sharding", "collections", "modules", "bench"]
+)
 def test_each_folder_says_what_it_owns(folder):
     doc = ast.get_docstring(ast.parse((ROOT / folder / "__init__.py").read_text()))
     assert doc

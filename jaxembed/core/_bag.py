@@ -74,8 +74,19 @@ def _check_offsets(
     return jnp.asarray(offsets, jnp.int32)
 
 
-def _bag_ids(starts: jax.Array, num_indices: int) -> jax.Array:
+def _bounds(starts: Any, n: int) -> tuple[jax.Array, jax.Array]:
+    """``(starts, ends)`` of the bags. ``starts`` is either the starts alone (each bag then ends
+    where the next starts, the last at ``n``) or a ``(starts, ends)`` pair: bags that end earlier,
+    so that the entries between (another table's, or past ``num_valid``) are read by no bag's
+    loop. Entries outside every bag must be left out by ``keep`` as well."""
+    if isinstance(starts, tuple):
+        return starts
+    return starts, jnp.concatenate([starts[1:], jnp.full((1,), n, starts.dtype)])
+
+
+def _bag_ids(starts: Any, num_indices: int) -> jax.Array:
     """The bag of each position: the last bag whose start is at or before it."""
+    starts = _bounds(starts, num_indices)[0]
     positions = jnp.arange(num_indices, dtype=starts.dtype)
     return jnp.searchsorted(starts, positions, side="right", method="sort") - 1
 
@@ -95,7 +106,7 @@ def _segment_bags(table, safe, keep, psw, starts, mode, lookup):
 
     Returns ``(bags, pos)`` as :func:`_column_bags` does.
     """
-    n, num_bags = safe.shape[0], starts.shape[0]
+    n, num_bags = safe.shape[0], _bounds(starts, 0)[0].shape[0]
     acc = _renorm.compute_dtype(table.dtype)
     rows = _index_policy.gather_rows(table, safe, lookup).astype(acc)
     bag = _bag_ids(starts, n)
@@ -117,15 +128,12 @@ def _segment_bags(table, safe, keep, psw, starts, mode, lookup):
     return total.astype(table.dtype), jnp.zeros(total.shape, jnp.int32)
 
 
-def _bag_ends(starts, n):
-    return jnp.concatenate([starts[1:], jnp.full((1,), n, starts.dtype)])
-
-
 def _bag_counts(keep, starts, dtype):
     """How many kept entries each bag holds: differences of a running count (exact, in int32)."""
     running = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(keep, dtype=jnp.int32)])
     n = keep.shape[0]
-    return (running[_bag_ends(starts, n)] - running[jnp.minimum(starts, n)]).astype(dtype)
+    starts, ends = _bounds(starts, n)
+    return (running[jnp.minimum(ends, n)] - running[jnp.minimum(starts, n)]).astype(dtype)
 
 
 def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
@@ -135,9 +143,11 @@ def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
     never exist. Returns ``(bags, pos)``; for max mode ``pos`` holds the position (in ``safe``) of
     the first maximal entry per bag and feature, -1 where a bag keeps nothing.
     """
-    n, num_bags = safe.shape[0], starts.shape[0]
+    n = safe.shape[0]
+    bounds = starts
+    starts, ends = _bounds(starts, n)
+    num_bags = starts.shape[0]
     acc = _renorm.compute_dtype(table.dtype)
-    ends = _bag_ends(starts, n)
     shape = (num_bags, table.shape[1])
 
     def column(k):
@@ -179,7 +189,7 @@ def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
     zeros = jnp.zeros_like(table, acc, shape=shape)
     total = jax.lax.fori_loop(0, width, body, zeros) if n else zeros
     if mode == "mean":
-        total = total / jnp.maximum(_bag_counts(keep, starts, acc), 1)[:, None]
+        total = total / jnp.maximum(_bag_counts(keep, bounds, acc), 1)[:, None]
     return total.astype(table.dtype), jnp.zeros(shape, jnp.int32)
 
 
@@ -221,8 +231,9 @@ def _bags_primal(table, safe, keep, psw, starts, mode, width, lookup):
             return _column_bags(table, safe, keep, psw, starts, mode, width, lookup)
         # offsets: the loop runs as long as the largest bag. Where that would gather more than
         # twice the rows there are (a few huge bags), the segment reduction is cheaper.
-        longest = jnp.max(_bag_ends(starts, safe.shape[0]) - starts, initial=0)
-        balanced = longest * starts.shape[0] <= 2 * safe.shape[0] + starts.shape[0]
+        first, ends = _bounds(starts, safe.shape[0])
+        longest = jnp.max(ends - first, initial=0)
+        balanced = longest * first.shape[0] <= 2 * safe.shape[0] + first.shape[0]
         return jax.lax.cond(
             balanced,
             lambda: _column_bags(table, safe, keep, psw, starts, mode, longest, lookup),
@@ -256,7 +267,7 @@ def _bags_jvp(mode, width, lookup, primals, tangents):
     weight_dot, psw_dot = tangents[0], tangents[5]
     out, pos = _bags_primal(table, safe, keep, psw, starts, mode, width, lookup)
     acc = _renorm.compute_dtype(table.dtype)
-    n, num_bags = safe.shape[0], starts.shape[0]
+    n, num_bags = safe.shape[0], _bounds(starts, 0)[0].shape[0]
 
     def reduce(rows):  # (n, D) -> (B, D) sums
         if width is not None:
@@ -292,6 +303,15 @@ def _bags_jvp(mode, width, lookup, primals, tangents):
 _bags.defjvp(_bags_jvp, symbolic_zeros=True)
 
 
+def pool_rows(rows, keep, starts, psw, mode: str, width: int | None = None) -> jax.Array:
+    """Bags of already looked-up ``(n, D)`` rows, differentiable in ``rows`` and ``psw``: the
+    reduction of :func:`embedding_bag` (the same values, bit for bit) for a sparse lookup, whose
+    rows' gradient becomes the table's. ``rows`` outside ``keep`` are left out."""
+    positions = jnp.arange(rows.shape[0], dtype=jnp.int32)
+    table = jax.lax.stop_gradient(rows)
+    return _bags(rows, table, positions, None, keep, psw, starts, mode, width, "gather")
+
+
 def flat_bags(indices, starts, psw):
     """``(indices, starts, psw, width)`` with the indices (and weights) flat, one start per bag.
 
@@ -322,11 +342,9 @@ def _embedding_bag(weight, indices, starts, psw, num_valid, *, mode, options, la
     num_embeddings = weight.shape[0]
 
     def body(weight, indices, starts, psw, num_valid):
-        indices, starts, psw, width = flat_bags(indices, starts, psw)
-        valid = None
-        if num_valid is not None:
-            valid = jnp.arange(indices.shape[0], dtype=jnp.int32) < num_valid
-            indices = jnp.where(valid, indices, num_embeddings)
+        indices, starts, psw, width, valid = bag_entries(
+            indices, starts, psw, num_valid, num_embeddings
+        )
         lookup = Lookup.start(weight, indices, options, layout, num_embeddings)
         keep = kept(lookup.safe, options.padding_idx)
         if valid is not None:
@@ -364,7 +382,7 @@ def _check_num_valid(num_valid: Any, ndim: int, num_indices: int) -> jax.Array |
     return jnp.asarray(num_valid, jnp.int32)
 
 
-def embed_bags(
+def prepare_bags(
     params: Mapping[str, ArrayLike],
     indices: ArrayLike,
     offsets: ArrayLike | None,
@@ -374,9 +392,9 @@ def embed_bags(
     per_sample_weights: ArrayLike | None,
     include_last_offset: bool,
     num_valid: ArrayLike | None = None,
-    sharding: _layout.Layout | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """:func:`embedding_bag` with its options already checked (the modules' front end)."""
+) -> tuple:
+    """The checks of a bag call: ``(weight, indices, starts, per_sample_weights, num_valid)``
+    (``starts`` None for 2-D indices)."""
     weight = _validation.check_weight(params)
     options.check_table(weight.shape[0])
     idx = _index_policy.prepare_indices(indices, weight.shape[0])
@@ -395,6 +413,48 @@ def embed_bags(
         starts = _check_offsets(offsets, idx.shape[0], include_last_offset, end)
         if include_last_offset:
             starts = starts[:-1]
+    return weight, idx, starts, per_sample_weights, num_valid
+
+
+def bag_entries(indices, starts, psw, num_valid, num_embeddings):
+    """The bags' entries, flat: ``(indices, starts, psw, width, valid)``. Entries past
+    ``num_valid`` go to the sentinel ``num_embeddings`` (``valid`` marks the others, or is None),
+    and the last bag then ends at ``num_valid``, so no loop reads the padding."""
+    indices, starts, psw, width = flat_bags(indices, starts, psw)
+    valid = None
+    if num_valid is not None:
+        valid = jnp.arange(indices.shape[0], dtype=jnp.int32) < num_valid
+        indices = jnp.where(valid, indices, num_embeddings)
+        if starts is not None:
+            n = indices.shape[0]
+            ends = jnp.concatenate([starts[1:], jnp.full((1,), n, starts.dtype)])
+            starts = (starts, jnp.maximum(jnp.minimum(ends, num_valid), starts))
+    return indices, starts, psw, width, valid
+
+
+def embed_bags(
+    params: Mapping[str, ArrayLike],
+    indices: ArrayLike,
+    offsets: ArrayLike | None,
+    options: LookupOptions,
+    *,
+    mode: str,
+    per_sample_weights: ArrayLike | None,
+    include_last_offset: bool,
+    num_valid: ArrayLike | None = None,
+    sharding: _layout.Layout | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`embedding_bag` with its options already checked (the modules' front end)."""
+    weight, idx, starts, per_sample_weights, num_valid = prepare_bags(
+        params,
+        indices,
+        offsets,
+        options,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=include_last_offset,
+        num_valid=num_valid,
+    )
     layout = _layout.bind(sharding, weight.shape, idx.shape, offsets=idx.ndim == 1)
     bags, new_weight = _embedding_bag(
         weight,

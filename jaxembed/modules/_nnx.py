@@ -304,7 +304,10 @@ class EmbeddingBag(_TableModule):
 
     Arguments are :class:`Embedding`'s, plus ``mode`` (``"sum"``, ``"mean"``, ``"max"``) and
     ``include_last_offset``. With ``max_norm`` the renormed rows are written back into
-    ``self.weight``.
+    ``self.weight``. With ``sparse=True``, under :func:`jaxembed.sparse.value_and_grad` the
+    table's gradient is its bags' entries (one row per id, the pooled gradient spread back), and
+    :class:`jaxembed.sparse.Optimizer` updates only those rows (torch's ``sparse=True``); it does
+    not take ``sharding`` yet.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -329,6 +332,7 @@ class EmbeddingBag(_TableModule):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         embedding_init: Initializer = default_embedding_init,
+        sparse: bool = False,
         lookup_style: str = "gather",
         sharding: TableSharding | None = None,
         rngs: nnx.Rngs,
@@ -336,6 +340,11 @@ class EmbeddingBag(_TableModule):
         self.mode, self.include_last_offset = _options.check_bag_options(
             mode, include_last_offset, scale_grad_by_freq
         )
+        if _validation.check_flag("sparse", sparse) and sharding is not None:
+            raise ValueError(
+                "EmbeddingBag(sparse=True) does not take sharding yet; use a sharded "
+                "jaxembed.Embedding(sparse=True) and pool its rows, or a dense sharded bag"
+            )
         super().__init__(
             num_embeddings,
             embedding_dim,
@@ -347,6 +356,7 @@ class EmbeddingBag(_TableModule):
             param_dtype=param_dtype,
             embedding_init=embedding_init,
             rngs=rngs,
+            sparse=sparse,
             lookup_style=lookup_style,
             sharding=sharding,
         )
@@ -358,6 +368,7 @@ class EmbeddingBag(_TableModule):
         embeddings: ArrayLike,
         *,
         freeze: bool = True,
+        sparse: bool = False,
         mode: str = "mean",
         padding_idx: int | None = None,
         max_norm: float | None = None,
@@ -372,6 +383,7 @@ class EmbeddingBag(_TableModule):
         return cls._pretrained(
             embeddings,
             freeze=freeze,
+            sparse=sparse,
             padding_idx=padding_idx,
             max_norm=max_norm,
             norm_type=norm_type,
@@ -396,6 +408,23 @@ class EmbeddingBag(_TableModule):
         :func:`jaxembed.embedding_bag` and :func:`jaxembed.pad_bags`).
         """
         weight = self.weight.get_value()
+        tape = _sparse_nnx.active_tape() if self.sparse else None
+        if tape is not None:
+            # under jaxembed.sparse.value_and_grad: the entries' rows carry the table's gradient
+            rows, lk = _sparse_lookup.lookup_bags(
+                {"weight": weight},
+                indices,
+                offsets,
+                self.config.options,
+                mode=self.mode,
+                per_sample_weights=per_sample_weights,
+                include_last_offset=self.include_last_offset,
+                num_valid=num_valid,
+            )
+            if self.config.options.max_norm is not None:
+                self.weight.set_value(_gradient.straight_through(weight, lk.params["weight"]))
+            rows = tape.record(self.weight, rows, lk.sparse)
+            return _table.cast_output(lk.pool(rows), self.dtype)
         out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights, num_valid)
         return self._finish(out, weight, new_params)
 

@@ -302,7 +302,8 @@ class TableSharding(Layout):
         positions = jnp.arange(lookup.safe.shape[0], dtype=jnp.int32)
         # the bag code's loops need every input to vary over the mesh axes the rows vary over
         keep, positions, starts, psw = (
-            None if x is None else _varying_like(x, rows) for x in (keep, positions, starts, psw)
+            jax.tree.map(lambda y: _varying_like(y, rows), x)
+            for x in (keep, positions, starts, psw)
         )
         return rows, jax.lax.stop_gradient(rows), positions, keep, starts, psw, "gather"
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed.core import _index_policy, _layout, _options, _validation
+from jaxembed.core import _bag, _index_policy, _layout, _options, _validation
 from jaxembed.core._options import LookupOptions
 from jaxembed.core._pipeline import Lookup, new_params
 
@@ -189,6 +189,120 @@ def lookup(
         params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
     )
     return lookup_rows(params, indices, options, sharding)
+
+
+@jax.tree_util.register_pytree_node_class
+class BagLookup:
+    """What :func:`lookup_bags` keeps: the update (a :class:`SparseLookup` of the bags' entries)
+    and how the looked-up rows pool into bags.
+
+    Attributes:
+      sparse: the :class:`SparseLookup` of every entry (those in no bag, and padding, dropped).
+      mode: ``"sum"``, ``"mean"`` or ``"max"``.
+    """
+
+    def __init__(self, sparse, keep, starts, per_sample_weights, mode: str, width: int | None):
+        self.sparse, self.keep, self.starts = sparse, keep, starts
+        self.per_sample_weights, self.mode, self.width = per_sample_weights, mode, width
+
+    def tree_flatten(self):
+        children = (self.sparse, self.keep, self.starts, self.per_sample_weights)
+        return children, (self.mode, self.width)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def params(self) -> dict[str, jax.Array]:
+        """The params to apply the update to (renormed with ``max_norm``)."""
+        return self.sparse.params
+
+    def pool(self, rows: ArrayLike, per_sample_weights: ArrayLike | None = None) -> jax.Array:
+        """The ``(B, D)`` bags of the looked-up ``rows``, differentiable in ``rows`` (and in
+        ``per_sample_weights``, default the ones given to :func:`lookup_bags`)."""
+        psw = self.per_sample_weights if per_sample_weights is None else per_sample_weights
+        if psw is not None:
+            psw = jnp.asarray(psw).reshape(-1)
+        return _pool(jnp.asarray(rows), self.keep, self.starts, psw, self.mode, self.width)
+
+    def grad(self, row_grads: ArrayLike) -> SparseGrad:
+        """The table's :class:`SparseGrad` from the gradient of the loss w.r.t. the rows."""
+        return self.sparse.grad(row_grads)
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "width"))
+def _pool(rows, keep, starts, psw, mode, width):
+    return _bag.pool_rows(rows, keep, starts, psw, mode, width)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _lookup_bags(weight, indices, starts, psw, num_valid, *, options):
+    num_embeddings = weight.shape[0]
+    indices, starts, psw, _, valid = _bag.bag_entries(
+        indices, starts, psw, num_valid, num_embeddings
+    )
+    lookup = Lookup.start(
+        jax.lax.stop_gradient(weight), indices, options, _layout.LOCAL, num_embeddings
+    )
+    rows = lookup.rows(gradient=False)
+    keep = _bag.kept(lookup.safe, options.padding_idx)
+    if valid is not None:
+        keep = keep & valid
+    dropped = jnp.where(keep, lookup.safe, num_embeddings)
+    return rows, lookup.new_weight, dropped, lookup.scale(padding=False), keep, starts, psw
+
+
+def lookup_bags(
+    params: Mapping[str, ArrayLike],
+    indices: ArrayLike,
+    offsets: ArrayLike | None,
+    options: LookupOptions,
+    *,
+    mode: str,
+    per_sample_weights: ArrayLike | None = None,
+    include_last_offset: bool = False,
+    num_valid: ArrayLike | None = None,
+) -> tuple[jax.Array, BagLookup]:
+    """A bag lookup for sparse training (``EmbeddingBag(sparse=True)``): every entry's row, and
+    how to pool them and update the table.
+
+    The pattern of :func:`lookup`, with the bag reduction between::
+
+        rows, lk = lookup_bags(params, ids, offsets, options, mode="sum")
+        loss, row_grads = jax.value_and_grad(lambda r: loss_fn(lk.pool(r)))(rows)
+        table, state = opt.update(lk.grad(row_grads), state, lk.params["weight"])
+
+    ``lk.pool(rows)`` equals :func:`jaxembed.embedding_bag`'s bags bit for bit. Entries in no bag
+    (padding, past ``num_valid``) get no update; ``scale_grad_by_freq`` divides by the count.
+
+    Args:
+      params, indices, offsets, mode, per_sample_weights, include_last_offset, num_valid: as
+        :func:`jaxembed.embedding_bag`.
+      options: the table's checked :class:`~jaxembed.core.LookupOptions`.
+
+    Returns:
+      ``(rows, bag_lookup)``: ``rows`` is ``(n, D)``, one per entry of the flat indices.
+
+    Raises:
+      As :func:`jaxembed.embedding_bag`.
+    """
+    weight, idx, starts, psw, num_valid = _bag.prepare_bags(
+        params,
+        indices,
+        offsets,
+        options,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=include_last_offset,
+        num_valid=num_valid,
+    )
+    width = idx.shape[1] if idx.ndim == 2 else None
+    rows, new_weight, dropped, scale, keep, starts, psw = _lookup_bags(
+        weight, idx, starts, psw, num_valid, options=options
+    )
+    sparse = SparseLookup(dict(new_params(params, new_weight)), dropped, scale)
+    return rows, BagLookup(sparse, keep, starts, psw, mode, width)
 
 
 def sum_grads(*grads: SparseGrad) -> SparseGrad:

@@ -54,15 +54,22 @@ def sparse_tables(model: Any, wrt: Any = nnx.Param) -> dict[str, SparseParam]:
 def table_optimizers(model: Any, sparse_tx: RowOptimizer) -> dict[str, RowOptimizer]:
     """``sparse_tx`` for each sparse table, as its module's layout (its ``sharding`` attribute)
     wants it: on a :class:`jaxembed.TableSharding`, wrapped by :func:`~jaxembed.sparse.sharded`,
-    so each device updates its own rows."""
-    layouts = {}
+    so each device updates its own rows. A module with a ``row_optimizers(sparse_tx)`` method
+    (a collection, whose stacked tables have per-table learning rates) gives its own."""
+    layouts, own = {}, {}
     for _, node in nnx.iter_graph(model):
         layout = getattr(node, "sharding", None)
         weight = getattr(node, "weight", None)
         if isinstance(layout, Layout) and isinstance(weight, SparseParam):
             layouts[id(weight)] = layout
+        if isinstance(node, nnx.Module) and callable(getattr(node, "row_optimizers", None)):
+            own.update(node.row_optimizers(sparse_tx))  # a collection's per-table rates
     return {
-        key: layouts[id(var)].rowwise(sparse_tx) if id(var) in layouts else sparse_tx
+        key: own[id(var)]
+        if id(var) in own
+        else layouts[id(var)].rowwise(sparse_tx)
+        if id(var) in layouts
+        else sparse_tx
         for key, var in sparse_tables(model).items()
     }
 

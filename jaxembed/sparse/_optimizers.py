@@ -47,8 +47,11 @@ class RowOptimizer(NamedTuple):
     reading and writing only the rows present in ``grad``. Donate the table and the state to the
     jitted step, and XLA updates them in place. ``column_axis`` is given by
     :func:`jaxembed.sparse.sharded` when the table's columns are split over a mesh axis; an
-    optimizer with a row-wise statistic sums it over that axis (:func:`row_mean`). Write your
-    own as ``RowOptimizer(init, update)``.
+    optimizer with a row-wise statistic sums it over that axis (:func:`row_mean`). The built-in
+    optimizers also take ``lr_scale``: a function of the ``(n,)`` rows being updated that returns
+    each row's factor on the learning rate (a collection's per-table ``lr_scale`` over its stacked
+    table); without it every row has the same rate. Write your own as
+    ``RowOptimizer(init, update)``.
 
     Attributes:
       init: ``init(table) -> state``, for a ``(V, D)`` table.
@@ -182,6 +185,14 @@ def _prepare(grad: SparseGrad, table: ArrayLike):
     return table, rows, values
 
 
+def _per_row(rate: jax.Array, r: jax.Array, lr_scale: Callable | None, dtype: Any) -> jax.Array:
+    """The learning rate of each of the rows ``r``: ``rate`` itself unless ``lr_scale`` (a
+    function of the rows, see :class:`RowOptimizer`) scales it row by row."""
+    if lr_scale is None:
+        return rate
+    return rate * jnp.asarray(lr_scale(r), dtype)
+
+
 def _sign(maximize: bool) -> float:
     return -1.0 if maximize else 1.0
 
@@ -249,7 +260,9 @@ def sgd(
         buf = _zeros_like_table(table) if momentum else None
         return SgdState(jnp.zeros((), jnp.int32), buf)
 
-    def update(grad: SparseGrad, state: SgdState, table: ArrayLike, *, column_axis=None):
+    def update(
+        grad: SparseGrad, state: SgdState, table: ArrayLike, *, column_axis=None, lr_scale=None
+    ):
         table, rows, values = _prepare(grad, table)
         lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
         if maximize:
@@ -259,12 +272,18 @@ def sgd(
             def rows_update(table, r, g):
                 # ``w + g * -lr`` in one expression, as optax's dense update is compiled (XLA
                 # contracts it to a fused multiply-add), so the two agree bit for bit
+                rate = lr if lr_scale is None else _per_row(lr, r, lr_scale, lr.dtype)[:, None]
                 return _sparse_update.write_rows(
-                    table, r, _sparse_update.read_rows(table, r) + g * -lr
+                    table, r, _sparse_update.read_rows(table, r) + g * -rate
                 )
 
             table = _sparse_update.apply_rows(rows_update, rows, values, table)
             return table, state._replace(count=state.count + 1)
+        if lr_scale is not None:
+            raise ValueError(
+                "lr_scale (a per-table learning rate) is not supported with momentum: the "
+                "momentum buffer moves every row each step"
+            )
         # torch: the first step's buffer is the gradient itself, later ones decay and add
         damp = jnp.where(state.count == 0, 1.0, 1.0 - dampening).astype(table.dtype)
         buf = _sparse_update.add_rows(state.momentum * momentum, rows, values * damp)
@@ -329,7 +348,9 @@ def adagrad(
             jnp.zeros((), jnp.int32), _zeros_like_table(table, initial_accumulator_value)
         )
 
-    def update(grad: SparseGrad, state: AdagradState, table: ArrayLike, *, column_axis=None):
+    def update(
+        grad: SparseGrad, state: AdagradState, table: ArrayLike, *, column_axis=None, lr_scale=None
+    ):
         table, rows, values = _prepare(grad, table)
         count = state.count.astype(_scalar_dtype(table))
         clr = _rate(learning_rate, state.count, count.dtype) / (1.0 + count * lr_decay)
@@ -341,7 +362,9 @@ def adagrad(
             acc = _sparse_update.read_rows(acc_table, r) + g * g
             std = jnp.sqrt(acc) + eps
             return (
-                _sparse_update.add_rows(table, r, g / std * -clr),
+                _sparse_update.add_rows(
+                    table, r, g / std * -_per_row(clr, r, lr_scale, clr.dtype)[..., None]
+                ),
                 _sparse_update.write_rows(acc_table, r, acc),
             )
 
@@ -403,7 +426,14 @@ def rowwise_adagrad(
         acc = jnp.full(table.shape[:1], initial_accumulator_value, _scalar_dtype(table))
         return RowwiseAdagradState(jnp.zeros((), jnp.int32), acc)
 
-    def update(grad: SparseGrad, state: RowwiseAdagradState, table: ArrayLike, *, column_axis=None):
+    def update(
+        grad: SparseGrad,
+        state: RowwiseAdagradState,
+        table: ArrayLike,
+        *,
+        column_axis=None,
+        lr_scale=None,
+    ):
         table, rows, values = _prepare(grad, table)
         cdt = _scalar_dtype(table)
         lr = _rate(learning_rate, state.count, cdt)
@@ -416,7 +446,7 @@ def rowwise_adagrad(
             acc = _sparse_update.read_rows(acc_table, r) + _sparse_update.row_mean(
                 g * g, column_axis
             )
-            multiplier = lr / (jnp.sqrt(acc) + eps)
+            multiplier = _per_row(lr, r, lr_scale, cdt) / (jnp.sqrt(acc) + eps)
             return (
                 _sparse_update.add_rows(table, r, g * -multiplier[:, None]),
                 _sparse_update.write_rows(acc_table, r, acc),
@@ -479,7 +509,9 @@ def lazy_adam(
             jnp.zeros((), jnp.int32), _zeros_like_table(table), _zeros_like_table(table)
         )
 
-    def update(grad: SparseGrad, state: LazyAdamState, table: ArrayLike, *, column_axis=None):
+    def update(
+        grad: SparseGrad, state: LazyAdamState, table: ArrayLike, *, column_axis=None, lr_scale=None
+    ):
         table, rows, values = _prepare(grad, table)
         step = state.count + 1
         t = step.astype(_scalar_dtype(table))
@@ -495,7 +527,13 @@ def lazy_adam(
             mu = mu_old + (g - mu_old) * (1 - b1)
             nu = nu_old + (g * g - nu_old) * (1 - b2)
             return (
-                _sparse_update.add_rows(table, r, mu / (jnp.sqrt(nu) + eps) * -step_size),
+                _sparse_update.add_rows(
+                    table,
+                    r,
+                    mu
+                    / (jnp.sqrt(nu) + eps)
+                    * -_per_row(step_size, r, lr_scale, step_size.dtype)[..., None],
+                ),
                 _sparse_update.write_rows(mu_table, r, mu),
                 _sparse_update.write_rows(nu_table, r, nu),
             )

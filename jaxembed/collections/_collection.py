@@ -1,0 +1,607 @@
+"""The functional collections: many tables looked up from one :class:`KeyedJagged`, per stack.
+
+Each stack (see :mod:`jaxembed.collections._config`) runs the core's one lookup pipeline once:
+
+1. its features' ids are taken from the jagged values (compacted, in order, when the stack does
+   not serve every feature) and moved to their table's row offset; an id outside its own table
+   goes to the stack's sentinel (a NaN row under ``jit``, never a neighbouring table's row), and
+   a table's ``padding_idx`` entries and the padding past ``sum(lengths)`` are kept out of every
+   bag;
+2. :meth:`~jaxembed.core._pipeline.Lookup.start` renorms (``max_norm``) and counts
+   (``scale_grad_by_freq``) over the whole stack: counts are per row, so per table;
+3. the core's bag reduction pools every (feature, sample) bag of the stack at once, each bag
+   ending at its own end, and its custom gradient is one scatter into the stacked table.
+
+So a stacked collection gives exactly the bags, gradients and renormed rows of separate tables,
+one torch ``nn.EmbeddingBag`` call per table over all the bags of its features.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Plan, Stack
+from jaxembed.collections._jagged import KeyedJagged
+from jaxembed.core import _bag, _gradient, _layout, _validation
+from jaxembed.core._pipeline import Lookup
+from jaxembed.sparse._lookup import SparseGrad, SparseLookup
+from jaxembed.sparse._optimizers import RowOptimizer
+
+Params = dict[str, dict[str, jax.Array]]
+
+
+# -- params ---------------------------------------------------------------------------------------
+
+
+def init(key: ArrayLike, tables: Any, *, stack: bool = True) -> Params:
+    """A collection's initial params: ``{stack name: {"weight": (rows of its tables, D)}}``.
+
+    Each table is drawn with its own ``init`` and key (``fold_in(key, table's position)``), and
+    its ``padding_idx`` row zeroed, so stacked and unstacked collections start from the same
+    tables.
+
+    Args:
+      key: a PRNG key.
+      tables: the :class:`EmbeddingBagConfig` (or :class:`EmbeddingConfig`) of every table.
+      stack: stack the tables that can share a physical table (default); False: one per table.
+
+    Returns:
+      The params; :func:`tables_of` gives the per-table view.
+
+    Example:
+      >>> import jax, jaxembed
+      >>> tables = [jaxembed.EmbeddingBagConfig(f"t{i}", 4, 10 * (i + 1), [f"f{i}"])
+      ...           for i in range(3)]
+      >>> {k: v["weight"].shape for k, v in jaxembed.collections.init(jax.random.key(0),
+      ...                                                               tables).items()}
+      {'t0+t1+t2': (60, 4)}
+    """
+    plan = _plan(tables, stack)
+    weights = {}
+    for i, t in enumerate(plan.tables):
+        w = t.init(jax.random.fold_in(key, i), (t.num_embeddings, t.embedding_dim), t.param_dtype)
+        w = jnp.asarray(w, t.param_dtype)
+        if w.shape != (t.num_embeddings, t.embedding_dim):
+            raise ValueError(f"table {t.name!r}: init returned shape {w.shape}")
+        if t.padding_idx is not None:
+            w = w.at[t.padding_idx].set(0)
+        weights[t.name] = w
+    return stack_tables(weights, plan)
+
+
+def _plan(tables: Any, stack: bool = True) -> Plan:
+    if isinstance(tables, Plan):
+        return tables
+    first = next(iter(tables)) if not isinstance(tables, EmbeddingConfig) else tables
+    kind = EmbeddingBagConfig if isinstance(first, EmbeddingBagConfig) else EmbeddingConfig
+    return Plan.of(tables, kind, stack=stack)
+
+
+def stack_tables(weights: Mapping[str, ArrayLike], tables: Any, *, stack: bool = True) -> Params:
+    """The params of a collection from one ``(num_embeddings, D)`` array per table name.
+
+    Raises:
+      KeyError: a table missing; ValueError: a table of the wrong shape or dtype.
+    """
+    plan = _plan(tables, stack)
+    unknown = set(weights) - {t.name for t in plan.tables}
+    if unknown:
+        raise KeyError(f"no table named {sorted(unknown)} in this collection")
+    params = {}
+    for s in plan.stacks:
+        parts = []
+        for t in s.tables:
+            if t.name not in weights:
+                raise KeyError(f"no weight given for table {t.name!r}")
+            w = _validation.check_table(f"weights[{t.name!r}]", jnp.asarray(weights[t.name]))
+            if w.shape != (t.num_embeddings, t.embedding_dim):
+                raise ValueError(
+                    f"weights[{t.name!r}] has shape {tuple(w.shape)}, the table is "
+                    f"({t.num_embeddings}, {t.embedding_dim})"
+                )
+            parts.append(w.astype(t.param_dtype))
+        params[s.name] = {"weight": parts[0] if len(parts) == 1 else jnp.concatenate(parts)}
+    return params
+
+
+def tables_of(params: Mapping[str, Any], tables: Any, *, stack: bool = True) -> dict:
+    """The per-table view ``{table name: (num_embeddings, D)}`` of a collection's params."""
+    plan = _plan(tables, stack)
+    _check_params(params, plan)
+    out = {}
+    for s in plan.stacks:
+        w = params[s.name]["weight"]
+        for t, off in zip(s.tables, s.offsets, strict=True):
+            out[t.name] = w[off : off + t.num_embeddings]
+    return out
+
+
+def _check_params(params: Mapping[str, Any], plan: Plan) -> tuple[jax.Array, ...]:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of stack name to table, got {type(params)}")
+    expected = [s.name for s in plan.stacks]
+    if set(params) != set(expected):
+        raise ValueError(
+            f"params hold the stacks {sorted(params)}, the tables stack as {expected} "
+            "(build params with jaxembed.collections.init or stack_tables for these tables)"
+        )
+    weights = []
+    for s in plan.stacks:
+        w = _validation.check_weight(params[s.name])
+        if w.shape != (s.num_embeddings, s.embedding_dim):
+            raise ValueError(
+                f"params[{s.name!r}] has shape {tuple(w.shape)}, expected "
+                f"({s.num_embeddings}, {s.embedding_dim})"
+            )
+        weights.append(w)
+    return tuple(weights)
+
+
+# -- the features ---------------------------------------------------------------------------------
+
+
+def _check_features(features: Any, plan: Plan, pooled: bool) -> KeyedJagged:
+    """The features against the tables; concrete ids are range-checked per feature."""
+    if not isinstance(features, KeyedJagged):
+        raise TypeError(f"features must be a jaxembed.KeyedJagged, got {type(features).__name__}")
+    known = set(plan.feature_names)
+    unknown = [k for k in features.keys if k not in known]
+    if unknown:
+        raise ValueError(
+            f"features hold keys {unknown} that no table looks up (the tables' features: "
+            f"{list(plan.feature_names)})"
+        )
+    missing = [f for f in plan.feature_names if f not in features.keys]
+    if missing:
+        raise ValueError(f"features lack {missing}, which the tables look up")
+    if features.weights is not None:
+        bad = [t.name for t in plan.tables if not pooled or t.pooling != "sum"]
+        if bad:
+            raise ValueError(
+                f"features carry weights, which only sum-pooled bags take; tables {bad} are not"
+            )
+    if not isinstance(features.values, jax.core.Tracer) and not isinstance(
+        features.lengths, jax.core.Tracer
+    ):
+        values = np.asarray(features.values)
+        ends = np.cumsum(np.asarray(features.lengths).reshape(len(features.keys), -1).sum(1))
+        for f, key in enumerate(features.keys):
+            ids = values[(ends[f - 1] if f else 0) : ends[f]]
+            t = plan.table_of(key)
+            bad = (ids < 0) | (ids >= t.num_embeddings)
+            if bad.any():
+                raise IndexError(
+                    f"feature {key!r} holds {ids[bad][0]}, out of range for table {t.name!r} "
+                    f"of {t.num_embeddings} rows (valid: 0 <= id < {t.num_embeddings})"
+                )
+    return features
+
+
+class _StackIds(NamedTuple):
+    """One stack's share of the features, ready for the pipeline."""
+
+    ids: jax.Array  # (C,) stacked rows; out of range, and outside the stack: the sentinel
+    keep: jax.Array  # (C,) entries in a bag: in the stack, not padding, before the end
+    starts: jax.Array  # (F_s * B,) each bag's start in ``ids``
+    ends: jax.Array  # (F_s * B,) each bag's end
+    weights: jax.Array | None  # (C,) per-id weights, or None
+    features: tuple[int, ...]  # the positions in ``keys`` of the stack's features (static)
+
+
+def _stack_ids(stack: Stack, keys: tuple[str, ...], features: KeyedJagged, feat) -> _StackIds:
+    num_features, capacity = len(keys), features.capacity
+    position = dict(stack.features)
+    js = tuple(j for j, k in enumerate(keys) if k in position)
+    offset = np.full(num_features + 1, -1, np.int32)
+    rows = np.zeros(num_features + 1, np.int32)
+    pad = np.full(num_features + 1, -1, np.int32)
+    for j in js:
+        i = position[keys[j]]
+        t = stack.tables[i]
+        offset[j], rows[j] = stack.offsets[i], t.num_embeddings
+        pad[j] = -1 if t.padding_idx is None else t.padding_idx
+    values, weights = features.values, features.weights
+    if len(js) < num_features:  # the stack's features, compacted (they stay in order)
+        (order,) = jnp.nonzero(jnp.asarray(offset >= 0)[feat], size=capacity, fill_value=capacity)
+        values = jnp.take(values, order, mode="fill", fill_value=0)
+        feat = jnp.take(feat, order, mode="fill", fill_value=num_features)
+        if weights is not None:
+            weights = jnp.take(weights, order, mode="fill", fill_value=0)
+    off, size, padding = (jnp.asarray(a)[feat] for a in (offset, rows, pad))
+    valid = off >= 0
+    in_range = (values >= 0) & (values < size)
+    sentinel = stack.num_embeddings
+    ids = jnp.where(valid & in_range, values + off, sentinel).astype(jnp.int32)
+    keep = valid & ~((padding >= 0) & (values == padding))
+    lengths = features.lengths.reshape(num_features, -1)[np.asarray(js)].reshape(-1)
+    ends = jnp.cumsum(lengths, dtype=jnp.int32)
+    return _StackIds(ids, keep, ends - lengths, ends, weights, js)
+
+
+def _feature_of(features: KeyedJagged) -> jax.Array:
+    """The feature of each position of ``values`` (``len(keys)`` past ``sum(lengths)``)."""
+    ends = jnp.cumsum(features.length_per_key(), dtype=jnp.int32)
+    positions = jnp.arange(features.capacity, dtype=jnp.int32)
+    return jnp.searchsorted(ends, positions, side="right", method="sort").astype(jnp.int32)
+
+
+def _split(out: jax.Array, keys: tuple[str, ...], js: tuple[int, ...]) -> dict[str, jax.Array]:
+    per = out.reshape(len(js), -1, out.shape[-1])
+    return {keys[j]: per[i] for i, j in enumerate(js)}
+
+
+# -- pooled collections ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _bag_collection(weights, features, *, plan):
+    feat = _feature_of(features)
+    pooled, new = {}, []
+    for stack, weight in zip(plan.stacks, weights, strict=True):
+        s = _stack_ids(stack, features.keys, features, feat)
+        lookup = Lookup.start(weight, s.ids, stack.options, _layout.LOCAL, stack.num_embeddings)
+        w, table, index, keep, _, psw, style = _layout.LOCAL.bag_source(
+            lookup, s.keep, None, s.weights
+        )
+        bags = _bag._bags(
+            w, table, index, lookup.scale(), keep, psw, (s.starts, s.ends), stack.pooling, None,
+            style,
+        )  # fmt: skip
+        pooled.update(_split(bags, features.keys, s.features))
+        new.append(lookup.new_weight)
+    return pooled, new
+
+
+def _new_params(params, plan, new):
+    if all(w is None for w in new):
+        return params
+    out = dict(params)
+    for s, w in zip(plan.stacks, new, strict=True):
+        if w is not None:
+            out[s.name] = {**params[s.name], "weight": jax.lax.stop_gradient(w)}
+    return out
+
+
+def embedding_bag_collection(
+    params: Mapping[str, Any], features: KeyedJagged, tables: Any, *, stack: bool = True
+) -> tuple[dict[str, jax.Array], Params]:
+    """Pools every feature's bags in its table: TorchRec's ``EmbeddingBagCollection`` forward.
+
+    Args:
+      params: the collection's params (:func:`init`, :func:`stack_tables`): one table per stack.
+      features: a :class:`~jaxembed.KeyedJagged` holding exactly the tables' features (any
+        order); with ``weights``, every table must pool by sum.
+      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table.
+      stack: how ``params`` were built (stacked, the default, or one table each).
+
+    Returns:
+      ``(pooled, new_params)``: ``pooled[feature]`` is ``(B, embedding_dim)`` in the table's
+      dtype (empty and all-padding bags are zeros); ``new_params`` holds the renormed stacks
+      where a table has ``max_norm``, else is ``params``. :func:`concat_pooled` gives the
+      ``(B, sum of D)`` matrix. Differentiable w.r.t. ``params`` (torch's table gradient) and
+      ``features.weights``.
+
+    Raises:
+      TypeError: ``features`` is not a ``KeyedJagged``; bad ``params``.
+      ValueError: a key no table looks up, a table feature missing, weights with a table that
+        does not pool by sum, params that do not match the tables.
+      IndexError: (concrete ids) an id outside its feature's table. Under ``jit`` the bag holding
+        it is NaN.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxembed
+      >>> ones = jax.nn.initializers.ones
+      >>> tables = [jaxembed.EmbeddingBagConfig("t", 2, 4, ["a", "b"], init=ones)]
+      >>> params = jaxembed.collections.init(jax.random.key(0), tables)
+      >>> kj = jaxembed.KeyedJagged.from_lists({"a": [[1, 2], []], "b": [[3], [0, 0, 1]]})
+      >>> pooled, _ = jaxembed.embedding_bag_collection(params, kj, tables)
+      >>> pooled["a"][:, 0], pooled["b"][:, 0]
+      (Array([2., 0.], dtype=float32), Array([1., 3.], dtype=float32))
+    """
+    plan = _plan(tables, stack)
+    if plan.tables[0].pooling is None:
+        raise TypeError("embedding_bag_collection takes EmbeddingBagConfigs")
+    weights = _check_params(params, plan)
+    features = _check_features(features, plan, pooled=True)
+    pooled, new = _bag_collection(weights, features, plan=plan)
+    return pooled, _new_params(params, plan, new)
+
+
+def concat_pooled(pooled: Mapping[str, jax.Array], tables: Any) -> jax.Array:
+    """The pooled features side by side, ``(B, sum of D)``, in the tables' feature order
+    (TorchRec's ``KeyedTensor.values()``)."""
+    plan = _plan(tables)
+    return jnp.concatenate([pooled[f] for f in plan.feature_names], axis=1)
+
+
+# -- sequence (unpooled) collections --------------------------------------------------------------
+
+
+class Jagged(NamedTuple):
+    """One feature's looked-up rows, jagged over the batch (TorchRec's ``JaggedTensor``).
+
+    Attributes:
+      values: ``(capacity, D)``: the feature's rows, sample after sample, then zeros.
+      lengths: ``(B,)`` rows per sample.
+    """
+
+    values: jax.Array
+    lengths: jax.Array
+
+    def offsets(self) -> jax.Array:
+        """``(B + 1,)`` where each sample's rows start, then the end."""
+        return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(self.lengths)])
+
+    def to_padded(self, max_length: int) -> jax.Array:
+        """``(B, max_length, D)``, each sample's first ``max_length`` rows, zeros after."""
+        starts = self.offsets()[:-1]
+        k = jnp.arange(max_length, dtype=jnp.int32)
+        at = starts[:, None] + k[None, :]
+        rows = jnp.take(self.values, at, axis=0, mode="fill", fill_value=0)
+        return jnp.where((k[None, :] < self.lengths[:, None])[..., None], rows, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _sequence_collection(weights, features, *, plan):
+    feat = _feature_of(features)
+    out, new = {}, []
+    capacity = features.capacity
+    k = jnp.arange(capacity, dtype=jnp.int32)
+    for stack, weight in zip(plan.stacks, weights, strict=True):
+        s = _stack_ids(stack, features.keys, features, feat)
+        lookup = Lookup.start(weight, s.ids, stack.options, _layout.LOCAL, stack.num_embeddings)
+        rows = lookup.rows(gradient=False)
+        scale = lookup.scale()
+        keep = s.keep.astype(rows.dtype)
+        scale = keep if scale is None else scale * keep
+        rows = _gradient.with_table_gradient(rows, lookup.weight, lookup.local, scale)
+        lengths = features.lengths.reshape(len(features.keys), -1)
+        starts = s.starts.reshape(len(s.features), -1)[:, 0]
+        for i, j in enumerate(s.features):
+            total = jnp.sum(lengths[j])
+            values = jnp.take(rows, starts[i] + k, axis=0, mode="fill", fill_value=0)
+            out[features.keys[j]] = Jagged(jnp.where((k < total)[:, None], values, 0), lengths[j])
+        new.append(lookup.new_weight)
+    return out, new
+
+
+def embedding_collection(
+    params: Mapping[str, Any], features: KeyedJagged, tables: Any, *, stack: bool = True
+) -> tuple[dict[str, Jagged], Params]:
+    """Looks every feature's ids up in its table, unpooled: TorchRec's ``EmbeddingCollection``.
+
+    Args:
+      params: the collection's params (:func:`init` over :class:`~jaxembed.EmbeddingConfig`).
+      features: a :class:`~jaxembed.KeyedJagged` holding exactly the tables' features.
+      tables: the :class:`~jaxembed.EmbeddingConfig` of every table.
+      stack: how ``params`` were built.
+
+    Returns:
+      ``(rows, new_params)``: ``rows[feature]`` is a :class:`Jagged` of ``(capacity, D)``
+      values and ``(B,)`` lengths. Padding entries give their row (zero gradient), as torch's
+      ``nn.Embedding``.
+
+    Raises:
+      As :func:`embedding_bag_collection`.
+
+    Example:
+      >>> import jax, jaxembed
+      >>> tables = [jaxembed.EmbeddingConfig("t", 2, 4, ["a"])]
+      >>> params = jaxembed.collections.init(jax.random.key(0), tables)
+      >>> kj = jaxembed.KeyedJagged.from_lists({"a": [[1, 2], [3]]})
+      >>> rows, _ = jaxembed.embedding_collection(params, kj, tables)
+      >>> rows["a"].values.shape, rows["a"].lengths
+      ((16, 2), Array([2, 1], dtype=int32))
+    """
+    plan = _plan(tables, stack)
+    if plan.tables[0].pooling is not None:
+        raise TypeError("embedding_collection takes EmbeddingConfigs (not EmbeddingBagConfigs)")
+    weights = _check_params(params, plan)
+    features = _check_features(features, plan, pooled=False)
+    rows, new = _sequence_collection(weights, features, plan=plan)
+    return rows, _new_params(params, plan, new)
+
+
+# -- sparse training ------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+class CollectionLookup:
+    """What :func:`lookup` keeps: per stack, its :class:`~jaxembed.sparse.SparseLookup` and how
+    its rows pool into bags.
+
+    Attributes:
+      lookups: ``{stack name: SparseLookup}``; each ``params["weight"]`` is the (renormed) stack.
+    """
+
+    def __init__(self, plan: Plan, keys: tuple[str, ...], lookups, pooling):
+        self.plan, self.keys = plan, keys
+        self.lookups = lookups
+        self._pooling = pooling  # {stack: (keep, starts, ends, weights, features)}
+
+    def tree_flatten(self):
+        pooling = {k: v[:4] for k, v in self._pooling.items()}
+        features = tuple((k, v[4]) for k, v in self._pooling.items())
+        return (self.lookups, pooling), (self.plan, self.keys, features)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        plan, keys, features = aux
+        lookups, pooling = children
+        js = dict(features)
+        return cls(plan, keys, lookups, {k: (*v, js[k]) for k, v in pooling.items()})
+
+    @property
+    def params(self) -> Params:
+        """The params to update: the stacks as given, or renormed (``max_norm``)."""
+        return {name: lk.params for name, lk in self.lookups.items()}
+
+    def pool(self, rows: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The pooled ``(B, D)`` bags of each feature from the stacks' rows (differentiable)."""
+        return _pool(rows, self._pooling_arrays(), plan=self.plan, keys=self.keys)
+
+    def _pooling_arrays(self):
+        return {k: v[:4] for k, v in self._pooling.items()}
+
+    def grad(self, row_grads: Mapping[str, jax.Array]) -> dict[str, SparseGrad]:
+        """``{stack: SparseGrad}`` from the gradient of the loss w.r.t. the rows."""
+        return {k: lk.grad(row_grads[k]) for k, lk in self.lookups.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "keys"))
+def _pool(rows, pooling, *, plan, keys):
+    out = {}
+    for stack in plan.stacks:
+        keep, starts, ends, weights = pooling[stack.name]
+        bags = _bag.pool_rows(rows[stack.name], keep, (starts, ends), weights, stack.pooling)
+        position = dict(stack.features)
+        js = tuple(j for j, k in enumerate(keys) if k in position)
+        out.update(_split(bags, keys, js))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _sparse_rows(weights, features, *, plan):
+    feat = _feature_of(features)
+    rows, lookups, pooling = {}, {}, {}
+    for stack, weight in zip(plan.stacks, weights, strict=True):
+        s = _stack_ids(stack, features.keys, features, feat)
+        weight = jax.lax.stop_gradient(weight)
+        lookup = Lookup.start(weight, s.ids, stack.options, _layout.LOCAL, stack.num_embeddings)
+        rows[stack.name] = lookup.rows(gradient=False)
+        table = weight if lookup.new_weight is None else lookup.new_weight
+        dropped = jnp.where(s.keep, s.ids, stack.num_embeddings)
+        lookups[stack.name] = SparseLookup({"weight": table}, dropped, lookup.scale(padding=False))
+        pooling[stack.name] = (s.keep, s.starts, s.ends, s.weights)
+    return rows, lookups, pooling
+
+
+def lookup(
+    params: Mapping[str, Any], features: KeyedJagged, tables: Any, *, stack: bool = True
+) -> tuple[dict[str, jax.Array], CollectionLookup]:
+    """Looks a collection up for sparse training: each stack's rows, and how to pool and update.
+
+    The pattern of :func:`jaxembed.sparse.lookup`, for every table at once::
+
+        rows, lk = jaxembed.collections.lookup(params, features, tables)
+        loss, row_grads = jax.value_and_grad(lambda r: loss_fn(lk.pool(r)))(rows)
+        params, state = opt.update(lk.grad(row_grads), state, lk.params)
+
+    with ``opt = jaxembed.collections.optimizer(jaxembed.sparse.rowwise_adagrad(0.1), tables)``.
+    ``lk.pool(rows)`` equals :func:`embedding_bag_collection`'s bags bit for bit; padding,
+    out-of-bag and out-of-range entries are dropped from the gradient, ``scale_grad_by_freq``
+    divides by the row's count, and with ``max_norm`` the update applies to the renormed stack.
+
+    Args:
+      params, features, tables, stack: as :func:`embedding_bag_collection`.
+
+    Returns:
+      ``(rows, lookup)``: ``rows[stack]`` is ``(capacity, D)``; a :class:`CollectionLookup`.
+
+    Raises:
+      As :func:`embedding_bag_collection`.
+    """
+    plan = _plan(tables, stack)
+    weights = _check_params(params, plan)
+    features = _check_features(features, plan, pooled=plan.tables[0].pooling is not None)
+    rows, lookups, pooling = _sparse_rows(weights, features, plan=plan)
+    js = {}
+    for s in plan.stacks:
+        position = dict(s.features)
+        js[s.name] = tuple(j for j, k in enumerate(features.keys) if k in position)
+    pooling = {k: (*v, js[k]) for k, v in pooling.items()}
+    return rows, CollectionLookup(plan, features.keys, lookups, pooling)
+
+
+class RowScale:
+    """Each stacked row's factor on the learning rate: its table's ``lr_scale`` (hashable)."""
+
+    def __init__(self, offsets: tuple[int, ...], scales: tuple[float, ...]):
+        self.offsets, self.scales = tuple(offsets), tuple(scales)
+
+    def __call__(self, rows: jax.Array) -> jax.Array:
+        table = jnp.searchsorted(jnp.asarray(self.offsets, jnp.int32), rows, side="right") - 1
+        return jnp.asarray(self.scales, jnp.float32)[jnp.clip(table, 0, len(self.scales) - 1)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RowScale) and (self.offsets, self.scales) == (
+            other.offsets,
+            other.scales,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.offsets, self.scales))
+
+
+def stack_optimizer(tx: RowOptimizer, stack: Stack) -> RowOptimizer:
+    """``tx`` for one stack: the tables' ``lr_scale`` applied row by row, in one update."""
+    scales = stack.lr_scales()
+    if scales is None:
+        return tx
+    scale = RowScale(stack.offsets, scales)
+
+    def update(grad, state, table, *, column_axis=None):
+        try:
+            return tx.update(grad, state, table, column_axis=column_axis, lr_scale=scale)
+        except TypeError as e:
+            if "lr_scale" not in str(e):
+                raise
+            raise TypeError(
+                f"tables of stack {stack.name!r} have per-table lr_scale, and this optimizer's "
+                "update takes no lr_scale keyword (jaxembed.sparse's optimizers do)"
+            ) from e
+
+    return RowOptimizer(tx.init, update, tx.applies_dense)
+
+
+class CollectionOptimizer(NamedTuple):
+    """A row-wise optimizer over a collection's stacks: ``init(params)``,
+    ``update(grads, state, params) -> (params, state)`` with ``{stack: ...}`` dicts."""
+
+    init: Any
+    update: Any
+
+
+def optimizer(tx: RowOptimizer, tables: Any, *, stack: bool = True) -> CollectionOptimizer:
+    """A row-wise optimizer for every stack of a collection, with each table's ``lr_scale``.
+
+    Args:
+      tx: a :mod:`jaxembed.sparse` optimizer (sgd, adagrad, rowwise_adagrad, lazy_adam).
+      tables: the collection's table configs.
+      stack: how the params were built.
+
+    Returns:
+      ``init(params) -> state`` and ``update(grads, state, params) -> (params, state)``, where
+      ``grads`` is :meth:`CollectionLookup.grad`'s ``{stack: SparseGrad}``. A stack without
+      a gradient is left alone. Only the rows present are read or written.
+
+    Raises:
+      TypeError: ``tx`` is not a ``RowOptimizer``.
+    """
+    if not isinstance(tx, RowOptimizer):
+        raise TypeError(f"tx must be a jaxembed.sparse RowOptimizer, got {type(tx).__name__}")
+    plan = _plan(tables, stack)
+    txs = {s.name: stack_optimizer(tx, s) for s in plan.stacks}
+
+    def init_fn(params):
+        weights = _check_params(params, plan)
+        return {s.name: txs[s.name].init(w) for s, w in zip(plan.stacks, weights, strict=True)}
+
+    def update_fn(grads, state, params):
+        _check_params(params, plan)
+        params, state = dict(params), dict(state)
+        for name, grad in grads.items():
+            if name not in txs:
+                raise ValueError(f"grads hold {name!r}, not a stack of these tables")
+            table, state[name] = txs[name].update(grad, state[name], params[name]["weight"])
+            params[name] = {**params[name], "weight": table}
+        return params, state
+
+    return CollectionOptimizer(init_fn, update_fn)

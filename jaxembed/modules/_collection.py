@@ -1,0 +1,240 @@
+"""``flax.nnx`` collections: :class:`EmbeddingBagCollection` and :class:`EmbeddingCollection`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxembed import _interop
+from jaxembed.collections import _collection
+from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Plan
+from jaxembed.collections._jagged import KeyedJagged
+from jaxembed.core import _gradient, _validation
+from jaxembed.modules._nnx import FrozenWeight
+from jaxembed.sparse import _nnx as _sparse_nnx
+from jaxembed.sparse._optimizers import RowOptimizer
+
+
+class _Collection(nnx.Module):
+    """The stacks as variables, the renorm's write-back, and the torch state dict."""
+
+    _kind: type = EmbeddingBagConfig
+    _prefix: str = "embedding_bags."
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        signature = inspect.signature(cls.__init__)
+        cls.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    def __init__(
+        self,
+        tables: Any,
+        *,
+        rngs: nnx.Rngs,
+        sparse: bool = False,
+        stack: bool = True,
+        _weights: Mapping[str, Any] | None = None,
+        _freeze: bool = False,
+    ):
+        self.plan = Plan.of(tables, self._kind, stack=_validation.check_flag("stack", stack))
+        self.sparse = _validation.check_flag("sparse", sparse)
+        if _weights is None:
+            params = _collection.init(rngs.params(), self.plan)
+        else:
+            params = _collection.stack_tables(_weights, self.plan)
+        kind = FrozenWeight if _freeze else (_sparse_nnx.SparseParam if sparse else nnx.Param)
+        self.weights = nnx.Dict({name: kind(p["weight"]) for name, p in params.items()})
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Every feature, in the tables' order (the order of :meth:`concat`)."""
+        return self.plan.feature_names
+
+    def _params(self) -> dict[str, dict[str, jax.Array]]:
+        return {s.name: {"weight": self.weights[s.name].get_value()} for s in self.plan.stacks}
+
+    def _write_back(self, params: Mapping, new_params: Mapping) -> None:
+        """The renormed stacks, written back as torch's renorm does in place."""
+        for s in self.plan.stacks:
+            new = new_params[s.name]["weight"]
+            if new is not params[s.name]["weight"]:
+                old = params[s.name]["weight"]
+                self.weights[s.name].set_value(_gradient.straight_through(old, new))
+
+    def _lookup(self, fn: Any, features: KeyedJagged) -> Any:
+        params = self._params()
+        tape = _sparse_nnx.active_tape() if self.sparse else None
+        if tape is None:
+            out, new_params = fn(params, features, self.plan)
+            self._write_back(params, new_params)
+            return out
+        rows, lk = _collection.lookup(params, features, self.plan)
+        self._write_back(params, lk.params)
+        rows = {k: tape.record(self.weights[k], rows[k], lk.lookups[k]) for k in rows}
+        return lk.pool(rows)
+
+    def tables(self) -> dict[str, jax.Array]:
+        """The per-table view ``{table name: (num_embeddings, D)}``, for inspection and export."""
+        return _collection.tables_of(self._params(), self.plan)
+
+    def row_optimizers(self, sparse_tx: RowOptimizer) -> dict[int, RowOptimizer]:
+        """``sparse_tx`` for each stack, with its tables' ``lr_scale`` (for
+        :class:`jaxembed.sparse.Optimizer`), by the stack variable's id."""
+        return {
+            id(self.weights[s.name]): _collection.stack_optimizer(sparse_tx, s)
+            for s in self.plan.stacks
+        }
+
+    @classmethod
+    def from_torch(
+        cls,
+        state_dict: Mapping[str, Any],
+        tables: Any,
+        *,
+        freeze: bool = False,
+        sparse: bool = False,
+        stack: bool = True,
+    ):
+        """The collection over a TorchRec state dict (``embedding_bags.<table>.weight`` for
+        :class:`EmbeddingBagCollection`, ``embeddings.<table>.weight`` for
+        :class:`EmbeddingCollection`; a whole model's state dict works with the keys' prefix
+        stripped).
+
+        Args:
+          state_dict: the TorchRec module's ``state_dict()``.
+          tables: the table configs, with the torch module's names and shapes.
+          freeze: the tables get no gradient (``FrozenWeight``).
+          sparse: train the tables row-wise (``SparseParam``).
+          stack: stack the tables that can share a physical table.
+
+        Raises:
+          KeyError: a table missing from ``state_dict``.
+          ValueError: a tensor of another shape than its config.
+        """
+        plan = Plan.of(tables, cls._kind, stack=stack)
+        weights = {}
+        for t in plan.tables:
+            params = _interop.from_torch(state_dict, prefix=f"{cls._prefix}{t.name}.")
+            weights[t.name] = params["weight"]
+        return cls(
+            plan,
+            rngs=nnx.Rngs(0),
+            sparse=sparse,
+            stack=stack,
+            _weights=weights,
+            _freeze=_validation.check_flag("freeze", freeze),
+        )
+
+    def to_torch(self) -> dict[str, Any]:
+        """The TorchRec state dict: ``{"embedding_bags.<table>.weight": torch.Tensor}`` (or
+        ``embeddings.`` for :class:`EmbeddingCollection`), for ``load_state_dict``."""
+        out = {}
+        for name, weight in self.tables().items():
+            out.update(_interop.to_torch({"weight": weight}, prefix=f"{self._prefix}{name}."))
+        return out
+
+
+class EmbeddingBagCollection(_Collection):
+    """TorchRec's ``EmbeddingBagCollection`` as a ``flax.nnx`` module: pooled features of many
+    tables in one call, stacked into few physical tables.
+
+    The tables are the variables ``weights[stack name]`` (``nnx.Param``, or
+    :class:`jaxembed.sparse.SparseParam` with ``sparse=True``); :meth:`tables` gives the
+    per-table view. Calling the module runs :func:`jaxembed.embedding_bag_collection` (with
+    ``max_norm`` the renormed rows are written back). With ``sparse=True``, under
+    :func:`jaxembed.sparse.value_and_grad` each stack's gradient is its looked-up rows, and
+    :class:`jaxembed.sparse.Optimizer` updates them in one row-wise update per stack, each
+    table at its ``lr_scale`` times the learning rate.
+
+    Args:
+      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+      sparse: train the tables row-wise (torch's ``sparse=True``).
+      stack: stack the tables that can share a physical table (default).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> from flax import nnx
+      >>> tables = [jaxembed.EmbeddingBagConfig("users", 8, 100, ["user"]),
+      ...           jaxembed.EmbeddingBagConfig("items", 8, 50, ["item", "last_item"])]
+      >>> ebc = jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0))
+      >>> kj = jaxembed.KeyedJagged.from_lists({"user": [[3], [7]], "item": [[1, 2], []],
+      ...                                       "last_item": [[4], [5, 6]]})
+      >>> pooled = ebc(kj)
+      >>> pooled["item"].shape, ebc.concat(pooled).shape
+      ((2, 8), (2, 24))
+      >>> list(ebc.weights.keys())
+      ['users+items']
+    """
+
+    _kind = EmbeddingBagConfig
+    _prefix = "embedding_bags."
+
+    def __init__(
+        self,
+        tables: Any,
+        *,
+        rngs: nnx.Rngs,
+        sparse: bool = False,
+        stack: bool = True,
+        _weights: Mapping[str, Any] | None = None,
+        _freeze: bool = False,
+    ):
+        super().__init__(
+            tables, rngs=rngs, sparse=sparse, stack=stack, _weights=_weights, _freeze=_freeze
+        )
+
+    def __call__(self, features: KeyedJagged) -> dict[str, jax.Array]:
+        """``{feature: (B, D)}`` pooled bags (see :func:`jaxembed.embedding_bag_collection`)."""
+        return self._lookup(_collection.embedding_bag_collection, features)
+
+    def concat(self, pooled: Mapping[str, jax.Array]) -> jax.Array:
+        """The pooled features side by side, ``(B, sum of D)``, in :attr:`feature_names` order
+        (TorchRec's ``KeyedTensor.values()``)."""
+        return _collection.concat_pooled(pooled, self.plan)
+
+
+class EmbeddingCollection(_Collection):
+    """TorchRec's ``EmbeddingCollection`` as a ``flax.nnx`` module: unpooled (sequence) features.
+
+    Args are :class:`EmbeddingBagCollection`'s, with :class:`~jaxembed.EmbeddingConfig` tables.
+    Calling it returns ``{feature: Jagged}`` (``values`` ``(capacity, D)``, ``lengths`` ``(B,)``),
+    see :func:`jaxembed.embedding_collection`. ``sparse=True`` is not supported yet.
+
+    Example:
+      >>> import jaxembed
+      >>> from flax import nnx
+      >>> ec = jaxembed.EmbeddingCollection([jaxembed.EmbeddingConfig("t", 4, 10, ["a"])],
+      ...                                   rngs=nnx.Rngs(0))
+      >>> out = ec(jaxembed.KeyedJagged.from_lists({"a": [[1, 2, 3], [4]]}))
+      >>> out["a"].to_padded(3).shape
+      (2, 3, 4)
+    """
+
+    _kind = EmbeddingConfig
+    _prefix = "embeddings."
+
+    def __init__(
+        self,
+        tables: Any,
+        *,
+        rngs: nnx.Rngs,
+        sparse: bool = False,
+        stack: bool = True,
+        _weights: Mapping[str, Any] | None = None,
+        _freeze: bool = False,
+    ):
+        if _validation.check_flag("sparse", sparse):
+            raise ValueError(
+                "EmbeddingCollection(sparse=True) is not supported yet: train it densely, or use "
+                "jaxembed.sparse.lookup per table"
+            )
+        super().__init__(tables, rngs=rngs, stack=stack, _weights=_weights, _freeze=_freeze)
+
+    def __call__(self, features: KeyedJagged) -> dict[str, _collection.Jagged]:
+        """``{feature: Jagged}`` rows (see :func:`jaxembed.embedding_collection`)."""
+        return self._lookup(_collection.embedding_collection, features)
