@@ -56,15 +56,17 @@ def batch(rng, rows, b, alpha, max_len=32):
 def jaxembed_step(tables, stack):
     opt = jaxembed.collections.optimizer(jaxembed.sparse.rowwise_adagrad(LR), tables, stack=stack)
 
-    @jax.jit
-    def pooled_loss(rows, lk, target):
-        out = jaxembed.collections.concat_pooled(lk.pool(rows), tables)
+    def pooled_loss(pooled, target):
+        out = jaxembed.collections.concat_pooled(pooled, tables)
+        b = target.shape[0]
+        if out.shape[0] != b:  # one table fed every feature's bags: (26 B, D) -> (B, 26 D)
+            out = out.reshape(-1, b, out.shape[1]).transpose(1, 0, 2).reshape(b, -1)
         return 0.5 * jnp.mean((out - target) ** 2)
 
     def step(params, state, kj, target):
-        rows, lk = jaxembed.collections.lookup(params, kj, tables, stack=stack)
-        row_grads = jax.grad(pooled_loss)(rows, lk, target)
-        return opt.update(lk.grad(row_grads), state, lk.params)
+        pooled, lk = jaxembed.collections.lookup(params, kj, tables, stack=stack)
+        pooled_grads = jax.grad(pooled_loss)(pooled, target)
+        return opt.update(lk.grad(pooled_grads), state, lk.params)
 
     return opt, jax.jit(step, donate_argnums=(0, 1))
 

@@ -261,11 +261,9 @@ def test_stacked_and_unstacked_are_bit_identical():
 
         @jax.jit
         def train(params, state, kj, stack=stack, opt=opt):
-            rows, lk = jaxembed.collections.lookup(params, kj, tables, stack=stack)
-            row_grads = jax.grad(lambda r: sum(jnp.sum(jnp.sin(p)) for p in lk.pool(r).values()))(
-                rows
-            )
-            return opt.update(lk.grad(row_grads), state, lk.params)
+            pooled, lk = jaxembed.collections.lookup(params, kj, tables, stack=stack)
+            grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(v)) for v in p.values()))(pooled)
+            return opt.update(lk.grad(grads), state, lk.params)
 
         state = opt.init(params)
         for _ in range(2):
@@ -320,7 +318,9 @@ def test_sparse_training_equals_torch_optimizers_per_table():
         def step(module, opt, kj):
             def loss(m):
                 pooled = m(kj)
-                return sum(jnp.sum(jnp.tanh(p) * (i + 1)) for i, p in enumerate(pooled.values()))
+                return sum(
+                    jnp.sum(jnp.tanh(pooled[f]) * (i + 1)) for i, f in enumerate(sorted(pooled))
+                )
 
             value, grads = jaxembed.sparse.value_and_grad(loss)(module)
             opt.update(module, grads)
@@ -344,7 +344,6 @@ def test_sparse_training_equals_torch_optimizers_per_table():
                 )
                 for i, f in enumerate(feats):
                     pooled[f] = res[i * batch : (i + 1) * batch]
-            # the jitted pytree's dict comes back in sorted key order: the weights follow it
             order = sorted(pooled)
             total = sum(torch.tanh(pooled[f]).sum() * (i + 1) for i, f in enumerate(order))
             for o in opts.values():
@@ -446,11 +445,10 @@ def test_new_lengths_and_values_never_retrace():
         keys, values, lengths = _case(rng, tables, 4)
         kj = jaxembed.KeyedJagged.from_lengths(keys, values, lengths, capacity=32)
         jaxembed.embedding_bag_collection(params, kj, tables)
-        rows, lk = jaxembed.collections.lookup(params, kj, tables)
-        lk.pool(rows)
+        pooled, lk = jaxembed.collections.lookup(params, kj, tables)
+        lk.grad(pooled)
     assert _collection._bag_collection._cache_size() == 1
-    assert _collection._sparse_rows._cache_size() == 1
-    assert _collection._pool._cache_size() == 1
+    assert _collection._sparse_bags._cache_size() == 1
 
 
 def test_bad_input_raises_naming_it_and_changes_nothing():

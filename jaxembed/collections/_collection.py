@@ -31,7 +31,7 @@ from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Pl
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _bag, _gradient, _layout, _validation
 from jaxembed.core._pipeline import Lookup
-from jaxembed.sparse._lookup import SparseGrad, SparseLookup
+from jaxembed.sparse._lookup import BagLookup, SparseGrad
 from jaxembed.sparse._optimizers import RowOptimizer
 
 Params = dict[str, dict[str, jax.Array]]
@@ -229,7 +229,8 @@ def _feature_of(features: KeyedJagged) -> jax.Array:
     """The feature of each position of ``values`` (``len(keys)`` past ``sum(lengths)``)."""
     ends = jnp.cumsum(features.length_per_key(), dtype=jnp.int32)
     positions = jnp.arange(features.capacity, dtype=jnp.int32)
-    return jnp.searchsorted(ends, positions, side="right", method="sort").astype(jnp.int32)
+    # a few dozen features: comparing against every end beats XLA's sort-based search
+    return jnp.searchsorted(ends, positions, side="right", method="compare_all").astype(jnp.int32)
 
 
 def _split(out: jax.Array, keys: tuple[str, ...], js: tuple[int, ...]) -> dict[str, jax.Array]:
@@ -414,110 +415,133 @@ def embedding_collection(
 
 @jax.tree_util.register_pytree_node_class
 class CollectionLookup:
-    """What :func:`lookup` keeps: per stack, its :class:`~jaxembed.sparse.SparseLookup` and how
-    its rows pool into bags.
+    """What :func:`lookup` keeps: per stack, its :class:`~jaxembed.sparse.BagLookup` (the table
+    to update, and how each bag's gradient spreads over its entries).
 
     Attributes:
-      lookups: ``{stack name: SparseLookup}``; each ``params["weight"]`` is the (renormed) stack.
+      lookups: ``{stack name: BagLookup}``; each ``params["weight"]`` is the (renormed) stack.
     """
 
-    def __init__(self, plan: Plan, keys: tuple[str, ...], lookups, pooling):
-        self.plan, self.keys = plan, keys
-        self.lookups = lookups
-        self._pooling = pooling  # {stack: (keep, starts, ends, weights, features)}
+    def __init__(self, plan: Plan, keys: tuple[str, ...], lookups: dict):
+        self.plan, self.keys, self.lookups = plan, keys, lookups
 
     def tree_flatten(self):
-        pooling = {k: v[:4] for k, v in self._pooling.items()}
-        features = tuple((k, v[4]) for k, v in self._pooling.items())
-        return (self.lookups, pooling), (self.plan, self.keys, features)
+        return (self.lookups,), (self.plan, self.keys)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        plan, keys, features = aux
-        lookups, pooling = children
-        js = dict(features)
-        return cls(plan, keys, lookups, {k: (*v, js[k]) for k, v in pooling.items()})
+        return cls(*aux, *children)
 
     @property
     def params(self) -> Params:
         """The params to update: the stacks as given, or renormed (``max_norm``)."""
         return {name: lk.params for name, lk in self.lookups.items()}
 
-    def pool(self, rows: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """The pooled ``(B, D)`` bags of each feature from the stacks' rows (differentiable)."""
-        return _pool(rows, self._pooling_arrays(), plan=self.plan, keys=self.keys)
-
-    def _pooling_arrays(self):
-        return {k: v[:4] for k, v in self._pooling.items()}
-
-    def grad(self, row_grads: Mapping[str, jax.Array]) -> dict[str, SparseGrad]:
-        """``{stack: SparseGrad}`` from the gradient of the loss w.r.t. the rows."""
-        return {k: lk.grad(row_grads[k]) for k, lk in self.lookups.items()}
-
-
-@functools.partial(jax.jit, static_argnames=("plan", "keys"))
-def _pool(rows, pooling, *, plan, keys):
-    out = {}
-    for stack in plan.stacks:
-        keep, starts, ends, weights = pooling[stack.name]
-        bags = _bag.pool_rows(rows[stack.name], keep, (starts, ends), weights, stack.pooling)
+    def features_of(self, stack: Stack) -> tuple[str, ...]:
+        """The stack's features, in the order of its bags (the jagged input's)."""
         position = dict(stack.features)
-        js = tuple(j for j, k in enumerate(keys) if k in position)
-        out.update(_split(bags, keys, js))
-    return out
+        return tuple(k for k in self.keys if k in position)
+
+    def grad(self, pooled_grads: Mapping[str, jax.Array]) -> dict[str, SparseGrad]:
+        """``{stack: SparseGrad}`` from the gradient of the loss w.r.t. the pooled features.
+
+        Raises:
+          KeyError: a feature's gradient missing.
+        """
+        out = {}
+        for stack in self.plan.stacks:
+            feats = self.features_of(stack)
+            missing = [f for f in feats if f not in pooled_grads]
+            if missing:
+                raise KeyError(f"pooled_grads lack the features {missing}")
+            cot = jnp.concatenate([jnp.asarray(pooled_grads[f]) for f in feats])
+            out[stack.name] = self.lookups[stack.name].grad(cot)
+        return out
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
-def _sparse_rows(weights, features, *, plan):
+def _sparse_bags(weights, features, *, plan):
     feat = _feature_of(features)
-    rows, lookups, pooling = {}, {}, {}
+    bags, lookups = {}, {}
     for stack, weight in zip(plan.stacks, weights, strict=True):
         s = _stack_ids(stack, features.keys, features, feat)
         weight = jax.lax.stop_gradient(weight)
         lookup = Lookup.start(weight, s.ids, stack.options, _layout.LOCAL, stack.num_embeddings)
-        rows[stack.name] = lookup.rows(gradient=False)
+        starts = (s.starts, s.ends)
+        out, pos = _bag.bags_of_table(
+            lookup.table, lookup.local, s.keep, s.weights, starts, stack.pooling, None, "gather"
+        )
         table = weight if lookup.new_weight is None else lookup.new_weight
         dropped = jnp.where(s.keep, s.ids, stack.num_embeddings)
-        lookups[stack.name] = SparseLookup({"weight": table}, dropped, lookup.scale(padding=False))
-        pooling[stack.name] = (s.keep, s.starts, s.ends, s.weights)
-    return rows, lookups, pooling
+        scale = lookup.scale(padding=False)
+        bags[stack.name] = out
+        lookups[stack.name] = BagLookup(
+            {"weight": table}, dropped, s.keep, starts, scale, s.weights, pos, stack.pooling, None
+        )
+    return bags, lookups
+
+
+def lookup_stacks(
+    params: Mapping[str, Any], features: KeyedJagged, tables: Any, *, stack: bool = True
+) -> tuple[dict[str, jax.Array], CollectionLookup]:
+    """:func:`lookup` by stack: ``{stack: (bags of its features, D)}`` (the modules' front end,
+    which records each stack's bags for :func:`jaxembed.sparse.value_and_grad`)."""
+    plan = _plan(tables, stack)
+    weights = _check_params(params, plan)
+    features = _check_features(features, plan, pooled=True)
+    bags, lookups = _sparse_bags(weights, features, plan=plan)
+    return bags, CollectionLookup(plan, features.keys, lookups)
+
+
+def split_stacks(bags: Mapping[str, jax.Array], lk: CollectionLookup) -> dict[str, jax.Array]:
+    """``{feature: (B, D)}`` from each stack's bags."""
+    pooled = {}
+    for stack in lk.plan.stacks:
+        feats = lk.features_of(stack)
+        per = bags[stack.name].reshape(len(feats), -1, bags[stack.name].shape[-1])
+        pooled.update({f: per[i] for i, f in enumerate(feats)})
+    return pooled
 
 
 def lookup(
     params: Mapping[str, Any], features: KeyedJagged, tables: Any, *, stack: bool = True
 ) -> tuple[dict[str, jax.Array], CollectionLookup]:
-    """Looks a collection up for sparse training: each stack's rows, and how to pool and update.
+    """Looks a collection up for sparse training: the pooled features, and how to update.
 
     The pattern of :func:`jaxembed.sparse.lookup`, for every table at once::
 
-        rows, lk = jaxembed.collections.lookup(params, features, tables)
-        loss, row_grads = jax.value_and_grad(lambda r: loss_fn(lk.pool(r)))(rows)
-        params, state = opt.update(lk.grad(row_grads), state, lk.params)
+        pooled, lk = jaxembed.collections.lookup(params, features, tables)
+        loss, pooled_grads = jax.value_and_grad(loss_fn)(pooled)
+        params, state = opt.update(lk.grad(pooled_grads), state, lk.params)
 
     with ``opt = jaxembed.collections.optimizer(jaxembed.sparse.rowwise_adagrad(0.1), tables)``.
-    ``lk.pool(rows)`` equals :func:`embedding_bag_collection`'s bags bit for bit; padding,
-    out-of-bag and out-of-range entries are dropped from the gradient, ``scale_grad_by_freq``
-    divides by the row's count, and with ``max_norm`` the update applies to the renormed stack.
+    ``pooled`` equals :func:`embedding_bag_collection`'s bit for bit, computed from the tables
+    directly; ``lk.grad`` spreads each bag's gradient over its entries, exactly as the dense
+    gradient does. Padding, out-of-bag and out-of-range entries are dropped from the update,
+    ``scale_grad_by_freq`` divides by the row's count, and with ``max_norm`` the update applies to
+    the renormed stack.
 
     Args:
       params, features, tables, stack: as :func:`embedding_bag_collection`.
 
     Returns:
-      ``(rows, lookup)``: ``rows[stack]`` is ``(capacity, D)``; a :class:`CollectionLookup`.
+      ``(pooled, lookup)``: ``pooled[feature]`` is ``(B, D)``; a :class:`CollectionLookup`.
 
     Raises:
       As :func:`embedding_bag_collection`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxembed
+      >>> tables = [jaxembed.EmbeddingBagConfig("t", 2, 5, ["a", "b"])]
+      >>> params = jaxembed.collections.init(jax.random.key(0), tables)
+      >>> kj = jaxembed.KeyedJagged.from_lists({"a": [[1, 1]], "b": [[4]]})
+      >>> pooled, lk = jaxembed.collections.lookup(params, kj, tables)
+      >>> grads = lk.grad(jax.grad(lambda p: sum(v.sum() for v in p.values()))(pooled))
+      >>> grads["t"].indices[:3], grads["t"].values[:3, 0]
+      (Array([1, 1, 4], dtype=int32), Array([1., 1., 1.], dtype=float32))
     """
-    plan = _plan(tables, stack)
-    weights = _check_params(params, plan)
-    features = _check_features(features, plan, pooled=plan.tables[0].pooling is not None)
-    rows, lookups, pooling = _sparse_rows(weights, features, plan=plan)
-    js = {}
-    for s in plan.stacks:
-        position = dict(s.features)
-        js[s.name] = tuple(j for j, k in enumerate(features.keys) if k in position)
-    pooling = {k: (*v, js[k]) for k, v in pooling.items()}
-    return rows, CollectionLookup(plan, features.keys, lookups, pooling)
+    bags, lk = lookup_stacks(params, features, tables, stack=stack)
+    return split_stacks(bags, lk), lk
 
 
 class RowScale:
@@ -527,7 +551,8 @@ class RowScale:
         self.offsets, self.scales = tuple(offsets), tuple(scales)
 
     def __call__(self, rows: jax.Array) -> jax.Array:
-        table = jnp.searchsorted(jnp.asarray(self.offsets, jnp.int32), rows, side="right") - 1
+        offsets = jnp.asarray(self.offsets, jnp.int32)
+        table = jnp.searchsorted(offsets, rows, side="right", method="compare_all") - 1
         return jnp.asarray(self.scales, jnp.float32)[jnp.clip(table, 0, len(self.scales) - 1)]
 
     def __eq__(self, other: object) -> bool:

@@ -23,8 +23,8 @@ def index_counts(safe: jax.Array, among: jax.Array | None = None) -> jax.Array:
     never O(vocab). A data-parallel lookup counts its shard's indices among all of them.
     """
     ordered = jnp.sort(safe if among is None else among)
-    right = jnp.searchsorted(ordered, safe, side="right", method="sort")
-    left = jnp.searchsorted(ordered, safe, side="left", method="sort")
+    right = jnp.searchsorted(ordered, safe, side="right", method="scan_unrolled")
+    left = jnp.searchsorted(ordered, safe, side="left", method="scan_unrolled")
     return right - left
 
 

@@ -72,10 +72,10 @@ class _Collection(nnx.Module):
             out, new_params = fn(params, features, self.plan)
             self._write_back(params, new_params)
             return out
-        rows, lk = _collection.lookup(params, features, self.plan)
+        bags, lk = _collection.lookup_stacks(params, features, self.plan)
         self._write_back(params, lk.params)
-        rows = {k: tape.record(self.weights[k], rows[k], lk.lookups[k]) for k in rows}
-        return lk.pool(rows)
+        bags = {k: tape.record(self.weights[k], bags[k], lk.lookups[k]) for k in bags}
+        return _collection.split_stacks(bags, lk)
 
     def tables(self) -> dict[str, jax.Array]:
         """The per-table view ``{table name: (num_embeddings, D)}``, for inspection and export."""

@@ -305,7 +305,7 @@ class EmbeddingBag(_TableModule):
     Arguments are :class:`Embedding`'s, plus ``mode`` (``"sum"``, ``"mean"``, ``"max"``) and
     ``include_last_offset``. With ``max_norm`` the renormed rows are written back into
     ``self.weight``. With ``sparse=True``, under :func:`jaxembed.sparse.value_and_grad` the
-    table's gradient is its bags' entries (one row per id, the pooled gradient spread back), and
+    table's gradient is its bags' entries (one row per id, each bag's gradient spread back), and
     :class:`jaxembed.sparse.Optimizer` updates only those rows (torch's ``sparse=True``); it does
     not take ``sharding`` yet.
 
@@ -410,8 +410,8 @@ class EmbeddingBag(_TableModule):
         weight = self.weight.get_value()
         tape = _sparse_nnx.active_tape() if self.sparse else None
         if tape is not None:
-            # under jaxembed.sparse.value_and_grad: the entries' rows carry the table's gradient
-            rows, lk = _sparse_lookup.lookup_bags(
+            # under jaxembed.sparse.value_and_grad: the bags' gradient becomes the table's
+            bags, lk = _sparse_lookup.lookup_bags_checked(
                 {"weight": weight},
                 indices,
                 offsets,
@@ -423,8 +423,7 @@ class EmbeddingBag(_TableModule):
             )
             if self.config.options.max_norm is not None:
                 self.weight.set_value(_gradient.straight_through(weight, lk.params["weight"]))
-            rows = tape.record(self.weight, rows, lk.sparse)
-            return _table.cast_output(lk.pool(rows), self.dtype)
+            return _table.cast_output(tape.record(self.weight, bags, lk), self.dtype)
         out, new_params = _table.bags(self, weight, indices, offsets, per_sample_weights, num_valid)
         return self._finish(out, weight, new_params)
 

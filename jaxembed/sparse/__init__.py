@@ -12,8 +12,8 @@ row-wise optimizer, every other parameter its optax one, in the same jitted step
 
 What this folder owns, module by module:
 
-* ``_lookup``: :func:`lookup` (the core's pipeline, without the table gradient),
-  :class:`SparseGrad` and :class:`SparseLookup`;
+* ``_lookup``: :func:`lookup` and :func:`lookup_bags` (the core's pipeline, without the table
+  gradient), :class:`SparseGrad`, :class:`SparseLookup` and :class:`BagLookup`;
 * ``_update``: the sparse update every optimizer shares: duplicates summed, rows read and
   written once;
 * ``_optimizers``: the row-wise optimizers (:class:`RowOptimizer`), and :func:`sharded`, which
@@ -27,7 +27,14 @@ sharded update from its layout (``Layout.rowwise``), never by importing the shar
 
 import warnings as _warnings
 
-from jaxembed.sparse._lookup import SparseGrad, SparseLookup, lookup, sum_grads
+from jaxembed.sparse._lookup import (
+    BagLookup,
+    SparseGrad,
+    SparseLookup,
+    lookup,
+    lookup_bags,
+    sum_grads,
+)
 from jaxembed.sparse._nnx import ModelGrads, Optimizer, SparseParam, value_and_grad
 from jaxembed.sparse._optimizers import (
     AdagradState,
@@ -45,6 +52,7 @@ from jaxembed.sparse._update import row_mean
 
 __all__ = [
     "AdagradState",
+    "BagLookup",
     "LazyAdamState",
     "ModelGrads",
     "Optimizer",
@@ -57,6 +65,7 @@ __all__ = [
     "adagrad",
     "lazy_adam",
     "lookup",
+    "lookup_bags",
     "row_mean",
     "rowwise_adagrad",
     "sgd",

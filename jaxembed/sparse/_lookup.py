@@ -193,51 +193,57 @@ def lookup(
 
 @jax.tree_util.register_pytree_node_class
 class BagLookup:
-    """What :func:`lookup_bags` keeps: the update (a :class:`SparseLookup` of the bags' entries)
-    and how the looked-up rows pool into bags.
+    """What :func:`lookup_bags` keeps: the table to update, and how each bag's gradient spreads
+    back over its entries.
 
     Attributes:
-      sparse: the :class:`SparseLookup` of every entry (those in no bag, and padding, dropped).
+      params: the params to apply the update to (renormed with ``max_norm``).
+      indices: ``(n,)`` each entry's row; entries in no bag are ``num_embeddings`` (dropped).
       mode: ``"sum"``, ``"mean"`` or ``"max"``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> params = {"weight": jnp.arange(8.0).reshape(4, 2)}
+      >>> bags, lk = jaxembed.sparse.lookup_bags(params, jnp.array([[0, 3]]), mode="max")
+      >>> lk.grad(jnp.ones((1, 2))).values
+      Array([[0., 0.],
+             [1., 1.]], dtype=float32)
     """
 
-    def __init__(self, sparse, keep, starts, per_sample_weights, mode: str, width: int | None):
-        self.sparse, self.keep, self.starts = sparse, keep, starts
-        self.per_sample_weights, self.mode, self.width = per_sample_weights, mode, width
+    def __init__(self, params, indices, keep, starts, scale, psw, pos, mode, width):
+        self.params, self.indices, self.keep, self.starts = params, indices, keep, starts
+        self.scale, self.psw, self.pos, self.mode, self.width = scale, psw, pos, mode, width
 
     def tree_flatten(self):
-        children = (self.sparse, self.keep, self.starts, self.per_sample_weights)
+        children = (self.params, self.indices, self.keep, self.starts, self.scale, self.psw,
+                    self.pos)  # fmt: skip
         return children, (self.mode, self.width)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         return cls(*children, *aux)
 
-    @property
-    def params(self) -> dict[str, jax.Array]:
-        """The params to apply the update to (renormed with ``max_norm``)."""
-        return self.sparse.params
-
-    def pool(self, rows: ArrayLike, per_sample_weights: ArrayLike | None = None) -> jax.Array:
-        """The ``(B, D)`` bags of the looked-up ``rows``, differentiable in ``rows`` (and in
-        ``per_sample_weights``, default the ones given to :func:`lookup_bags`)."""
-        psw = self.per_sample_weights if per_sample_weights is None else per_sample_weights
-        if psw is not None:
-            psw = jnp.asarray(psw).reshape(-1)
-        return _pool(jnp.asarray(rows), self.keep, self.starts, psw, self.mode, self.width)
-
-    def grad(self, row_grads: ArrayLike) -> SparseGrad:
-        """The table's :class:`SparseGrad` from the gradient of the loss w.r.t. the rows."""
-        return self.sparse.grad(row_grads)
+    def grad(self, bag_grads: ArrayLike) -> SparseGrad:
+        """The table's :class:`SparseGrad` from the gradient of the loss w.r.t. the bags
+        ``(B, D)``: each bag's gradient spread over its entries, as the dense gradient is."""
+        weight = self.params["weight"]
+        bag_grads = jnp.asarray(bag_grads)
+        num_bags = (self.starts[0] if isinstance(self.starts, tuple) else self.starts).shape[0]
+        if bag_grads.shape != (num_bags, weight.shape[1]):
+            raise ValueError(
+                f"bag_grads must be the bags' shape {(num_bags, weight.shape[1])}, "
+                f"got {tuple(bag_grads.shape)}"
+            )
+        values = _spread(bag_grads, self.keep, self.starts, self.scale, self.psw, self.pos,
+                         self.mode, self.width)  # fmt: skip
+        return SparseGrad(self.indices, values.astype(weight.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "width"))
-def _pool(rows, keep, starts, psw, mode, width):
-    return _bag.pool_rows(rows, keep, starts, psw, mode, width)
+_spread = jax.jit(_bag.spread, static_argnames=("mode", "width"))
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _lookup_bags(weight, indices, starts, psw, num_valid, *, options):
+@functools.partial(jax.jit, static_argnames=("options", "mode", "width"))
+def _lookup_bags(weight, indices, starts, psw, num_valid, *, options, mode, width):
     num_embeddings = weight.shape[0]
     indices, starts, psw, _, valid = _bag.bag_entries(
         indices, starts, psw, num_valid, num_embeddings
@@ -245,15 +251,17 @@ def _lookup_bags(weight, indices, starts, psw, num_valid, *, options):
     lookup = Lookup.start(
         jax.lax.stop_gradient(weight), indices, options, _layout.LOCAL, num_embeddings
     )
-    rows = lookup.rows(gradient=False)
     keep = _bag.kept(lookup.safe, options.padding_idx)
     if valid is not None:
         keep = keep & valid
+    bags, pos = _bag.bags_of_table(
+        lookup.table, lookup.local, keep, psw, starts, mode, width, options.lookup_style
+    )
     dropped = jnp.where(keep, lookup.safe, num_embeddings)
-    return rows, lookup.new_weight, dropped, lookup.scale(padding=False), keep, starts, psw
+    return bags, lookup.new_weight, dropped, keep, starts, lookup.scale(padding=False), psw, pos
 
 
-def lookup_bags(
+def lookup_bags_checked(
     params: Mapping[str, ArrayLike],
     indices: ArrayLike,
     offsets: ArrayLike | None,
@@ -264,29 +272,7 @@ def lookup_bags(
     include_last_offset: bool = False,
     num_valid: ArrayLike | None = None,
 ) -> tuple[jax.Array, BagLookup]:
-    """A bag lookup for sparse training (``EmbeddingBag(sparse=True)``): every entry's row, and
-    how to pool them and update the table.
-
-    The pattern of :func:`lookup`, with the bag reduction between::
-
-        rows, lk = lookup_bags(params, ids, offsets, options, mode="sum")
-        loss, row_grads = jax.value_and_grad(lambda r: loss_fn(lk.pool(r)))(rows)
-        table, state = opt.update(lk.grad(row_grads), state, lk.params["weight"])
-
-    ``lk.pool(rows)`` equals :func:`jaxembed.embedding_bag`'s bags bit for bit. Entries in no bag
-    (padding, past ``num_valid``) get no update; ``scale_grad_by_freq`` divides by the count.
-
-    Args:
-      params, indices, offsets, mode, per_sample_weights, include_last_offset, num_valid: as
-        :func:`jaxembed.embedding_bag`.
-      options: the table's checked :class:`~jaxembed.core.LookupOptions`.
-
-    Returns:
-      ``(rows, bag_lookup)``: ``rows`` is ``(n, D)``, one per entry of the flat indices.
-
-    Raises:
-      As :func:`jaxembed.embedding_bag`.
-    """
+    """:func:`lookup_bags` with its options already checked (the modules' front end)."""
     weight, idx, starts, psw, num_valid = _bag.prepare_bags(
         params,
         indices,
@@ -298,11 +284,79 @@ def lookup_bags(
         num_valid=num_valid,
     )
     width = idx.shape[1] if idx.ndim == 2 else None
-    rows, new_weight, dropped, scale, keep, starts, psw = _lookup_bags(
-        weight, idx, starts, psw, num_valid, options=options
+    bags, new_weight, dropped, keep, starts, scale, psw, pos = _lookup_bags(
+        weight, idx, starts, psw, num_valid, options=options, mode=mode, width=width
     )
-    sparse = SparseLookup(dict(new_params(params, new_weight)), dropped, scale)
-    return rows, BagLookup(sparse, keep, starts, psw, mode, width)
+    params = dict(new_params(params, new_weight))
+    return bags, BagLookup(params, dropped, keep, starts, scale, psw, pos, mode, width)
+
+
+def lookup_bags(
+    params: Mapping[str, ArrayLike],
+    indices: ArrayLike,
+    offsets: ArrayLike | None = None,
+    *,
+    mode: str = "mean",
+    per_sample_weights: ArrayLike | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    lookup_style: str = "gather",
+    num_valid: ArrayLike | None = None,
+) -> tuple[jax.Array, BagLookup]:
+    """Bags for sparse training (``EmbeddingBag(sparse=True)``): the bags to differentiate, and
+    how their gradient becomes the table's row-wise update.
+
+    The pattern of :func:`lookup`, on bags::
+
+        bags, lk = jaxembed.sparse.lookup_bags(params, ids, offsets, mode="sum")
+        loss, bag_grads = jax.value_and_grad(loss_fn)(bags)
+        table, state = opt.update(lk.grad(bag_grads), state, lk.params["weight"])
+
+    The bags equal :func:`jaxembed.embedding_bag`'s bit for bit and are reduced from the table
+    directly (no ``(n, D)`` rows in the forward pass). ``lk.grad`` spreads each bag's gradient
+    over its entries, the same values the dense gradient scatters: one entry of the update per
+    id. Entries in no bag (padding, past ``num_valid``) get no update, ``scale_grad_by_freq``
+    divides by the count, and ``per_sample_weights`` stay differentiable.
+
+    Args:
+      params, indices, offsets, mode, per_sample_weights, include_last_offset, padding_idx,
+        max_norm, norm_type, scale_grad_by_freq, lookup_style, num_valid: as
+        :func:`jaxembed.embedding_bag` (one device: no ``sharding``).
+
+    Returns:
+      ``(bags, bag_lookup)``: ``bags`` is ``(B, D)``; a :class:`BagLookup`.
+
+    Raises:
+      As :func:`jaxembed.embedding_bag`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxembed
+      >>> params = {"weight": jnp.ones((5, 2))}
+      >>> bags, lk = jaxembed.sparse.lookup_bags(params, jnp.array([1, 1, 4]), jnp.array([0, 2]),
+      ...                                        mode="mean")
+      >>> grad = lk.grad(jnp.ones_like(bags))
+      >>> grad.indices, grad.values[:, 0]
+      (Array([1, 1, 4], dtype=int32), Array([0.5, 0.5, 1. ], dtype=float32))
+    """
+    mode, include_last_offset = _options.check_bag_options(
+        mode, include_last_offset, scale_grad_by_freq
+    )
+    options = LookupOptions.of_call(
+        params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
+    )
+    return lookup_bags_checked(
+        params,
+        indices,
+        offsets,
+        options,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=include_last_offset,
+        num_valid=num_valid,
+    )
 
 
 def sum_grads(*grads: SparseGrad) -> SparseGrad:
