@@ -12,7 +12,9 @@ donated (jaxembed) or updated in place inside the backward pass (FBGEMM):
 
   * stacked: ``jaxembed.collections`` with the 26 tables stacked into one (one gather, one
     update);
-  * separate: the same with ``stack=False`` (26 gathers and 26 updates, as 26 tables would);
+  * separate: 26 single tables, as a user writes them today: ``jaxembed.sparse.lookup_bags``
+    per table on its own feature (each padded to its own power-of-two capacity, ``num_valid``),
+    26 row-wise updates, in one jitted step;
   * one table: a single table of the same total rows, fed the same ids as one feature;
   * torchrec: ``FusedEmbeddingBagCollection`` (FBGEMM's CPU TBE with the fused optimizer).
 
@@ -67,6 +69,28 @@ def jaxembed_step(tables, stack):
         pooled, lk = jaxembed.collections.lookup(params, kj, tables, stack=stack)
         pooled_grads = jax.grad(pooled_loss)(pooled, target)
         return opt.update(lk.grad(pooled_grads), state, lk.params)
+
+    return opt, jax.jit(step, donate_argnums=(0, 1))
+
+
+def separate_step(num_tables):
+    opt = jaxembed.sparse.rowwise_adagrad(LR)
+
+    def step(tables, states, feats, target):
+        lookups = [
+            jaxembed.sparse.lookup_bags({"weight": w}, ids, offs, mode="sum", num_valid=n)
+            for w, (ids, offs, n) in zip(tables, feats, strict=True)
+        ]
+
+        def loss(bags):
+            return 0.5 * jnp.mean((jnp.concatenate(bags, axis=1) - target) ** 2)
+
+        bag_grads = jax.grad(loss)([bags for bags, _ in lookups])
+        out = [
+            opt.update(lk.grad(g), st, lk.params["weight"])
+            for (_, lk), g, st in zip(lookups, bag_grads, states, strict=True)
+        ]
+        return [t for t, _ in out], [st for _, st in out]
 
     return opt, jax.jit(step, donate_argnums=(0, 1))
 
@@ -141,6 +165,20 @@ def main():
     one = [jaxembed.EmbeddingBagConfig("all", D, sum(rows), ["all"])]
     offsets = np.concatenate([[0], np.cumsum(rows)[:-1]])
 
+    def per_table(values, lengths):
+        """Each table's (ids padded to a power of two, offsets, num_valid)."""
+        lengths = lengths.reshape(len(rows), B)
+        ends = np.cumsum(lengths.sum(1))
+        out = []
+        for t, n in enumerate(lengths):
+            ids = values[ends[t] - n.sum() : ends[t]]
+            cap = max(16, 1 << int(max(ids.size, 1) - 1).bit_length())
+            padded = np.zeros(cap, np.int32)
+            padded[: ids.size] = ids
+            offs = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int32)
+            out.append((jnp.asarray(padded), jnp.asarray(offs), jnp.int32(ids.size)))
+        return out
+
     def inputs(alpha):
         values, lengths = batch(rng, rows, B, alpha)
         cap = 1 << int(values.size - 1).bit_length()
@@ -149,14 +187,14 @@ def main():
         shift = np.repeat(offsets, per)
         kj_one = jaxembed.KeyedJagged.from_lengths(["all"], values + shift, lengths, capacity=cap)
         target = rng.normal(size=(B, len(rows) * D)).astype(np.float32)
-        return values, lengths, kj, kj_one, target
+        separate = per_table(values, lengths) if "separate" in impls else None
+        return values, lengths, kj, kj_one, target, separate
 
     impls = {}
     skip = set(args.skip.split(",")) if args.skip else set()
     if args.rss:
         skip |= {"separate", "one table", "torchrec"}
-    for name, cfg, stack in (("stacked", tables, True), ("separate", tables, False),
-                             ("one table", one, True)):  # fmt: skip
+    for name, cfg, stack in (("stacked", tables, True), ("one table", one, True)):
         if name in skip:
             continue
         opt, step = jaxembed_step(cfg, stack)
@@ -165,6 +203,12 @@ def main():
             weights = {"all": np.concatenate(tables_np)}
         params = jaxembed.collections.stack_tables(weights, cfg, stack=stack)
         impls[name] = dict(kind="jax", step=step, params=params, state=opt.init(params), cfg=cfg)
+    if "separate" not in skip:
+        opt, step = separate_step(len(rows))
+        params = [jnp.asarray(w) for w in tables_np]
+        impls["separate"] = dict(
+            kind="separate", step=step, params=params, state=[opt.init(w) for w in params]
+        )
     if args.rss:
         del tables_np
     elif "torchrec" not in skip:
@@ -182,14 +226,15 @@ def main():
 
     for r in range(args.rounds + 1):  # round 0 compiles and warms up
         for ids, alpha in (("uniform", None), ("zipf", args.alpha)):
-            values, lengths, kj, kj_one, target = inputs(alpha)
+            values, lengths, kj, kj_one, target, separate = inputs(alpha)
             if r == 1 and ids == "uniform" and args.rss:
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
             for name, impl in impls.items():
                 t0 = time.perf_counter()
-                if impl["kind"] == "jax":
-                    feats = kj_one if impl["cfg"] is one else kj
+                if impl["kind"] != "torch":
+                    feats = separate if impl["kind"] == "separate" else kj
+                    feats = kj_one if impl.get("cfg") is one else feats
                     impl["params"], impl["state"] = impl["step"](
                         impl["params"], impl["state"], feats, target
                     )

@@ -535,3 +535,78 @@ def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
     for kj in batches[2:]:
         step(m2, opt2, kj)
     jax.tree.map(np.testing.assert_array_equal, nnx.state((m, opt)), nnx.state((m2, opt2)))
+
+
+def test_weighted_features_and_bf16_tables_equal_single_tables():
+    """Per-id weights (TorchRec's weighted features) and bfloat16 tables: each feature's bags,
+    and the weights' and tables' gradients, equal jaxembed.embedding_bag on its own table (which
+    the single-table suite checks against torch), dense and sparse."""
+    tables = [
+        jaxembed.EmbeddingBagConfig("w", 4, 20, ["a", "b"], param_dtype=jnp.bfloat16),
+        jaxembed.EmbeddingBagConfig("x", 4, 9, ["c"], param_dtype=jnp.bfloat16),
+    ]
+    lists = {"a": [[1, 2, 2], [], [5]], "b": [[3], [19, 0], []], "c": [[8, 8], [1], [0]]}
+    weights = {k: [np.linspace(0.5, 2, len(bag)).tolist() for bag in v] for k, v in lists.items()}
+    kj = jaxembed.KeyedJagged.from_lists(lists, weights)
+    params = jaxembed.collections.init(jax.random.key(3), tables)
+    per_table = jaxembed.collections.tables_of(params, tables)
+
+    def collection(params, psw):
+        kjw = jaxembed.KeyedJagged(kj.keys, kj.values, kj.lengths, psw)
+        pooled, _ = jaxembed.embedding_bag_collection(params, kjw, tables)
+        return sum(jnp.sum(jnp.sin(p.astype(jnp.float32))) for p in pooled.values()), pooled
+
+    (_, pooled), (g_params, g_psw) = jax.jit(
+        jax.value_and_grad(collection, argnums=(0, 1), has_aux=True)
+    )(params, kj.weights)
+    # the reference: one embedding_bag per table over its features' bags, in the input's order
+    for t in tables:
+        feats = [f for f in kj.keys if f in t.feature_names]
+        bags = [b for f in feats for b in lists[f]]
+        ws = [w for f in feats for w in weights[f]]
+        ids, offs, n = jaxembed.pad_bags(bags)
+        psw = np.zeros(ids.shape, np.float32)
+        psw[:n] = np.concatenate(ws)
+
+        def single(w, psw, ids=ids, offs=offs, n=n):
+            out, _ = jaxembed.embedding_bag(
+                {"weight": w}, ids, offs, mode="sum", per_sample_weights=psw, num_valid=n
+            )
+            return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+
+        (_, out), (g_w, _) = jax.value_and_grad(single, argnums=(0, 1), has_aux=True)(
+            per_table[t.name], jnp.asarray(psw)
+        )
+        got = jnp.concatenate([pooled[f] for f in feats])
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(out, np.float32))
+        g_table = jaxembed.collections.tables_of(g_params, tables)[t.name]
+        np.testing.assert_array_equal(np.asarray(g_table, np.float32), np.asarray(g_w, np.float32))
+    assert np.isfinite(np.asarray(g_psw)).all() and np.any(np.asarray(g_psw) != 0)
+    # sparse: the same bags, and the spread gradient sums to the dense one
+    pooled_s, lk = jaxembed.collections.lookup(params, kj, tables)
+    for f in pooled:
+        np.testing.assert_array_equal(
+            np.asarray(pooled_s[f], np.float32), np.asarray(pooled[f], np.float32)
+        )
+    cot = jax.grad(lambda p: sum(jnp.sum(jnp.sin(v.astype(jnp.float32))) for v in p.values()))(
+        pooled_s
+    )
+    for name, g in lk.grad(cot).items():
+        w = params[name]["weight"]
+        dense = (
+            jnp.zeros(w.shape, jnp.float32)
+            .at[g.indices]
+            .add(g.values.astype(jnp.float32), mode="drop")
+        )
+        np.testing.assert_allclose(
+            np.asarray(dense),
+            np.asarray(g_params[name]["weight"], np.float32),
+            rtol=1e-2,
+            atol=1e-2,
+        )
+    with pytest.raises(ValueError, match="only sum-pooled"):
+        mean = [jaxembed.EmbeddingBagConfig("m", 4, 20, ["a", "b", "c"], pooling="mean")]
+        jaxembed.embedding_bag_collection(
+            jaxembed.collections.init(jax.random.key(0), mean), kj, mean
+        )
