@@ -634,11 +634,15 @@ def embedding_bag(
       Array([[1., 2.],
              [3., 3.]], dtype=float32)
     """
-    mode, include_last_offset = _options.check_bag_options(
-        mode, include_last_offset, scale_grad_by_freq
-    )
-    options = LookupOptions.of_call(
-        params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
+    mode, include_last_offset, options = _options.bag_call_options(
+        params,
+        mode,
+        include_last_offset,
+        padding_idx,
+        max_norm,
+        norm_type,
+        scale_grad_by_freq,
+        lookup_style,
     )
     return embed_bags(
         params,

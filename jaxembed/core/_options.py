@@ -164,6 +164,24 @@ class TableConfig:
 MODES = ("sum", "mean", "max")
 
 
+def bag_call_options(
+    params: Any,
+    mode: Any,
+    include_last_offset: Any,
+    padding_idx: Any,
+    max_norm: Any,
+    norm_type: Any,
+    scale_grad_by_freq: Any,
+    lookup_style: Any,
+) -> tuple[str, bool, LookupOptions]:
+    """``(mode, include_last_offset, options)`` of a bag front end's call, checked."""
+    mode, include_last_offset = check_bag_options(mode, include_last_offset, scale_grad_by_freq)
+    options = LookupOptions.of_call(
+        params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
+    )
+    return mode, include_last_offset, options
+
+
 def check_bag_options(mode: Any, include_last_offset: Any, scale_grad_by_freq: Any) -> tuple:
     """``(mode, include_last_offset)`` of a bag, checked."""
     if mode not in MODES:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +13,7 @@ from jaxembed.collections import _collection
 from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Plan
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _gradient, _validation
+from jaxembed.modules import _table
 from jaxembed.modules._nnx import FrozenWeight
 from jaxembed.sparse import _nnx as _sparse_nnx
 from jaxembed.sparse._optimizers import RowOptimizer
@@ -27,8 +27,7 @@ class _Collection(nnx.Module):
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
-        signature = inspect.signature(cls.__init__)
-        cls.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+        _table.readable_signature(cls)
 
     def __init__(
         self,
@@ -173,20 +172,6 @@ class EmbeddingBagCollection(_Collection):
 
     _kind = EmbeddingBagConfig
     _prefix = "embedding_bags."
-
-    def __init__(
-        self,
-        tables: Any,
-        *,
-        rngs: nnx.Rngs,
-        sparse: bool = False,
-        stack: bool = True,
-        _weights: Mapping[str, Any] | None = None,
-        _freeze: bool = False,
-    ):
-        super().__init__(
-            tables, rngs=rngs, sparse=sparse, stack=stack, _weights=_weights, _freeze=_freeze
-        )
 
     def __call__(self, features: KeyedJagged) -> dict[str, jax.Array]:
         """``{feature: (B, D)}`` pooled bags (see :func:`jaxembed.embedding_bag_collection`)."""

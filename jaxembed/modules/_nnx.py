@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,9 +41,7 @@ class _TableModule(nnx.Module):
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
-        # help() and inspect.signature show the constructor's arguments, not nnx's (*args, **kw)
-        signature = inspect.signature(cls.__init__)
-        cls.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+        _table.readable_signature(cls)
 
     def __init__(
         self,

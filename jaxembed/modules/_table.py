@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxembed.core import _bag
+
+
+def readable_signature(cls: type) -> None:
+    """``help()`` and ``inspect.signature`` show an nnx module's constructor arguments (not
+    nnx's ``(*args, **kwargs)``, nor the private ones, which start with ``_``)."""
+    signature = inspect.signature(cls.__init__)
+    public = [p for p in list(signature.parameters.values())[1:] if not p.name.startswith("_")]
+    cls.__signature__ = signature.replace(parameters=public)
 
 
 def check_dtypes(dtype: Any, param_dtype: Any) -> None:

@@ -341,11 +341,15 @@ def lookup_bags(
       >>> grad.indices, grad.values[:, 0]
       (Array([1, 1, 4], dtype=int32), Array([0.5, 0.5, 1. ], dtype=float32))
     """
-    mode, include_last_offset = _options.check_bag_options(
-        mode, include_last_offset, scale_grad_by_freq
-    )
-    options = LookupOptions.of_call(
-        params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
+    mode, include_last_offset, options = _options.bag_call_options(
+        params,
+        mode,
+        include_last_offset,
+        padding_idx,
+        max_norm,
+        norm_type,
+        scale_grad_by_freq,
+        lookup_style,
     )
     return lookup_bags_checked(
         params,
