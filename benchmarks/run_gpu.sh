@@ -21,3 +21,6 @@ pt 200 tests/test_sparse.py tests/test_sparse_modules.py
 # dense one, Zipf against uniform, lookup and bag against the copy bandwidth), JSON for the note
 python3 -m jaxembed.bench --backend gpu --vocab 1000000 --dim 128 --batch 65536 --repeat 20 \
   --ids uniform,zipf:1.15 --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+# the DLRM-shaped collection step (issue 16) on the GPU: stacked vs one table vs separate tables
+# (TorchRec on CUDA needs the CUDA fbgemm-gpu, which this machine may lack: skipped here)
+timeout 300 python3 benchmarks/bench_collection.py --rounds 5 --skip torchrec 2>&1 | tee "$out/collection.txt"

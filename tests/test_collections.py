@@ -153,6 +153,53 @@ def test_sequence_features_equal_torchrec_embedding_collection():
     )
 
 
+def test_sparse_sequence_collection_trains_like_torch_sparse_embeddings():
+    """EmbeddingCollection(sparse=True) + SparseAdam against per-table torch nn.Embedding
+    (sparse=True, padding_idx) fed every id of its features."""
+    tables = [
+        jaxembed.EmbeddingConfig("s0", 4, 30, ["a", "b"], padding_idx=2),
+        jaxembed.EmbeddingConfig("s1", 4, 12, ["c"]),
+    ]
+    rng = np.random.default_rng(9)
+    module = jaxembed.EmbeddingCollection(tables, rngs=nnx.Rngs(1), sparse=True)
+    embs = {}
+    for name, w in module.tables().items():
+        t = next(t for t in tables if t.name == name)
+        embs[name] = torch.nn.Embedding(w.shape[0], 4, padding_idx=t.padding_idx, sparse=True)
+        with torch.no_grad():
+            embs[name].weight.copy_(torch.from_numpy(np.array(w)))
+    topt = torch.optim.SparseAdam([e.weight for e in embs.values()], lr=0.05)
+    opt = jaxembed.sparse.Optimizer(module, optax.sgd(0.0), jaxembed.sparse.lazy_adam(0.05))
+
+    @nnx.jit
+    def step(module, opt, kj):
+        def loss(m):
+            out = m(kj)
+            return sum(
+                jnp.sum(jnp.tanh(out[f].values) * (i + 1)) for i, f in enumerate(sorted(out))
+            )
+
+        _, grads = jaxembed.sparse.value_and_grad(loss)(module)
+        opt.update(module, grads)
+
+    for _ in range(3):
+        keys, values, lengths = _case(rng, tables, 3)
+        values[::3] = 2
+        step(module, opt, jaxembed.KeyedJagged.from_lengths(keys, values, lengths, capacity=32))
+        offs = np.concatenate([[0], np.cumsum(lengths)])
+        per = {}
+        for j, f in enumerate(keys):
+            ids = torch.from_numpy(values[offs[j * 3] : offs[j * 3 + 3]].astype(np.int64))
+            per[f] = embs[next(t.name for t in tables if f in t.feature_names)](ids)
+        topt.zero_grad()
+        sum(torch.tanh(per[f]).sum() * (i + 1) for i, f in enumerate(sorted(per))).backward()
+        topt.step()
+    for name, w in module.tables().items():
+        np.testing.assert_allclose(
+            np.asarray(w), embs[name].weight.detach().numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
 # the options TorchRec lacks, against one torch nn.EmbeddingBag per table fed every bag of its
 # features at once (which is what a collection's table sees)
 OPTION_TABLES = [
@@ -238,7 +285,9 @@ def test_options_torchrec_lacks_equal_per_table_torch():
 
 
 def test_stacked_and_unstacked_are_bit_identical():
-    tables = [t for t in OPTION_TABLES if t.pooling != "max"] + [
+    # padding_idx + max_norm, scale_grad_by_freq (each a stack of its own) and two tables that
+    # stack, one at another learning rate
+    tables = OPTION_TABLES[:2] + [
         jaxembed.EmbeddingBagConfig("u", 6, 15, ["f", "g"]),
         jaxembed.EmbeddingBagConfig("v", 6, 5, ["h"], lr_scale=0.5),
     ]
@@ -248,7 +297,7 @@ def test_stacked_and_unstacked_are_bit_identical():
     results = []
     for stack in (True, False):
         params = jaxembed.collections.init(jax.random.key(1), tables, stack=stack)
-        assert len(params) == (4 if stack else 5)  # p, q and s alone (their options), u+v
+        assert len(params) == (3 if stack else 4)  # p and q alone (their options), u+v
 
         def loss(params, stack=stack):
             pooled, _ = jaxembed.embedding_bag_collection(params, kj, tables, stack=stack)
@@ -417,7 +466,7 @@ def test_sparse_embedding_bag_equals_torch_sparse_and_dense():
         offs = offsets[offsets <= (num_valid or 40)]
         loss = lambda m, offs=offs, nv=num_valid: jnp.sum(jnp.sin(m(ids, offs, num_valid=nv)))  # noqa: E731
         value, grads = jax.jit(jaxembed.sparse.value_and_grad(loss))(sparse)
-        dense_value, dense_grads = nnx.value_and_grad(loss)(dense)
+        dense_value, dense_grads = nnx.jit(nnx.value_and_grad(loss))(dense)
         assert value == dense_value
         g = grads.sparse["weight"]
         full = jnp.zeros((16, 3)).at[g.indices].add(g.values, mode="drop")
@@ -440,15 +489,16 @@ def test_new_lengths_and_values_never_retrace():
     tables = [jaxembed.EmbeddingBagConfig("t", 4, 20, ["a", "b"])]
     params = jaxembed.collections.init(jax.random.key(0), tables)
     rng = np.random.default_rng(7)
-    jax.clear_caches()
+    # the other tests of this process may have compiled these for other shapes: count new ones
+    before = (_collection._bag_collection._cache_size(), _collection._sparse_bags._cache_size())
     for _ in range(3):
         keys, values, lengths = _case(rng, tables, 4)
         kj = jaxembed.KeyedJagged.from_lengths(keys, values, lengths, capacity=32)
         jaxembed.embedding_bag_collection(params, kj, tables)
         pooled, lk = jaxembed.collections.lookup(params, kj, tables)
         lk.grad(pooled)
-    assert _collection._bag_collection._cache_size() == 1
-    assert _collection._sparse_bags._cache_size() == 1
+    assert _collection._bag_collection._cache_size() - before[0] <= 1
+    assert _collection._sparse_bags._cache_size() - before[1] <= 1
 
 
 def test_bad_input_raises_naming_it_and_changes_nothing():

@@ -31,7 +31,7 @@ from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Pl
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _bag, _gradient, _layout, _validation
 from jaxembed.core._pipeline import Lookup
-from jaxembed.sparse._lookup import BagLookup, SparseGrad
+from jaxembed.sparse._lookup import BagLookup, SparseGrad, SparseLookup
 from jaxembed.sparse._optimizers import RowOptimizer
 
 Params = dict[str, dict[str, jax.Array]]
@@ -349,28 +349,51 @@ class Jagged(NamedTuple):
         return jnp.where((k[None, :] < self.lengths[:, None])[..., None], rows, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
-def _sequence_collection(weights, features, *, plan):
+def _jagged_features(rows, starts, lengths, keys, js) -> dict[str, Jagged]:
+    """Each of a stack's features as a :class:`Jagged` of the stack's ``(C, D)`` rows:
+    ``starts[i]`` is where feature ``js[i]``'s rows begin, ``lengths`` ``(len(keys), B)``."""
+    k = jnp.arange(rows.shape[0], dtype=jnp.int32)
+    out = {}
+    for i, j in enumerate(js):
+        total = jnp.sum(lengths[j])
+        values = jnp.take(rows, starts[i] + k, axis=0, mode="fill", fill_value=0)
+        out[keys[j]] = Jagged(jnp.where((k < total)[:, None], values, 0), lengths[j])
+    return out
+
+
+def _feature_starts(s: _StackIds) -> jax.Array:
+    """Where each of the stack's features begins in its compacted ids."""
+    return s.starts.reshape(len(s.features), -1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "sparse"))
+def _sequence_collection(weights, features, *, plan, sparse=False):
+    """Every stack's rows as jagged features; with ``sparse``, outside autograd, with each
+    stack's :class:`~jaxembed.sparse.SparseLookup` (its rows' gradient is the update)."""
     feat = _feature_of(features)
-    out, new = {}, []
-    capacity = features.capacity
-    k = jnp.arange(capacity, dtype=jnp.int32)
+    lengths = features.lengths.reshape(len(features.keys), -1)
+    out, new, lookups = {}, [], {}
     for stack, weight in zip(plan.stacks, weights, strict=True):
         s = _stack_ids(stack, features.keys, features, feat)
+        if sparse:
+            weight = jax.lax.stop_gradient(weight)
         lookup = Lookup.start(weight, s.ids, stack.options, _layout.LOCAL, stack.num_embeddings)
         rows = lookup.rows(gradient=False)
+        if sparse:
+            table = weight if lookup.new_weight is None else lookup.new_weight
+            dropped = jnp.where(s.keep, s.ids, stack.num_embeddings)
+            lookups[stack.name] = SparseLookup(
+                {"weight": table}, dropped, lookup.scale(padding=False)
+            )
+            out[stack.name] = (rows, _feature_starts(s))
+            continue
         scale = lookup.scale()
         keep = s.keep.astype(rows.dtype)
         scale = keep if scale is None else scale * keep
         rows = _gradient.with_table_gradient(rows, lookup.weight, lookup.local, scale)
-        lengths = features.lengths.reshape(len(features.keys), -1)
-        starts = s.starts.reshape(len(s.features), -1)[:, 0]
-        for i, j in enumerate(s.features):
-            total = jnp.sum(lengths[j])
-            values = jnp.take(rows, starts[i] + k, axis=0, mode="fill", fill_value=0)
-            out[features.keys[j]] = Jagged(jnp.where((k < total)[:, None], values, 0), lengths[j])
+        out.update(_jagged_features(rows, _feature_starts(s), lengths, features.keys, s.features))
         new.append(lookup.new_weight)
-    return out, new
+    return out, (lookups if sparse else new)
 
 
 def embedding_collection(
@@ -408,6 +431,36 @@ def embedding_collection(
     features = _check_features(features, plan, pooled=False)
     rows, new = _sequence_collection(weights, features, plan=plan)
     return rows, _new_params(params, plan, new)
+
+
+def lookup_sequences(
+    params: Mapping[str, Any], features: KeyedJagged, tables: Any, *, stack: bool = True
+) -> tuple[dict[str, tuple[jax.Array, jax.Array]], dict[str, SparseLookup]]:
+    """:func:`embedding_collection` for sparse training, by stack: ``{stack: (rows (C, D),
+    where each feature starts)}`` outside autograd, and each stack's
+    :class:`~jaxembed.sparse.SparseLookup` (the modules' front end; split the rows into
+    features with :func:`sequence_features`)."""
+    plan = _plan(tables, stack)
+    if plan.tables[0].pooling is not None:
+        raise TypeError("lookup_sequences takes EmbeddingConfigs (not EmbeddingBagConfigs)")
+    weights = _check_params(params, plan)
+    features = _check_features(features, plan, pooled=False)
+    return _sequence_collection(weights, features, plan=plan, sparse=True)
+
+
+def sequence_features(
+    rows: Mapping[str, tuple[jax.Array, jax.Array]], features: KeyedJagged, tables: Any
+) -> dict[str, Jagged]:
+    """The jagged features from :func:`lookup_sequences`'s rows (differentiable in the rows)."""
+    plan = _plan(tables)
+    lengths = features.lengths.reshape(len(features.keys), -1)
+    out = {}
+    for stack in plan.stacks:
+        position = dict(stack.features)
+        js = tuple(j for j, k in enumerate(features.keys) if k in position)
+        stack_rows, starts = rows[stack.name]
+        out.update(_jagged_features(stack_rows, starts, lengths, features.keys, js))
+    return out
 
 
 # -- sparse training ------------------------------------------------------------------------------

@@ -71,6 +71,14 @@ class _Collection(nnx.Module):
             out, new_params = fn(params, features, self.plan)
             self._write_back(params, new_params)
             return out
+        if self.plan.tables[0].pooling is None:  # sequences: the rows carry the gradient
+            rows, lookups = _collection.lookup_sequences(params, features, self.plan)
+            self._write_back(params, {k: lk.params for k, lk in lookups.items()})
+            rows = {
+                k: (tape.record(self.weights[k], r, lookups[k]), starts)
+                for k, (r, starts) in rows.items()
+            }
+            return _collection.sequence_features(rows, features, self.plan)
         bags, lk = _collection.lookup_stacks(params, features, self.plan)
         self._write_back(params, lk.params)
         bags = {k: tape.record(self.weights[k], bags[k], lk.lookups[k]) for k in bags}
@@ -188,7 +196,8 @@ class EmbeddingCollection(_Collection):
 
     Args are :class:`EmbeddingBagCollection`'s, with :class:`~jaxembed.EmbeddingConfig` tables.
     Calling it returns ``{feature: Jagged}`` (``values`` ``(capacity, D)``, ``lengths`` ``(B,)``),
-    see :func:`jaxembed.embedding_collection`. ``sparse=True`` is not supported yet.
+    see :func:`jaxembed.embedding_collection`. With ``sparse=True`` each stack's gradient is its
+    looked-up rows (padding and out-of-range entries dropped), as :class:`jaxembed.Embedding`'s.
 
     Example:
       >>> import jaxembed
@@ -202,23 +211,6 @@ class EmbeddingCollection(_Collection):
 
     _kind = EmbeddingConfig
     _prefix = "embeddings."
-
-    def __init__(
-        self,
-        tables: Any,
-        *,
-        rngs: nnx.Rngs,
-        sparse: bool = False,
-        stack: bool = True,
-        _weights: Mapping[str, Any] | None = None,
-        _freeze: bool = False,
-    ):
-        if _validation.check_flag("sparse", sparse):
-            raise ValueError(
-                "EmbeddingCollection(sparse=True) is not supported yet: train it densely, or use "
-                "jaxembed.sparse.lookup per table"
-            )
-        super().__init__(tables, rngs=rngs, stack=stack, _weights=_weights, _freeze=_freeze)
 
     def __call__(self, features: KeyedJagged) -> dict[str, _collection.Jagged]:
         """``{feature: Jagged}`` rows (see :func:`jaxembed.embedding_collection`)."""
