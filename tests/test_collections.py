@@ -12,6 +12,8 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxembed
 from jaxembed.collections import _collection
@@ -659,4 +661,86 @@ def test_weighted_features_and_bf16_tables_equal_single_tables():
         mean = [jaxembed.EmbeddingBagConfig("m", 4, 20, ["a", "b", "c"], pooling="mean")]
         jaxembed.embedding_bag_collection(
             jaxembed.collections.init(jax.random.key(0), mean), kj, mean
+        )
+
+
+@st.composite
+def _collections(draw):
+    """Random tables (shared, stackable or not, every option) and jagged features for them."""
+    tables, n_features = [], 0
+    dim = draw(st.sampled_from([2, 3]))
+    for i in range(draw(st.integers(1, 3))):
+        rows = draw(st.integers(1, 12))
+        pooling = draw(st.sampled_from(["sum", "mean", "max"]))
+        feats = [f"f{n_features + k}" for k in range(draw(st.integers(1, 2)))]
+        n_features += len(feats)
+        tables.append(
+            jaxembed.EmbeddingBagConfig(
+                f"t{i}",
+                draw(st.sampled_from([dim, dim, 4])),
+                rows,
+                feats,
+                pooling=pooling,
+                padding_idx=draw(st.none() | st.integers(0, rows - 1)),
+                max_norm=draw(st.sampled_from([None, None, 0.5, 2.0])),
+                scale_grad_by_freq=pooling != "max" and draw(st.booleans()),
+                stack=draw(st.sampled_from([True, True, False])),
+            )
+        )
+    batch = draw(st.integers(1, 3))
+    keys = draw(st.permutations([f for t in tables for f in t.feature_names]))
+    lengths = [draw(st.integers(0, 4)) for _ in range(len(keys) * batch)]
+    values = []
+    for j, f in enumerate(keys):
+        rows = next(t.num_embeddings for t in tables if f in t.feature_names)
+        n = sum(lengths[j * batch : (j + 1) * batch])
+        values += draw(st.lists(st.integers(0, rows - 1), min_size=n, max_size=n))
+    return tables, keys, np.array(values, np.int32), np.array(lengths, np.int32), batch
+
+
+@settings(max_examples=max(4, settings().max_examples // 4))
+@given(_collections())
+def test_random_collections_equal_one_embedding_bag_per_table(case):
+    """Any mix of tables, options, stacking and empty bags: each table's bags, renormed rows and
+    gradient equal jaxembed.embedding_bag (torch-checked on its own) on its features' bags."""
+    tables, keys, values, lengths, batch = case
+    params = jax.tree.map(lambda w: w * 3, jaxembed.collections.init(jax.random.key(0), tables))
+    kj = jaxembed.KeyedJagged.from_lengths(keys, values, lengths, capacity=64)
+
+    def loss(params):
+        pooled, new = jaxembed.embedding_bag_collection(params, kj, tables)
+        return sum(jnp.sum(jnp.sin(v) * (i + 1)) for i, v in enumerate(pooled.values())), (
+            pooled,
+            new,
+        )
+
+    (_, (pooled, new)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    weights = jaxembed.collections.tables_of(params, tables)
+    offs = np.concatenate([[0], np.cumsum(lengths)])
+    order = list(pooled)  # the weights of the loss above follow this order
+    for t in tables:
+        feats = [f for f in keys if f in t.feature_names]
+        bags = [values[offs[keys.index(f) * batch + b] : offs[keys.index(f) * batch + b + 1]]
+                for f in feats for b in range(batch)]  # fmt: skip
+        ids, starts, n = jaxembed.pad_bags(bags)
+
+        def single(w, ids=ids, starts=starts, n=n, t=t, feats=feats):
+            out, new = jaxembed.embedding_bag(
+                {"weight": w}, ids, starts, mode=t.pooling, padding_idx=t.padding_idx,
+                max_norm=t.max_norm, scale_grad_by_freq=t.scale_grad_by_freq, num_valid=n,
+            )  # fmt: skip
+            per = out.reshape(len(feats), batch, -1)
+            total = sum(
+                jnp.sum(jnp.sin(per[i]) * (order.index(f) + 1)) for i, f in enumerate(feats)
+            )
+            return total, (per, new)
+
+        (_, (per, new_single)), g = jax.value_and_grad(single, has_aux=True)(weights[t.name])
+        for i, f in enumerate(feats):
+            np.testing.assert_allclose(pooled[f], per[i], rtol=1e-6, atol=1e-7, err_msg=f)
+        np.testing.assert_allclose(
+            jaxembed.collections.tables_of(new, tables)[t.name], new_single["weight"], rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            jaxembed.collections.tables_of(grads, tables)[t.name], g, rtol=1e-5, atol=1e-6
         )

@@ -81,10 +81,11 @@ class KeyedJagged:
         lengths = _index_policy.as_integer_array(lengths, "lengths")
         if values.ndim != 1:
             raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
-        if lengths.ndim != 1 or lengths.shape[0] % len(self.keys):
+        if lengths.ndim != 1 or lengths.shape[0] % len(self.keys) or lengths.shape[0] == 0:
             raise ValueError(
-                f"lengths must be 1-D with a multiple of len(keys) = {len(self.keys)} entries "
-                f"(one per feature and sample, feature-major), got shape {tuple(lengths.shape)}"
+                f"lengths must be 1-D with a non-zero multiple of len(keys) = {len(self.keys)} "
+                "entries (one per feature and sample, feature-major: at least one sample), got "
+                f"shape {tuple(lengths.shape)}"
             )
         if not isinstance(lengths, jax.core.Tracer):
             host = np.asarray(lengths).astype(np.int64)
