@@ -527,6 +527,14 @@ def test_bad_input_raises_naming_it_and_changes_nothing():
         jaxembed.KeyedJagged(["a"], np.arange(4), [-1])
     with pytest.raises(TypeError, match="values"):
         jaxembed.KeyedJagged(["a"], np.ones(2), [1])
+    # unpooled tables have no bags to look up for sparse training
+    seq = [jaxembed.EmbeddingConfig("s", 4, 10, ["a"])]
+    with pytest.raises(TypeError, match=r"collections\.lookup takes EmbeddingBagConfigs"):
+        jaxembed.collections.lookup(
+            jaxembed.collections.init(jax.random.key(0), seq),
+            jaxembed.KeyedJagged.from_lists({"a": [[1]]}),
+            seq,
+        )
     after = jax.tree.map(np.asarray, nnx.state(module))
     jax.tree.map(np.testing.assert_array_equal, before, after)
     # under jit an id outside its table is a NaN bag, never a neighbouring table's row

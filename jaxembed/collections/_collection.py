@@ -184,6 +184,15 @@ def _check_features(features: Any, plan: Plan, pooled: bool) -> KeyedJagged:
     return features
 
 
+def _prepare(params, features, tables, stack, *, pooled: bool, name: str):
+    """``(plan, weights, features)`` of an entry point's call, each checked."""
+    plan = _plan(tables, stack)
+    if (plan.tables[0].pooling is not None) != pooled:
+        kind = "EmbeddingBagConfigs" if pooled else "EmbeddingConfigs (not EmbeddingBagConfigs)"
+        raise TypeError(f"{name} takes {kind}")
+    return plan, _check_params(params, plan), _check_features(features, plan, pooled=pooled)
+
+
 class _StackIds(NamedTuple):
     """One stack's share of the features, ready for the pipeline."""
 
@@ -198,7 +207,7 @@ class _StackIds(NamedTuple):
 def _stack_ids(stack: Stack, keys: tuple[str, ...], features: KeyedJagged, feat) -> _StackIds:
     num_features, capacity = len(keys), features.capacity
     position = dict(stack.features)
-    js = tuple(j for j, k in enumerate(keys) if k in position)
+    js = stack.positions_in(keys)
     offset = np.full(num_features + 1, -1, np.int32)
     rows = np.zeros(num_features + 1, np.int32)
     pad = np.full(num_features + 1, -1, np.int32)
@@ -306,11 +315,9 @@ def embedding_bag_collection(
       >>> pooled["a"][:, 0], pooled["b"][:, 0]
       (Array([2., 0.], dtype=float32), Array([1., 3.], dtype=float32))
     """
-    plan = _plan(tables, stack)
-    if plan.tables[0].pooling is None:
-        raise TypeError("embedding_bag_collection takes EmbeddingBagConfigs")
-    weights = _check_params(params, plan)
-    features = _check_features(features, plan, pooled=True)
+    plan, weights, features = _prepare(
+        params, features, tables, stack, pooled=True, name="embedding_bag_collection"
+    )
     pooled, new = _bag_collection(weights, features, plan=plan)
     return pooled, _new_params(params, plan, new)
 
@@ -424,11 +431,9 @@ def embedding_collection(
       >>> rows["a"].values.shape, rows["a"].lengths
       ((16, 2), Array([2, 1], dtype=int32))
     """
-    plan = _plan(tables, stack)
-    if plan.tables[0].pooling is not None:
-        raise TypeError("embedding_collection takes EmbeddingConfigs (not EmbeddingBagConfigs)")
-    weights = _check_params(params, plan)
-    features = _check_features(features, plan, pooled=False)
+    plan, weights, features = _prepare(
+        params, features, tables, stack, pooled=False, name="embedding_collection"
+    )
     rows, new = _sequence_collection(weights, features, plan=plan)
     return rows, _new_params(params, plan, new)
 
@@ -440,11 +445,9 @@ def lookup_sequences(
     where each feature starts)}`` outside autograd, and each stack's
     :class:`~jaxembed.sparse.SparseLookup` (the modules' front end; split the rows into
     features with :func:`sequence_features`)."""
-    plan = _plan(tables, stack)
-    if plan.tables[0].pooling is not None:
-        raise TypeError("lookup_sequences takes EmbeddingConfigs (not EmbeddingBagConfigs)")
-    weights = _check_params(params, plan)
-    features = _check_features(features, plan, pooled=False)
+    plan, weights, features = _prepare(
+        params, features, tables, stack, pooled=False, name="lookup_sequences"
+    )
     return _sequence_collection(weights, features, plan=plan, sparse=True)
 
 
@@ -456,8 +459,7 @@ def sequence_features(
     lengths = features.lengths.reshape(len(features.keys), -1)
     out = {}
     for stack in plan.stacks:
-        position = dict(stack.features)
-        js = tuple(j for j, k in enumerate(features.keys) if k in position)
+        js = stack.positions_in(features.keys)
         stack_rows, starts = rows[stack.name]
         out.update(_jagged_features(stack_rows, starts, lengths, features.keys, js))
     return out
@@ -492,8 +494,7 @@ class CollectionLookup:
 
     def features_of(self, stack: Stack) -> tuple[str, ...]:
         """The stack's features, in the order of its bags (the jagged input's)."""
-        position = dict(stack.features)
-        return tuple(k for k in self.keys if k in position)
+        return tuple(self.keys[j] for j in stack.positions_in(self.keys))
 
     def grad(self, pooled_grads: Mapping[str, jax.Array]) -> dict[str, SparseGrad]:
         """``{stack: SparseGrad}`` from the gradient of the loss w.r.t. the pooled features.
@@ -539,9 +540,10 @@ def lookup_stacks(
 ) -> tuple[dict[str, jax.Array], CollectionLookup]:
     """:func:`lookup` by stack: ``{stack: (bags of its features, D)}`` (the modules' front end,
     which records each stack's bags for :func:`jaxembed.sparse.value_and_grad`)."""
-    plan = _plan(tables, stack)
-    weights = _check_params(params, plan)
-    features = _check_features(features, plan, pooled=True)
+    # (an unpooled table here would be summed silently: the check refuses it)
+    plan, weights, features = _prepare(
+        params, features, tables, stack, pooled=True, name="collections.lookup"
+    )
     bags, lookups = _sparse_bags(weights, features, plan=plan)
     return bags, CollectionLookup(plan, features.keys, lookups)
 

@@ -198,6 +198,12 @@ class Stack:
         """``(feature, table position in the stack)`` for each feature of the stack."""
         return tuple((f, i) for i, t in enumerate(self.tables) for f in t.feature_names)
 
+    def positions_in(self, keys: Sequence[str]) -> tuple[int, ...]:
+        """Where this stack's features are among the jagged input's ``keys``, in their order
+        (the order of the stack's bags)."""
+        mine = {f for f, _ in self.features}
+        return tuple(j for j, k in enumerate(keys) if k in mine)
+
     def lr_scales(self) -> tuple[float, ...] | None:
         """Each table's ``lr_scale``, or None when all are 1."""
         scales = tuple(t.lr_scale for t in self.tables)
@@ -270,15 +276,3 @@ class Plan:
 
     def table_of(self, feature: str) -> EmbeddingConfig:
         return next(t for t in self.tables if feature in t.feature_names)
-
-    def stack_of(self, table: str) -> tuple[Stack, int]:
-        """The stack holding ``table``, and the table's row offset in it."""
-        for s in self.stacks:
-            for t, off in zip(s.tables, s.offsets, strict=True):
-                if t.name == table:
-                    return s, off
-        raise KeyError(table)
-
-
-def check_tables(tables: Sequence[Any], kind: type, stack: bool = True) -> Plan:
-    return Plan.of(tables, kind, stack=stack)
