@@ -6,7 +6,8 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
   :func:`renorm`, :func:`init`, and the one lookup pipeline under all of them;
 * :mod:`jaxembed.sparse`: sparse training of large tables (row-wise optimizers);
 * :mod:`jaxembed.collections`: many tables over jagged keyed features (TorchRec's names);
-* :mod:`jaxembed.sharding`: :class:`TableSharding`, tables split over a JAX mesh;
+* :mod:`jaxembed.sharding`: :class:`TableSharding`, tables split over a JAX mesh, and
+  :func:`plan`, a collection's tables placed on one;
 * :mod:`jaxembed.modules`: the Flax modules (nnx here as :class:`Embedding` and
   :class:`EmbeddingBag`; linen as :mod:`jaxembed.linen`);
 * :mod:`jaxembed.bench`: the ``jaxembed-bench`` command.
@@ -16,7 +17,7 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 
 import importlib as _importlib
 
-from jaxembed import collections, sparse
+from jaxembed import collections, sharding, sparse
 from jaxembed._interop import (
     from_torch,
     load_safetensors,
@@ -48,7 +49,7 @@ from jaxembed.modules import (
     EmbeddingCollection,
     FrozenWeight,
 )
-from jaxembed.sharding import TableSharding
+from jaxembed.sharding import ShardingPlan, TableSharding, plan
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "FrozenWeight",
     "KeyedJagged",
     "LookupStyle",
+    "ShardingPlan",
     "TableSharding",
     "collections",
     "default_embedding_init",
@@ -75,9 +77,11 @@ __all__ = [
     "linen",
     "load_safetensors",
     "pad_bags",
+    "plan",
     "renorm",
     "safetensors_names",
     "save_safetensors",
+    "sharding",
     "sparse",
     "to_torch",
 ]

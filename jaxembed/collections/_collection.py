@@ -124,21 +124,29 @@ def tables_of(params: Mapping[str, Any], tables: Any, *, stack: bool = True) -> 
 
 
 def _check_params(params: Mapping[str, Any], plan: Plan) -> tuple[jax.Array, ...]:
+    shapes = {s.name: (s.num_embeddings, s.embedding_dim) for s in plan.stacks}
+    hint = "jaxembed.collections.init or stack_tables for these tables"
+    return check_named_tables(params, shapes, hint)
+
+
+def check_named_tables(
+    params: Any, shapes: Mapping[str, tuple[int, int]], hint: str
+) -> tuple[jax.Array, ...]:
+    """The tables of ``params`` (``{name: {"weight": table}}``), one per name of ``shapes`` and of
+    its shape, in its order; else ``TypeError`` / ``ValueError`` (``hint``: how to build them)."""
     if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a mapping of stack name to table, got {type(params)}")
-    expected = [s.name for s in plan.stacks]
-    if set(params) != set(expected):
+        raise TypeError(f"params must be a mapping of table name to table, got {type(params)}")
+    if set(params) != set(shapes):
         raise ValueError(
-            f"params hold the stacks {sorted(params)}, the tables stack as {expected} "
-            "(build params with jaxembed.collections.init or stack_tables for these tables)"
+            f"params hold the tables {sorted(params)}, these tables are laid out as "
+            f"{list(shapes)} (build params with {hint})"
         )
     weights = []
-    for s in plan.stacks:
-        w = _validation.check_weight(params[s.name])
-        if w.shape != (s.num_embeddings, s.embedding_dim):
+    for name, shape in shapes.items():
+        w = _validation.check_weight(params[name])
+        if tuple(w.shape) != tuple(shape):
             raise ValueError(
-                f"params[{s.name!r}] has shape {tuple(w.shape)}, expected "
-                f"({s.num_embeddings}, {s.embedding_dim})"
+                f"params[{name!r}] has shape {tuple(w.shape)}, expected {tuple(shape)}"
             )
         weights.append(w)
     return tuple(weights)

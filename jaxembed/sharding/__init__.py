@@ -1,4 +1,4 @@
-"""Tables on a JAX mesh: the :class:`TableSharding` layout and the sharded row-wise update.
+"""Tables on a JAX mesh: one table by :class:`TableSharding`, a collection by a planned layout.
 
 What this folder owns, module by module:
 
@@ -6,12 +6,67 @@ What this folder owns, module by module:
   table and its lookups, their checks, the placement of arrays, and the device steps the core's
   one lookup body calls (localize, gather the indices over ``batch``, combine over ``vocab``);
 * ``_update``: a row-wise optimizer on a sharded table (public as
-  :func:`jaxembed.sparse.sharded`, which reaches it through ``TableSharding.rowwise``).
+  :func:`jaxembed.sparse.sharded`, which reaches it through ``TableSharding.rowwise``);
+* ``_placement``: a collection's layout: a :class:`Placement` per table (data-parallel,
+  table-wise, row-wise, column-wise), the :class:`ShardingPlan` holding them, and the groups of
+  tables that share one physical array;
+* ``_planner``: :func:`plan`, which chooses the placements from table sizes, device memory and
+  a documented cost model, and :func:`collective_bytes`, what a compiled step moves;
+* ``_collection``: a collection's lookups, sparse lookups and row-wise updates on the mesh
+  under ``jax.shard_map``, with TorchRec's communication.
 
-It may import :mod:`jaxembed.core` and :mod:`jaxembed.sparse`. Nothing below it imports it: the
-core and the sparse update reach it through the ``Layout`` interface.
+It may import :mod:`jaxembed.core`, :mod:`jaxembed.sparse` and :mod:`jaxembed.collections`.
+Nothing below it imports it: the core and the sparse update reach it through the ``Layout``
+interface.
 """
 
+from jaxembed.sharding._collection import (
+    ShardedLookup,
+    embedding_bag_collection,
+    init,
+    lookup,
+    optimizer,
+    put_features,
+    shard_params,
+    spec_of,
+    step_bytes,
+    tables_of,
+)
 from jaxembed.sharding._layout import TableSharding
+from jaxembed.sharding._placement import (
+    Group,
+    Kind,
+    Placement,
+    ShardingPlan,
+    by_hand,
+    column_wise,
+    data_parallel,
+    row_wise,
+    table_wise,
+)
+from jaxembed.sharding._planner import collective_bytes, plan
 
-__all__ = ["TableSharding"]
+__all__ = [
+    "Group",
+    "Kind",
+    "Placement",
+    "ShardedLookup",
+    "ShardingPlan",
+    "TableSharding",
+    "by_hand",
+    "collective_bytes",
+    "column_wise",
+    "data_parallel",
+    "embedding_bag_collection",
+    "init",
+    "lookup",
+    "optimizer",
+    "plan",
+    "put_features",
+    "row_wise",
+    "shard_params",
+    "spec_of",
+    "step_bytes",
+    "table_wise",
+    "tables_of",
+]

@@ -54,3 +54,20 @@ def test_sharded_benchmark_memory_per_device():
                 local_rows = vocab // (shards if layout.startswith("vocab") else 1)
                 bound = row["table_per_device_mib"] / 4 + 2 * local_rows * 4 / 2**20
                 assert row["temp_per_device_mib"] < bound, (layout, row)
+
+
+def test_dlrm_on_8_devices_with_the_planners_layout(capsys):
+    path = EXAMPLE.parent / "dlrm_sharded.py"
+    spec = importlib.util.spec_from_file_location("dlrm_sharded", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flags = "--devices 8 --steps 30 --batch 64 --dim 4 --cap 20000 --replicate-below 16"
+    result = module.main([*flags.split(), "--eval-every", "15"])
+    out = capsys.readouterr().out
+    assert "ShardingPlan over 8 devices" in out and "table_wise@" in out
+    kinds = {p.kind.value for _, p in result["plan"].placements}
+    assert {"data_parallel", "table_wise"} <= kinds
+    losses = result["losses"]
+    assert len(losses) == 30 and np.isfinite(losses).all()
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert all(0 <= a <= 1 for _, a in result["aucs"])

@@ -1,0 +1,165 @@
+"""A planned collection on a mesh: memory per device, bytes moved per step, and step time.
+
+Criteo-shaped DLRM tables (26, capped), Zipf ids, placed by ``jaxembed.plan`` over the devices.
+In one process it reports:
+
+* each device's bytes of tables and optimizer state, against the plan's estimate;
+* the bytes every collective of the lookup and of the gradient exchanges, read off the compiled
+  HLO, against ``jaxembed.sharding.step_bytes``;
+* the sparse training step's time on the mesh against the same collection on one device,
+  interleaved rounds, donated. Fake CPU devices share the machine's cores: this measures the
+  sharded program's overhead, not a speed-up.
+
+    python benchmarks/bench_collection_mesh.py                # 8 fake CPU devices
+    python benchmarks/bench_collection_mesh.py --devices 0    # every real device (GPUs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=8, help="fake CPU devices; 0: the real ones")
+    ap.add_argument("--batch", type=int, default=4096, help="the global batch")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--cap", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.devices:
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType
+
+    import jaxembed
+    from jaxembed import sharding as S
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from _timing import median_ms
+    from dlrm import CRITEO
+
+    k = args.devices or jax.device_count()
+    mesh = jax.make_mesh((k,), ("x",), axis_types=(AxisType.Auto,), devices=jax.devices()[:k])
+    rows = [min(c, args.cap) for c in CRITEO]
+    tables = [jaxembed.EmbeddingBagConfig(f"t{i}", args.dim, r, [f"cat_{i}"])
+              for i, r in enumerate(rows)]  # fmt: skip
+    tx = jaxembed.sparse.rowwise_adagrad(0.05)
+    plan = jaxembed.plan(tables, mesh, optimizer=tx, batch_size=args.batch, pooling_factors=4.0)
+    print(f"{jax.devices()[0].device_kind} x {k}; {len(rows)} tables, {sum(rows):,} rows x "
+          f"{args.dim}; batch {args.batch}")  # fmt: skip
+    print(plan)
+
+    rng = np.random.default_rng(0)
+    local = args.batch // k
+    lists = {}
+    for i, r in enumerate(rows):
+        lengths = np.minimum(rng.zipf(1.5, args.batch), 8)
+        ids = (rng.zipf(1.1, int(lengths.sum())) - 1) % r
+        lists[f"cat_{i}"] = np.split(ids, np.cumsum(lengths)[:-1])
+    capacity = max(sum(len(b) for v in lists.values() for b in v[d * local:(d + 1) * local])
+                   for d in range(k))  # fmt: skip
+    capacity = 1 << (capacity - 1).bit_length()
+    whole = jaxembed.KeyedJagged.from_lists({f: [list(b) for b in v] for f, v in lists.items()},
+                                            capacity=capacity * k)  # fmt: skip
+    blocks = [
+        jaxembed.KeyedJagged.from_lists(
+            {f: [list(b) for b in v[d * local : (d + 1) * local]] for f, v in lists.items()},
+            capacity=capacity,
+        )
+        for d in range(k)
+    ]
+    features = S.put_features(blocks, plan)
+
+    # memory: each device's bytes of tables and state, against the plan's estimate
+    params = S.init(jax.random.key(0), plan)
+    opt = S.optimizer(tx, plan)
+    state = opt.init(params)
+    held = {}
+    for leaf in jax.tree.leaves((params, state)):
+        for shard in leaf.addressable_shards:
+            held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+    held = np.array([held[d.id] for d in mesh.devices.reshape(-1)])
+    estimate = np.array(plan.memory(tx))
+    once = sum(
+        S._placement.block_bytes(t.num_embeddings, t.embedding_dim, t.param_dtype, tx)
+        for t in tables
+    )
+    print(
+        f"memory per device: held / plan estimate = {(held / estimate).min():.3f} .. "
+        f"{(held / estimate).max():.3f}; max {held.max() / 2**20:.1f} MiB, mean "
+        f"{held.mean() / 2**20:.1f} MiB (all tables and state once: "
+        f"{once / 2**20:.1f} MiB)"
+    )
+
+    # communication: the compiled programs' collectives against the plan's statement
+    stated = S.step_bytes(plan, features)
+    weights = tuple(params[g.name]["weight"] for g in plan.groups)
+    with jax.set_mesh(mesh):
+        hlo = S._collection._collection.lower(weights, features, plan=plan, sparse=True)
+        seen = S.collective_bytes(hlo.compile().as_text())
+        _, lk = S.lookup(params, features, plan)
+        cot = {f: np.ones((args.batch, args.dim), np.float32) for f in features.keys}
+        grad_hlo = S._collection._grads.lower(cot, lk.pieces, plan=plan, keys=features.keys)
+        grad_seen = S.collective_bytes(grad_hlo.compile().as_text())
+    for what, plan_bytes, hlo_bytes in (("lookup", stated["lookup"], seen),
+                                        ("grad", stated["grad"], grad_seen)):  # fmt: skip
+        for op in sorted(set(plan_bytes) | set(hlo_bytes)):
+            a, b = plan_bytes.get(op, 0), hlo_bytes.get(op, 0)
+            print(
+                f"  {what:6s} {op:15s} plan {a / 2**20:8.3f} MiB  HLO {b / 2**20:8.3f} MiB  "
+                f"ratio {b / a if a else float('nan'):.3f}"
+            )
+
+    # the step: sharded on the mesh vs the same collection on one device
+    def loss(pooled):
+        return sum((v * v).sum() for v in pooled.values())
+
+    def sharded_step(p, st, features):
+        pooled, lk = S.lookup(p, features, plan)
+        return opt.update(lk.grad(jax.grad(loss)(pooled)), st, lk.params)
+
+    one = jax.devices()[0]
+    single_params = jax.device_put(jaxembed.collections.init(jax.random.key(0), tables), one)
+    single_opt = jaxembed.collections.optimizer(tx, tables)
+    single_state = single_opt.init(single_params)
+    whole = jax.device_put(whole, one)
+
+    def single_step(p, st, features):
+        pooled, lk = jaxembed.collections.lookup(p, features, tables)
+        return single_opt.update(lk.grad(jax.grad(loss)(pooled)), st, lk.params)
+
+    sharded_jit = jax.jit(sharded_step, donate_argnums=(0, 1))
+    single_jit = jax.jit(single_step, donate_argnums=(0, 1))
+    box = {"s": (params, state), "1": (single_params, single_state)}
+
+    def run_sharded():
+        with jax.set_mesh(mesh):
+            box["s"] = sharded_jit(*box["s"], features)
+        jax.block_until_ready(box["s"])
+
+    def run_single():
+        box["1"] = single_jit(*box["1"], whole)
+        jax.block_until_ready(box["1"])
+
+    ratios = []
+    for r in range(args.rounds):
+        t_sharded = median_ms(run_sharded, args.repeat)
+        t_single = median_ms(run_single, args.repeat)
+        ratios.append(t_sharded / t_single)
+        print(f"round {r}: sharded on {k} devices {t_sharded:8.1f} ms, one device "
+              f"{t_single:8.1f} ms, ratio {ratios[-1]:.2f}")  # fmt: skip
+    print(f"sharded / one device step time: median {np.median(ratios):.2f} "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
+    return {"held": held, "estimate": estimate, "ratios": ratios, "stated": stated,
+            "seen": {"lookup": seen, "grad": grad_seen}}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

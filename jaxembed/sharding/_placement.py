@@ -1,0 +1,342 @@
+"""Where each table of a collection lives on a mesh: :class:`Placement` and :class:`ShardingPlan`.
+
+A plan is a plain value: one :class:`Placement` per table, the mesh and the one mesh axis the
+collection spreads over (each device holds a slice of the batch and a share of the tables, as a
+TorchRec world does). Tables are grouped after placement: the tables of one placement kind that
+could stack (same dim, dtype, pooling, ``max_norm``, ``norm_type``, ``scale_grad_by_freq``;
+:mod:`jaxembed.collections._config`) share one physical array, a :class:`Group`:
+
+====================  ===================  ==================================================
+kind                  the group's array    each device holds
+====================  ===================  ==================================================
+``data_parallel``     ``(V, D)``           the whole stack (replicated)
+``table_wise``        ``(K * R, D)``       block ``k``: the tables placed on device ``k``,
+                                           stacked, padded with zero rows to ``R``, the
+                                           fullest block's rows
+``row_wise``          ``(K * ceil(V/K), D)``  a contiguous ``1/K`` of the stack's rows
+``column_wise``       ``(V, D)``           ``D / K`` of every row's columns
+====================  ===================  ==================================================
+
+``K`` is the axis' size. The plan's memory (:meth:`ShardingPlan.memory`) counts exactly these
+blocks, padding included, and the optimizer state shaped like them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxembed.collections._config import EmbeddingBagConfig, Plan, Stack, _stack_key
+
+
+class Kind(enum.Enum):
+    """How a table is placed (TorchRec's sharding types)."""
+
+    DATA_PARALLEL = "data_parallel"
+    TABLE_WISE = "table_wise"
+    ROW_WISE = "row_wise"
+    COLUMN_WISE = "column_wise"
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One table's placement.
+
+    Attributes:
+      kind: a :class:`Kind` (or its value, e.g. ``"row_wise"``).
+      device: for ``table_wise``, the device's position along the plan's axis; else None.
+
+    Example:
+      >>> import jaxembed
+      >>> jaxembed.sharding.Placement("table_wise", 3)
+      Placement('table_wise', 3)
+    """
+
+    kind: Kind
+    device: int | None = None
+
+    def __post_init__(self):
+        try:
+            kind = Kind(self.kind.value if isinstance(self.kind, Kind) else self.kind)
+        except ValueError:
+            raise ValueError(
+                f"kind must be one of {[k.value for k in Kind]}, got {self.kind!r}"
+            ) from None
+        object.__setattr__(self, "kind", kind)
+        if kind is Kind.TABLE_WISE:
+            if isinstance(self.device, bool) or not isinstance(self.device, (int, np.integer)):
+                raise TypeError(f"a table_wise placement needs device=<int>, got {self.device!r}")
+            object.__setattr__(self, "device", int(self.device))
+        elif self.device is not None:
+            raise ValueError(f"device is for table_wise placements only, got {kind.value} with it")
+
+    def __repr__(self) -> str:
+        extra = "" if self.device is None else f", {self.device}"
+        return f"Placement({self.kind.value!r}{extra})"
+
+    def __str__(self) -> str:
+        return self.kind.value + ("" if self.device is None else f"@{self.device}")
+
+
+def data_parallel() -> Placement:
+    """Replicated on every device; each device pools its own samples."""
+    return Placement(Kind.DATA_PARALLEL)
+
+
+def table_wise(device: int) -> Placement:
+    """The whole table on one device: its ids are sent there and its bags sent back."""
+    return Placement(Kind.TABLE_WISE, device)
+
+
+def row_wise() -> Placement:
+    """Rows split evenly over the devices; partial bag sums are reduce-scattered."""
+    return Placement(Kind.ROW_WISE)
+
+
+def column_wise() -> Placement:
+    """Columns split evenly over the devices; each device's column slice of the bags moves."""
+    return Placement(Kind.COLUMN_WISE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Tables sharing one physical array on the mesh (see the module's table).
+
+    Attributes:
+      name: the params key, ``"<kind>:<table>+<table>..."``.
+      kind: the placement kind.
+      stack: the stack of all the group's tables (its row offsets are the unsharded stack's).
+      slots: ``table_wise``: each device's stack (None where it holds none); else ``()``.
+      rows, cols: each device's block of the array.
+      devices: the devices along the plan's axis.
+    """
+
+    name: str
+    kind: Kind
+    stack: Stack
+    slots: tuple[Stack | None, ...]
+    rows: int
+    cols: int
+    devices: int
+
+    @property
+    def global_shape(self) -> tuple[int, int]:
+        """The whole array's shape (blocks side by side as the kind lays them out)."""
+        if self.kind is Kind.DATA_PARALLEL:
+            return (self.rows, self.cols)
+        if self.kind is Kind.COLUMN_WISE:
+            return (self.rows, self.cols * self.devices)
+        return (self.rows * self.devices, self.cols)
+
+    @property
+    def dtype(self) -> Any:
+        return self.stack.dtype
+
+    @property
+    def split_rows(self) -> bool:
+        """Whether each device's block holds other rows (row- and table-wise)."""
+        return self.kind in (Kind.ROW_WISE, Kind.TABLE_WISE)
+
+    def where(self, table: str) -> tuple[int | None, int]:
+        """``(device, row offset in its block)`` of a table (device None: every device)."""
+        if self.kind is Kind.TABLE_WISE:
+            for d, slot in enumerate(self.slots):
+                if slot is not None:
+                    for t, off in zip(slot.tables, slot.offsets, strict=True):
+                        if t.name == table:
+                            return d, off
+            raise KeyError(table)
+        i = [t.name for t in self.stack.tables].index(table)
+        return None, self.stack.offsets[i]
+
+
+def _stack_of(name: str, tables: Sequence[Any]) -> Stack:
+    offsets = tuple(int(x) for x in np.cumsum([0] + [t.num_embeddings for t in tables]))
+    return Stack(name, tuple(tables), offsets[:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """A collection of pooled tables placed on a mesh: printable, editable, hashable.
+
+    Build one with :func:`jaxembed.plan` (or by hand); edit it with :meth:`replace`. It is the
+    ``sharding`` of :func:`jaxembed.sharding.embedding_bag_collection`,
+    :func:`jaxembed.sharding.lookup`, :func:`jaxembed.sharding.optimizer` and
+    :class:`jaxembed.EmbeddingBagCollection`.
+
+    Attributes:
+      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table.
+      placements: ``((table name, Placement), ...)`` in the tables' order.
+      mesh: the ``jax.sharding.Mesh``.
+      axis: the mesh axis the batch and the tables spread over; every other axis of the mesh
+        must have size 1.
+      estimates: the planner's per-device estimates ``(memory bytes, step cost)``, or ``()``.
+    """
+
+    tables: tuple[EmbeddingBagConfig, ...]
+    placements: tuple[tuple[str, Placement], ...]
+    mesh: Any
+    axis: str
+    estimates: tuple = dataclasses.field(default=(), compare=False)
+
+    def __post_init__(self):
+        tables = Plan.of(self.tables, EmbeddingBagConfig).tables
+        object.__setattr__(self, "tables", tables)
+        if not isinstance(self.mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
+        if self.axis not in self.mesh.axis_names:
+            raise ValueError(
+                f"axis={self.axis!r} is not an axis of the mesh {self.mesh.axis_names}"
+            )
+        other = {a: n for a, n in self.mesh.shape.items() if a != self.axis and n > 1}
+        if other:
+            raise ValueError(
+                f"a collection spreads over one mesh axis ({self.axis!r}); the mesh's axes "
+                f"{other} must have size 1"
+            )
+        placements = dict(self.placements)
+        names = [t.name for t in tables]
+        unknown = sorted(set(placements) - set(names))
+        if unknown:
+            raise ValueError(f"placements name tables {unknown} that are not in tables")
+        missing = [n for n in names if n not in placements]
+        if missing:
+            raise ValueError(f"tables {missing} have no placement")
+        k = self.num_devices
+        for t in tables:
+            p = placements[t.name]
+            if not isinstance(p, Placement):
+                raise TypeError(f"placement of {t.name!r} must be a Placement, got {p!r}")
+            if p.kind is Kind.TABLE_WISE and not 0 <= p.device < k:
+                raise ValueError(
+                    f"table {t.name!r}: table_wise device {p.device} is not on the axis "
+                    f"{self.axis!r} of {k} devices"
+                )
+            if p.kind is Kind.COLUMN_WISE and t.embedding_dim % k:
+                raise ValueError(
+                    f"table {t.name!r}: column_wise splits embedding_dim={t.embedding_dim} over "
+                    f"{k} devices; it must be a multiple of {k}"
+                )
+            if p.kind is Kind.ROW_WISE and t.pooling == "max":
+                raise ValueError(
+                    f"table {t.name!r} pools by max, which partial bags of split rows cannot "
+                    "give; place it table_wise, column_wise or data_parallel"
+                )
+        object.__setattr__(self, "placements", tuple((n, placements[n]) for n in names))
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.shape[self.axis]
+
+    def placement(self, table: str) -> Placement:
+        """The placement of the table named ``table``."""
+        return dict(self.placements)[table]
+
+    def replace(self, **placements: Placement) -> ShardingPlan:
+        """The plan with some tables placed anew, e.g. ``plan.replace(t0=row_wise())``."""
+        new = dict(self.placements)
+        unknown = sorted(set(placements) - set(new))
+        if unknown:
+            raise ValueError(f"no tables named {unknown} in this plan")
+        new.update(placements)
+        return ShardingPlan(self.tables, tuple(new.items()), self.mesh, self.axis)
+
+    @functools.cached_property
+    def groups(self) -> tuple[Group, ...]:
+        """The physical arrays, in a fixed order (see the module's table)."""
+        k = self.num_devices
+        by_key: dict[Any, list] = {}
+        for t in self.tables:
+            p = self.placement(t.name)
+            key = (p.kind, _stack_key(t) if t.stack else ("alone", t.name))
+            by_key.setdefault(key, []).append(t)
+        groups = []
+        for (kind, _), tables in by_key.items():
+            name = f"{kind.value}:" + "+".join(t.name for t in tables)
+            stack = _stack_of(name, tables)
+            d = stack.embedding_dim
+            if kind is Kind.TABLE_WISE:
+                slots = []
+                for dev in range(k):
+                    mine = [t for t in tables if self.placement(t.name).device == dev]
+                    slots.append(_stack_of(f"{name}@{dev}", mine) if mine else None)
+                rows = max(s.num_embeddings for s in slots if s is not None)
+                groups.append(Group(name, kind, stack, tuple(slots), rows, d, k))
+            elif kind is Kind.ROW_WISE:
+                rows = -(-stack.num_embeddings // k)
+                groups.append(Group(name, kind, stack, (), rows, d, k))
+            elif kind is Kind.COLUMN_WISE:
+                groups.append(Group(name, kind, stack, (), stack.num_embeddings, d // k, k))
+            else:
+                groups.append(Group(name, kind, stack, (), stack.num_embeddings, d, k))
+        return tuple(groups)
+
+    def group_of(self, table: str) -> Group:
+        return next(g for g in self.groups if any(t.name == table for t in g.stack.tables))
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return Plan.of(self.tables, EmbeddingBagConfig).feature_names
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    def memory(self, optimizer: Any = None) -> np.ndarray:
+        """Each device's bytes of tables (and of ``optimizer``'s state, a
+        :class:`jaxembed.sparse.RowOptimizer`), padding included: ``(K,)`` int64."""
+        out = np.zeros(self.num_devices, np.int64)
+        for g in self.groups:
+            out += block_bytes(g.rows, g.cols, g.dtype, optimizer)
+        return out
+
+    def __str__(self) -> str:
+        k = self.num_devices
+        lines = [f"ShardingPlan over {k} devices of axis {self.axis!r}:"]
+        head = f"  {'table':<16} {'rows':>10} {'dim':>5}  {'placement':<16} group"
+        lines.append(head)
+        for t in self.tables:
+            p = self.placement(t.name)
+            g = self.group_of(t.name)
+            lines.append(
+                f"  {t.name:<16} {t.num_embeddings:>10} {t.embedding_dim:>5}  {p!s:<16} "
+                f"{g.name if len(g.name) < 40 else g.name[:37] + '...'}"
+            )
+        mem = self.memory()
+        lines.append(
+            "  table bytes per device: "
+            + ", ".join(f"{m / 2**20:.1f} MiB" for m in mem)
+            + f" (max/mean {mem.max() / max(mem.mean(), 1):.2f})"
+        )
+        return "\n".join(lines)
+
+
+def block_bytes(rows: int, cols: int, dtype: Any, optimizer: Any = None) -> int:
+    """A ``(rows, cols)`` block's bytes, and its optimizer state's."""
+    total = rows * cols * np.dtype(dtype).itemsize
+    if optimizer is not None:
+        state = jax.eval_shape(optimizer.init, jax.ShapeDtypeStruct((rows, cols), dtype))
+        total += sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return int(total)
+
+
+def by_hand(
+    tables: Any, mesh: Any, placements: Mapping[str, Placement], *, axis: str | None = None
+) -> ShardingPlan:
+    """A :class:`ShardingPlan` from a placement per table name."""
+    axis = default_axis(mesh) if axis is None else axis
+    return ShardingPlan(tuple(tables), tuple(placements.items()), mesh, axis)
+
+
+def default_axis(mesh: Any) -> str:
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    big = [a for a, n in mesh.shape.items() if n > 1]
+    if len(big) > 1:
+        raise ValueError(f"the mesh has several axes of size > 1 {big}; pass axis=")
+    return big[0] if big else mesh.axis_names[0]

@@ -1,0 +1,256 @@
+"""The planner: :func:`plan` places each table of a collection on a mesh.
+
+It is TorchRec's planner in miniature: a greedy pass over the tables (pinned ones, then the
+largest first, the small ones to replicate last) that puts
+each where a simple cost model says the step is cheapest while every device stays within its
+memory. The model, per device and step (the constants are module attributes):
+
+* **memory**: the blocks the plan's groups put on the device, padding included, and the
+  optimizer's state shaped like them (:meth:`ShardingPlan.memory`: exact, not estimated);
+* **time**: ``bytes read / READ_BYTES_PER_S + bytes moved / LINK_BYTES_PER_S``, where a table of
+  ``F`` features, ``N = batch_size * pooling factors`` ids and ``D`` columns of ``s`` bytes costs
+
+  =============  =========================  ==============================================
+  placement      bytes read                 bytes moved
+  =============  =========================  ==============================================
+  data_parallel  ``N D s / K`` on each      ``N (4 D + 4)`` on each (the update's entries)
+  table_wise     ``N D s`` on the owner     ``N 4 / K + 2 F B D 4 / K`` on each, and
+                                            ``N 4 + 2 F B D 4`` more on the owner
+  row_wise       ``N D s`` on each          ``N 4 + 2 F B D 4`` on each
+                 (each pools every id)
+  column_wise    ``N D s / K`` on each      ``N 4 + 2 F B D 4 / K`` on each
+  =============  =========================  ==============================================
+
+A table (with its state) of at most ``replicate_below`` bytes is replicated (``data_parallel``)
+where that fits.
+The candidates for the others: ``table_wise`` on each device; ``row_wise`` unless it pools by
+max; ``column_wise`` when each device keeps at least ``MIN_COLUMNS`` columns. A candidate's score
+is the largest plus the mean device time (the step's critical path, and the work every device
+does), over the time of every table on one device, plus the largest device memory over all
+tables' memory: balanced plans that do not make every device pay for one table score low.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxembed.collections._config import EmbeddingBagConfig, Plan
+from jaxembed.sharding._placement import Kind, Placement, ShardingPlan, block_bytes, default_axis
+
+#: a device's table read bandwidth in the model (bytes per second; only ratios matter)
+READ_BYTES_PER_S = 1.0e12
+#: a device's collective bandwidth in the model
+LINK_BYTES_PER_S = 1.0e11
+#: the least columns a column_wise table keeps per device
+MIN_COLUMNS = 32
+
+
+def _step_cost(t: EmbeddingBagConfig, p: Placement, k: int, batch: int, pooling: float):
+    """``(K,)`` seconds of the model for table ``t`` placed as ``p``."""
+    f = len(t.feature_names)
+    n = batch * pooling * f
+    d, s = t.embedding_dim, np.dtype(t.param_dtype).itemsize
+    pooled = 2 * f * batch * d * 4
+    read = np.zeros(k)
+    moved = np.zeros(k)
+    if p.kind is Kind.DATA_PARALLEL:
+        read += n * d * s / k
+        moved += n * (4 * d + 4)
+    elif p.kind is Kind.TABLE_WISE:
+        read[p.device] += n * d * s
+        moved += n * 4 / k + pooled / k
+        moved[p.device] += n * 4 + pooled
+    elif p.kind is Kind.ROW_WISE:  # every device pools every id (its own rows' share)
+        read += n * d * s
+        moved += n * 4 + pooled
+    else:
+        read += n * d * s / k
+        moved += n * 4 + pooled / k
+    return read / READ_BYTES_PER_S + moved / LINK_BYTES_PER_S
+
+
+def _candidates(t: EmbeddingBagConfig, k: int):
+    for d in range(k):
+        yield Placement(Kind.TABLE_WISE, d)
+    if t.pooling != "max":
+        yield Placement(Kind.ROW_WISE)
+    if t.embedding_dim % k == 0 and t.embedding_dim // k >= MIN_COLUMNS:
+        yield Placement(Kind.COLUMN_WISE)
+
+
+def plan(
+    tables: Any,
+    mesh: Any,
+    *,
+    axis: str | None = None,
+    memory_per_device: int | None = None,
+    optimizer: Any = None,
+    batch_size: int = 4096,
+    pooling_factors: float | Mapping[str, float] = 1.0,
+    pinned: Mapping[str, Placement] | None = None,
+    replicate_below: int = 1 << 20,
+) -> ShardingPlan:
+    """Places every table of a collection on ``mesh``: TorchRec's planner, in miniature.
+
+    Args:
+      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table.
+      mesh: a ``jax.sharding.Mesh``.
+      axis: the mesh axis to spread over (default: the mesh's one axis of size > 1).
+      memory_per_device: each device's bytes for tables and optimizer state; None: unbounded.
+      optimizer: the :mod:`jaxembed.sparse` optimizer whose state counts as memory.
+      batch_size: the global batch of the cost model.
+      pooling_factors: the mean ids per bag, one for all features or per feature name.
+      pinned: ``{table name: Placement}`` placed as given; the planner places the rest.
+      replicate_below: the largest table (with its state, in bytes) to consider replicating.
+
+    Returns:
+      A :class:`ShardingPlan`; ``print`` it to see the placement of every table and the memory
+      per device; :meth:`ShardingPlan.replace` edits it.
+
+    Raises:
+      ValueError: the tables do not fit: the message names the largest table and the memory it
+        needs, and the table that could not be placed.
+
+    Example:
+      >>> import jax, jaxembed
+      >>> mesh = jax.make_mesh((1,), ("x",))
+      >>> tables = [jaxembed.EmbeddingBagConfig("t", 8, 100, ["f"])]
+      >>> jaxembed.plan(tables, mesh).placement("t")
+      Placement('data_parallel')
+    """
+    tables = Plan.of(tables, EmbeddingBagConfig).tables
+    axis = default_axis(mesh) if axis is None else axis
+    k = mesh.shape[axis] if axis in mesh.axis_names else 0
+    if k == 0:
+        raise ValueError(f"axis={axis!r} is not an axis of the mesh {mesh.axis_names}")
+    pinned = dict(pinned or {})
+    names = {t.name for t in tables}
+    unknown = sorted(set(pinned) - names)
+    if unknown:
+        raise ValueError(f"pinned names tables {unknown} that are not in tables")
+    if memory_per_device is not None:
+        memory_per_device = int(memory_per_device)
+        if memory_per_device <= 0:
+            raise ValueError(f"memory_per_device must be > 0, got {memory_per_device}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+    def pooling_of(t):
+        if isinstance(pooling_factors, Mapping):
+            return sum(float(pooling_factors.get(f, 1.0)) for f in t.feature_names) / len(
+                t.feature_names
+            )
+        return float(pooling_factors)
+
+    alone = {
+        t.name: block_bytes(t.num_embeddings, t.embedding_dim, t.param_dtype, optimizer)
+        for t in tables
+    }
+    largest = max(tables, key=lambda t: alone[t.name])
+    total_memory = sum(alone.values())
+    if memory_per_device is not None and total_memory > k * memory_per_device:
+        raise ValueError(
+            f"the tables need {total_memory} bytes (with optimizer state), past the {k} devices' "
+            f"{k * memory_per_device}; the largest, {largest.name!r}, needs {alone[largest.name]}"
+        )
+    one_device = 0.0  # every table on one device: the time the scores are relative to
+    costs = {}
+    for t in tables:
+        costs[t.name] = {}
+        every = [Placement(Kind.DATA_PARALLEL), *_candidates(t, k), pinned.get(t.name)]
+        for p in every:
+            if p is not None:
+                costs[t.name][p] = _step_cost(t, p, k, batch_size, pooling_of(t))
+        alone_cost = _step_cost(t, Placement(Kind.TABLE_WISE, 0), k, batch_size, pooling_of(t))
+        one_device += float(alone_cost[0])
+    time_scale = max(one_device, 1e-30)
+
+    placed: dict[str, Placement] = {}
+    cost = np.zeros(k)
+    order = [t for t in tables if t.name in pinned]
+    # the sharded tables first, largest first; then the small ones, replicated where they fit
+    order += sorted((t for t in tables if t.name not in pinned),
+                    key=lambda t: (alone[t.name] <= replicate_below, -alone[t.name]))  # fmt: skip
+    for t in order:
+        if t.name in pinned:
+            tries = [[pinned[t.name]]]
+        else:  # a small table is replicated where it fits; else (and any other) placed by cost
+            others = list(_candidates(t, k))
+            small = alone[t.name] <= replicate_below
+            tries = [[Placement(Kind.DATA_PARALLEL)], others] if small else [others]
+        best = None
+        for options in tries:
+            for p in options:
+                trial = _partial(tables, {**placed, t.name: p}, mesh, axis)
+                mem = trial.memory(optimizer)
+                if memory_per_device is not None and mem.max() > memory_per_device:
+                    continue
+                c = cost + costs[t.name][p]
+                score = (c.max() + c.mean()) / time_scale + mem.max() / max(total_memory, 1)
+                if best is None or score < best[0]:
+                    best = (score, p, c)
+            if best is not None:
+                break
+        if best is None:
+            need = alone[t.name]
+            used = (
+                int(_partial(tables, placed, mesh, axis).memory(optimizer).max()) if placed else 0
+            )
+            raise ValueError(
+                f"table {t.name!r} fits nowhere: it needs {need} bytes with optimizer state "
+                f"({math.ceil(need / k)} per device split {k} ways), the devices hold "
+                f"{memory_per_device} each and the tables placed so far use up to "
+                f"{used}"
+                f"; the largest table, {largest.name!r}, needs {alone[largest.name]}"
+            )
+        placed[t.name] = best[1]
+        cost = best[2]
+    result = ShardingPlan(tables, tuple((t.name, placed[t.name]) for t in tables), mesh, axis)
+    estimates = (tuple(int(m) for m in result.memory(optimizer)), tuple(float(c) for c in cost))
+    return dataclasses.replace(result, estimates=estimates)
+
+
+def _partial(tables, placed: Mapping[str, Placement], mesh, axis) -> ShardingPlan:
+    """The plan of the tables placed so far."""
+    subset = tuple(t for t in tables if t.name in placed)
+    return ShardingPlan(subset, tuple((t.name, placed[t.name]) for t in subset), mesh, axis)
+
+
+# -- what a compiled step moves -------------------------------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<result>\([^=]*?\)|\S+)\s+(?P<op>all-gather|all-to-all|reduce-scatter|all-reduce|"
+    r"collective-permute)(?:-start)?\((?P<rest>.*)$",
+    re.MULTILINE,
+)
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
+_GROUP = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        total += _BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
+    return total
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes each kind of collective exchanges per device in a compiled program's HLO text
+    (``jax.jit(f).lower(...).compile().as_text()``), summed by kind: each collective's larger
+    buffer (an all-gather's result, a reduce-scatter's operand: its result times the group)."""
+    out: dict[str, int] = {}
+    for m in _COLLECTIVE.finditer(re.sub(r"/\*.*?\*/", "", hlo)):
+        size = _shape_bytes(m["result"])
+        if m["op"] == "reduce-scatter":
+            group = _GROUP.search(m["rest"])
+            size *= len(group[1].split(",")) if group else 1
+        out[m["op"]] = out.get(m["op"], 0) + size
+    return out
