@@ -24,3 +24,6 @@ python3 -m jaxembed.bench --backend gpu --vocab 1000000 --dim 128 --batch 65536 
 # the DLRM-shaped collection step (issue 16) on the GPU: stacked vs one table vs separate tables
 # (TorchRec on CUDA needs the CUDA fbgemm-gpu, which this machine may lack: skipped here)
 timeout 300 python3 benchmarks/bench_collection.py --rounds 5 --skip torchrec 2>&1 | tee "$out/collection.txt"
+# a planned collection on every GPU of the machine (issue 17): memory per device against the
+# plan, bytes moved against the plan, and the step against one device
+timeout 240 python3 benchmarks/bench_collection_mesh.py --devices 0 --rounds 3 2>&1 | tee "$out/collection_mesh.txt"

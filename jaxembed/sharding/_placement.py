@@ -178,6 +178,14 @@ class ShardingPlan:
       axis: the mesh axis the batch and the tables spread over; every other axis of the mesh
         must have size 1.
       estimates: the planner's per-device estimates ``(memory bytes, step cost)``, or ``()``.
+
+    Example:
+      >>> import jax, jaxembed
+      >>> from jaxembed import sharding as S
+      >>> tables = [jaxembed.EmbeddingBagConfig("t", 8, 100, ["f"])]
+      >>> plan = S.by_hand(tables, jax.make_mesh((1,), ("x",)), {"t": S.row_wise()})
+      >>> plan.replace(t=S.table_wise(0)).placement("t")
+      Placement('table_wise', 0)
     """
 
     tables: tuple[EmbeddingBagConfig, ...]

@@ -9,50 +9,51 @@ a sharded collection 3 sparse steps; process 0 writes the tables.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax
+def main(process_id: int, port: str, out: str) -> None:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
 
-import numpy as np  # noqa: E402
+    import numpy as np
 
-import jaxembed  # noqa: E402
-from jaxembed import sharding as S  # noqa: E402
+    import jaxembed
+    from jaxembed import sharding as S
 
-sys.path.insert(0, os.path.dirname(__file__))
-from case import B_LOCAL, K, batch, cotangents, placements, tables  # noqa: E402
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from case import B_LOCAL, K, batch, cotangents, placements, tables
 
-assert jax.device_count() == K and jax.local_device_count() == K // 2
-mesh = jax.make_mesh((K,), ("x",))
-plan = S.by_hand(tables(), mesh, placements())
-if process_id == 0:
-    print(plan, flush=True)
-_, blocks = batch()
-# this process's devices along the axis, in the mesh's order: their blocks are its own data
-mine = [i for i, d in enumerate(mesh.devices.reshape(-1)) if d.process_index == process_id]
-features = S.put_features([blocks[i] for i in mine], plan)
-params = S.init(jax.random.key(0), plan)
-tx = jaxembed.sparse.rowwise_adagrad(0.1)
-opt = S.optimizer(tx, plan)
-cot = cotangents()
+    assert jax.device_count() == K and jax.local_device_count() == K // 2
+    mesh = jax.make_mesh((K,), ("x",))
+    plan = S.by_hand(tables(), mesh, placements())
+    if process_id == 0:
+        print(plan, flush=True)
+    _, blocks = batch()
+    # this process's devices along the axis, in the mesh's order: their blocks are its own data
+    mine = [i for i, d in enumerate(mesh.devices.reshape(-1)) if d.process_index == process_id]
+    features = S.put_features([blocks[i] for i in mine], plan)
+    params = S.init(jax.random.key(0), plan)
+    opt = S.optimizer(jaxembed.sparse.rowwise_adagrad(0.1), plan)
+    cot = cotangents()
+
+    @jax.jit
+    def step(p, st, features):
+        _, lk = S.lookup(p, features, plan)
+        return opt.update(lk.grad(cot), st, lk.params)
+
+    with jax.set_mesh(mesh):
+        state = opt.init(params)
+        for _ in range(3):
+            params, state = step(params, state, features)
+        result = S.tables_of(params, plan)
+    if process_id == 0:
+        np.savez(out, **result)
+    print(f"process {process_id}: done, {B_LOCAL * K} samples", flush=True)
+    jax.distributed.shutdown()
 
 
-@jax.jit
-def step(p, st, features):
-    _, lk = S.lookup(p, features, plan)
-    return opt.update(lk.grad(cot), st, lk.params)
-
-
-with jax.set_mesh(mesh):
-    state = opt.init(params)
-    for _ in range(3):
-        params, state = step(params, state, features)
-    result = S.tables_of(params, plan)
-if process_id == 0:
-    np.savez(out, **result)
-print(f"process {process_id}: done, {B_LOCAL * K} samples", flush=True)
-jax.distributed.shutdown()
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
