@@ -29,6 +29,7 @@ def main(argv=None):
     ap.add_argument("--cap", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--by-kind", action="store_true", help="also time every table one kind")
     args = ap.parse_args(argv)
     if args.devices:
         flag = f"--xla_force_host_platform_device_count={args.devices}"
@@ -157,6 +158,41 @@ def main(argv=None):
               f"{t_single:8.1f} ms, ratio {ratios[-1]:.2f}")  # fmt: skip
     print(f"sharded / one device step time: median {np.median(ratios):.2f} "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
+    if args.by_kind:  # where the time goes: the lookup alone and the step, every table one kind
+        by_size = sorted(tables, key=lambda t: -t.num_embeddings)
+        kinds = {
+            "planned": plan,
+            "data_parallel": S.by_hand(tables, mesh, {t.name: S.data_parallel() for t in tables}),
+            "row_wise": S.by_hand(tables, mesh, {t.name: S.row_wise() for t in tables}),
+            "table_wise": S.by_hand(
+                tables, mesh, {t.name: S.table_wise(i % k) for i, t in enumerate(by_size)}
+            ),
+        }
+        for name, p in kinds.items():
+            f = S.put_features(blocks, p)
+            o = S.optimizer(tx, p)
+            ps = S.init(jax.random.key(0), p)
+            kbox = [ps, o.init(ps)]
+            look = jax.jit(lambda q, f, p=p: S.lookup(q, f, p)[0])
+
+            def kstep(q, st, f, p=p, o=o):
+                pooled, lk = S.lookup(q, f, p)
+                return o.update(lk.grad(jax.grad(loss)(pooled)), st, lk.params)
+
+            kjit = jax.jit(kstep, donate_argnums=(0, 1))
+
+            def run_kind(kjit=kjit, f=f, kbox=kbox):
+                kbox[:] = kjit(kbox[0], kbox[1], f)
+                jax.block_until_ready(kbox)
+
+            def run_look(look=look, f=f, kbox=kbox):
+                jax.block_until_ready(look(kbox[0], f))
+
+            with jax.set_mesh(mesh):
+                t_look = median_ms(run_look, args.repeat)
+                t_step = median_ms(run_kind, args.repeat)
+            print(f"  {name:14s} lookup {t_look:8.1f} ms  step {t_step:8.1f} ms  "
+                  f"step / one device {t_step / np.median([t_single]):.2f}")  # fmt: skip
     return {"held": held, "estimate": estimate, "ratios": ratios, "stated": stated,
             "seen": {"lookup": seen, "grad": grad_seen}}  # fmt: skip
 
