@@ -677,17 +677,25 @@ def optimizer(tx: RowOptimizer, tables: Any, *, stack: bool = True) -> Collectio
         raise TypeError(f"tx must be a jaxembed.sparse RowOptimizer, got {type(tx).__name__}")
     plan = _plan(tables, stack)
     txs = {s.name: stack_optimizer(tx, s) for s in plan.stacks}
+    return named_optimizer(txs, lambda params: _check_params(params, plan))
+
+
+def named_optimizer(txs: Mapping[str, RowOptimizer], check: Any) -> CollectionOptimizer:
+    """A :class:`CollectionOptimizer` over ``{name: {"weight": table}}`` params: ``txs[name]``
+    updates each; ``check(params)`` checks them and returns the tables in ``txs``' order."""
 
     def init_fn(params):
-        weights = _check_params(params, plan)
-        return {s.name: txs[s.name].init(w) for s, w in zip(plan.stacks, weights, strict=True)}
+        weights = check(params)
+        return {name: t.init(w) for (name, t), w in zip(txs.items(), weights, strict=True)}
 
     def update_fn(grads, state, params):
-        _check_params(params, plan)
+        check(params)
         params, state = dict(params), dict(state)
         for name, grad in grads.items():
             if name not in txs:
-                raise ValueError(f"grads hold {name!r}, not a stack of these tables")
+                raise ValueError(f"grads hold {name!r}, not a table of this collection")
+            if not isinstance(grad, SparseGrad):
+                raise TypeError(f"grads[{name!r}] must be a SparseGrad, got {type(grad).__name__}")
             table, state[name] = txs[name].update(grad, state[name], params[name]["weight"])
             params[name] = {**params[name], "weight": table}
         return params, state

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxembed import _interop
@@ -15,6 +16,8 @@ from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _gradient, _validation
 from jaxembed.modules import _table
 from jaxembed.modules._nnx import FrozenWeight
+from jaxembed.sharding import _collection as _mesh
+from jaxembed.sharding._placement import ShardingPlan
 from jaxembed.sparse import _nnx as _sparse_nnx
 from jaxembed.sparse._optimizers import RowOptimizer
 
@@ -36,12 +39,29 @@ class _Collection(nnx.Module):
         rngs: nnx.Rngs,
         sparse: bool = False,
         stack: bool = True,
+        sharding: Any = None,
         _weights: Mapping[str, Any] | None = None,
         _freeze: bool = False,
     ):
         self.plan = Plan.of(tables, self._kind, stack=_validation.check_flag("stack", stack))
         self.sparse = _validation.check_flag("sparse", sparse)
-        if _weights is None:
+        self.sharding = sharding
+        if sharding is not None:
+            if self._kind is not EmbeddingBagConfig:
+                raise NotImplementedError(
+                    "EmbeddingCollection on a mesh is not built yet; sharding= is for "
+                    "EmbeddingBagCollection"
+                )
+            if not isinstance(sharding, ShardingPlan) or sharding.tables != self.plan.tables:
+                raise ValueError(
+                    "sharding must be a jaxembed.sharding.ShardingPlan of these tables "
+                    "(jaxembed.plan(tables, mesh))"
+                )
+            if _weights is None:
+                params = _mesh.init(rngs.params(), sharding)
+            else:
+                params = _mesh.shard_params(_weights, sharding)
+        elif _weights is None:
             params = _collection.init(rngs.params(), self.plan)
         else:
             params = _collection.stack_tables(_weights, self.plan)
@@ -53,20 +73,52 @@ class _Collection(nnx.Module):
         """Every feature, in the tables' order (the order of :meth:`concat`)."""
         return self.plan.feature_names
 
+    def _names(self) -> list[str]:
+        """The physical tables: the stacks, or the sharding plan's groups."""
+        if self.sharding is not None:
+            return [g.name for g in self.sharding.groups]
+        return [s.name for s in self.plan.stacks]
+
     def _params(self) -> dict[str, dict[str, jax.Array]]:
-        return {s.name: {"weight": self.weights[s.name].get_value()} for s in self.plan.stacks}
+        return {name: {"weight": self.weights[name].get_value()} for name in self._names()}
 
     def _write_back(self, params: Mapping, new_params: Mapping) -> None:
         """The renormed stacks, written back as torch's renorm does in place."""
-        for s in self.plan.stacks:
-            new = new_params[s.name]["weight"]
-            if new is not params[s.name]["weight"]:
-                old = params[s.name]["weight"]
-                self.weights[s.name].set_value(_gradient.straight_through(old, new))
+        for name in self._names():
+            new = new_params[name]["weight"]
+            if new is not params[name]["weight"]:
+                old = params[name]["weight"]
+                self.weights[name].set_value(_gradient.straight_through(old, new))
+
+    def _lookup_on_mesh(self, features: KeyedJagged, tape: Any) -> dict[str, jax.Array]:
+        """The pooled features on the plan's mesh; under ``sparse.value_and_grad`` each group's
+        features are recorded side by side, and its gradient is its own entries."""
+        params = self._params()
+        if tape is None:
+            out, new_params = _mesh.embedding_bag_collection(params, features, self.sharding)
+            self._write_back(params, new_params)
+            return out
+        recorded = {key for key, _ in tape.records}
+        if any(tape.keys.get(id(self.weights[name])) in recorded for name in self._names()):
+            raise ValueError(
+                "a sharded EmbeddingBagCollection is looked up once per loss under "
+                "jaxembed.sparse.value_and_grad (concatenate the batches instead)"
+            )
+        pooled, lk = _mesh.lookup(params, features, self.sharding)
+        self._write_back(params, lk.params)
+        pooled = dict(pooled)
+        for g in self.sharding.groups:
+            feats = _mesh.group_features(g, features.keys)
+            rows = jnp.concatenate([pooled[f] for f in feats])
+            rows = tape.record(self.weights[g.name], rows, lk.group(g.name))
+            pooled.update(zip(feats, jnp.split(rows, len(feats)), strict=True))
+        return pooled
 
     def _lookup(self, fn: Any, features: KeyedJagged) -> Any:
-        params = self._params()
         tape = _sparse_nnx.active_tape() if self.sparse else None
+        if self.sharding is not None:
+            return self._lookup_on_mesh(features, tape)
+        params = self._params()
         if tape is None:
             out, new_params = fn(params, features, self.plan)
             self._write_back(params, new_params)
@@ -85,12 +137,19 @@ class _Collection(nnx.Module):
         return _collection.split_stacks(bags, lk)
 
     def tables(self) -> dict[str, jax.Array]:
-        """The per-table view ``{table name: (num_embeddings, D)}``, for inspection and export."""
+        """The per-table view ``{table name: (num_embeddings, D)}``, for inspection and export
+        (host arrays, gathered from every device, on a mesh)."""
+        if self.sharding is not None:
+            return _mesh.tables_of(self._params(), self.sharding)
         return _collection.tables_of(self._params(), self.plan)
 
     def row_optimizers(self, sparse_tx: RowOptimizer) -> dict[int, RowOptimizer]:
         """``sparse_tx`` for each stack, with its tables' ``lr_scale`` (for
-        :class:`jaxembed.sparse.Optimizer`), by the stack variable's id."""
+        :class:`jaxembed.sparse.Optimizer`), by the stack variable's id. On a mesh: each group's,
+        updating every device's own block."""
+        if self.sharding is not None:
+            txs = _mesh.group_optimizers(sparse_tx, self.sharding)
+            return {id(self.weights[name]): tx for name, tx in txs.items()}
         return {
             id(self.weights[s.name]): _collection.stack_optimizer(sparse_tx, s)
             for s in self.plan.stacks
@@ -105,6 +164,7 @@ class _Collection(nnx.Module):
         freeze: bool = False,
         sparse: bool = False,
         stack: bool = True,
+        sharding: Any = None,
     ):
         """The collection over a TorchRec state dict (``embedding_bags.<table>.weight`` for
         :class:`EmbeddingBagCollection`, ``embeddings.<table>.weight`` for
@@ -117,6 +177,7 @@ class _Collection(nnx.Module):
           freeze: the tables get no gradient (``FrozenWeight``).
           sparse: train the tables row-wise (``SparseParam``).
           stack: stack the tables that can share a physical table.
+          sharding: a :class:`jaxembed.sharding.ShardingPlan` to place the tables by.
 
         Raises:
           KeyError: a table missing from ``state_dict``.
@@ -132,6 +193,7 @@ class _Collection(nnx.Module):
             rngs=nnx.Rngs(0),
             sparse=sparse,
             stack=stack,
+            sharding=sharding,
             _weights=weights,
             _freeze=_validation.check_flag("freeze", freeze),
         )
@@ -162,6 +224,10 @@ class EmbeddingBagCollection(_Collection):
       rngs: ``nnx.Rngs`` with a ``params`` stream.
       sparse: train the tables row-wise (torch's ``sparse=True``).
       stack: stack the tables that can share a physical table (default).
+      sharding: a :class:`jaxembed.sharding.ShardingPlan` (:func:`jaxembed.plan`): the tables
+        placed on its mesh, the variables ``weights[group name]``, and the module called on
+        :func:`jaxembed.sharding.put_features`' batches (see
+        :func:`jaxembed.sharding.embedding_bag_collection`); None: one device.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed

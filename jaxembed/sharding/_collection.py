@@ -43,6 +43,7 @@ from jaxembed.collections import _collection as _coll
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _bag, _layout, _renorm
 from jaxembed.core._pipeline import Lookup
+from jaxembed.sharding._layout import TableSharding, place
 from jaxembed.sharding._placement import Group, Kind, ShardingPlan
 from jaxembed.sparse._lookup import SparseGrad
 from jaxembed.sparse._optimizers import RowOptimizer
@@ -51,21 +52,6 @@ Params = dict[str, dict[str, jax.Array]]
 
 
 # -- layouts of one group's block, for the core's pipeline ----------------------------------------
-
-
-class _Replica(_layout.Layout):
-    """A data-parallel replica: the renorm and the counts see every device's ids."""
-
-    def __init__(self, axis: str):
-        self.axis = axis
-
-    def everyone(self, x):
-        # a psum of each device's slice in a zero buffer: typed as one value on every device, so
-        # the renormed replica stays one table (each entry is itself plus zeros: exact)
-        k = jax.lax.axis_size(self.axis)
-        buffer = jnp.zeros((x.shape[0] * k,) + x.shape[1:], x.dtype)
-        at = jax.lax.axis_index(self.axis) * x.shape[0]
-        return jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(buffer, x, at, 0), self.axis)
 
 
 class _RowBlock(_layout.Layout):
@@ -86,23 +72,17 @@ class _RowBlock(_layout.Layout):
         return localize
 
 
-class _ColumnBlock(_layout.Layout):
-    """A column-wise block: every row, some columns; a row's norm is summed over devices."""
-
-    def __init__(self, axis: str):
-        self.axis = axis
-
-    def reduce_columns(self, partial, op):
-        return (jax.lax.pmax if op == "max" else jax.lax.psum)(partial, self.axis)
-
-
-def _layout_of(g: Group, axis: str) -> _layout.Layout:
+def _layout_of(g: Group, mesh: Any, axis: str) -> _layout.Layout:
+    """The device steps of the pipeline for a group's block. A replica's renorm and counts see
+    every device's ids (``TableSharding``'s ``batch``, gathered as one value on every device,
+    so the replicas stay alike); a column block's row norm sums over the devices (its ``dim``);
+    table-wise blocks receive every id of their tables, so run as one device."""
     if g.kind is Kind.DATA_PARALLEL:
-        return _Replica(axis)
+        return TableSharding(mesh, batch=axis)
     if g.kind is Kind.ROW_WISE:
         return _RowBlock(axis, g.stack.num_embeddings)
     if g.kind is Kind.COLUMN_WISE:
-        return _ColumnBlock(axis)
+        return TableSharding(mesh, dim=axis)
     return _layout.LOCAL
 
 
@@ -136,15 +116,6 @@ def specs_prefix_tree(specs, tree):
         tree,
         is_leaf=lambda x: isinstance(x, P) or x is None,
     )
-
-
-def place(x, mesh, spec: P):
-    """``x`` laid out as ``spec`` on the mesh."""
-    if spec is None:
-        return x
-    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        return jax.sharding.reshard(x, NamedSharding(mesh, spec))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 # -- params ---------------------------------------------------------------------------------------
@@ -411,15 +382,15 @@ def _group_entries(g: Group, keys, features, feat, axis):
     applied after the collective."""
     if g.kind is Kind.TABLE_WISE:
         r = _Routed(g, keys, features, feat, axis)
-        return (r.ids, r.keep, r.weights, r.bounds, None, g.rows), r
+        return r.ids, r.keep, r.weights, r.bounds, None, g.rows
     s = _coll._stack_ids(g.stack, keys, features, feat)
     if g.kind is Kind.DATA_PARALLEL:
-        return (s.ids, s.keep, s.weights, (s.starts, s.ends), None, g.stack.num_embeddings), s
+        return s.ids, s.keep, s.weights, (s.starts, s.ends), None, g.stack.num_embeddings
     ids, keep, weights, bounds = _gathered(s, axis, features.capacity)
     own = None
     if g.kind is Kind.ROW_WISE:
         own = _own_bags(s, g.stack.num_embeddings, _renorm.compute_dtype(g.dtype))
-    return (ids, keep, weights, bounds, own, g.stack.num_embeddings), s
+    return ids, keep, weights, bounds, own, g.stack.num_embeddings
 
 
 def _pooling(g: Group) -> str:
@@ -459,12 +430,12 @@ def _split(g: Group, out: jax.Array, keys, features: KeyedJagged) -> dict[str, j
     return result
 
 
-def _forward(g: Group, weight, features, feat, axis, *, sparse: bool):
+def _forward(g: Group, weight, features, feat, mesh, axis, *, sparse: bool):
     """One group's pooled features on this device, its renormed block, and (``sparse``) what
     its update needs."""
     keys = features.keys
-    (ids, keep, psw, bounds, own, sentinel), _ = _group_entries(g, keys, features, feat, axis)
-    layout = _layout_of(g, axis)
+    ids, keep, psw, bounds, own, sentinel = _group_entries(g, keys, features, feat, axis)
+    layout = _layout_of(g, mesh, axis)
     if sparse:
         weight = jax.lax.stop_gradient(weight)
     lookup = Lookup.start(weight, ids, g.stack.options, layout, sentinel)
@@ -519,7 +490,7 @@ def _collection(weights, features, *, plan: ShardingPlan, sparse: bool = False):
         feat = _coll._feature_of(features)
         pooled, new, pieces = {}, [], []
         for g, w in zip(plan.groups, weights, strict=True):
-            out, new_w, piece = _forward(g, w, features, feat, axis, sparse=sparse)
+            out, new_w, piece = _forward(g, w, features, feat, plan.mesh, axis, sparse=sparse)
             pooled.update(out)
             new.append(new_w)
             pieces.append(piece)
@@ -603,6 +574,47 @@ class ShardedLookup:
         cots = {f: jnp.asarray(pooled_grads[f]) for f in self.keys}
         return _grads(cots, self.pieces, plan=self.plan, keys=self.keys)
 
+    def group(self, name: str) -> GroupLookup:
+        """One group's share, whose ``grad`` takes the gradient of its features side by side
+        (:func:`group_features`' order): what the nnx module records for each group."""
+        i = [g.name for g in self.plan.groups].index(name)
+        return GroupLookup(self.plan, self.keys, name, self.weights[i], self.pieces[i])
+
+
+def group_features(g: Group, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The group's features, in the input's order."""
+    return tuple(keys[j] for j in g.stack.positions_in(keys))
+
+
+@jax.tree_util.register_pytree_node_class
+class GroupLookup:
+    """One group's :class:`ShardedLookup`: ``params`` its table, ``grad(cot)`` its
+    :class:`~jaxembed.sparse.SparseGrad` from the gradient of its features side by side,
+    ``(F * B, D)`` (:func:`group_features`' order)."""
+
+    def __init__(self, plan, keys, name, weight, piece):
+        self.plan, self.keys, self.name, self.weight, self.piece = plan, keys, name, weight, piece
+
+    def tree_flatten(self):
+        return (self.weight, self.piece), (self.plan, self.keys, self.name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        plan, keys, name = aux
+        return cls(plan, keys, name, *children)
+
+    @property
+    def params(self) -> dict[str, jax.Array]:
+        return {"weight": self.weight}
+
+    def grad(self, cot: jax.Array) -> SparseGrad:
+        g = next(g for g in self.plan.groups if g.name == self.name)
+        feats = group_features(g, self.keys)
+        parts = jnp.split(jnp.asarray(cot), len(feats))
+        cots = dict(zip(feats, parts, strict=True))
+        out = _grads(cots, (self.piece,), plan=self.plan, keys=self.keys, names=(self.name,))
+        return out[self.name]
+
 
 def _cotangent(g: Group, cots: Mapping[str, jax.Array], keys, axis, counts) -> jax.Array:
     """The cotangent of the bags this device pooled for the group (the transpose of
@@ -655,13 +667,16 @@ def _width(g: Group, keys) -> int:
     return len(g.stack.positions_in(keys))
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "keys"))
-def _grads(cots, pieces, *, plan: ShardingPlan, keys):
+@functools.partial(jax.jit, static_argnames=("plan", "keys", "names"))
+def _grads(cots, pieces, *, plan: ShardingPlan, keys, names=None):
+    """``{group: SparseGrad}`` of the groups ``names`` (default every one), whose ``pieces``
+    (in that order) :func:`lookup` kept."""
     axis, k = plan.axis, plan.num_devices
+    groups = [g for g in plan.groups if names is None or g.name in names]
 
     def body(cots, pieces):
         out = {}
-        for g, p in zip(plan.groups, pieces, strict=True):
+        for g, p in zip(groups, pieces, strict=True):
             cot = _cotangent(g, cots, keys, axis, p["counts"])
             values = _bag.spread(
                 cot, p["keep"], p["bounds"], p["scale"], p["weights"], p["pos"], _pooling(g),
@@ -762,34 +777,26 @@ def optimizer(tx: RowOptimizer, sharding: ShardingPlan) -> _coll.CollectionOptim
     if not isinstance(tx, RowOptimizer):
         raise TypeError(f"tx must be a jaxembed.sparse RowOptimizer, got {type(tx).__name__}")
     plan = _check_plan(sharding)
+    return _coll.named_optimizer(group_optimizers(tx, plan), lambda p: _check_params(p, plan))
+
+
+def group_optimizers(tx: RowOptimizer, plan: ShardingPlan) -> dict[str, RowOptimizer]:
+    """``tx`` for each group's whole array: ``init`` and ``update`` run on every device's block
+    (what :func:`optimizer` and the nnx module's ``row_optimizers`` use)."""
     axis = plan.axis
-
-    def local_specs(g: Group):
+    out = {}
+    for g in plan.groups:
         block = jax.ShapeDtypeStruct((g.rows, g.cols), g.dtype)
-        return jax.tree.map(lambda x: _state_spec(g, x, axis), jax.eval_shape(tx.init, block))
+        specs = jax.tree.map(lambda x, g=g: _state_spec(g, x, axis), jax.eval_shape(tx.init, block))
 
-    def init_fn(params):
-        weights = _check_params(params, plan)
-        state = {}
-        for g, w in zip(plan.groups, weights, strict=True):
-            state[g.name] = _run(tx.init, plan.mesh, (spec_of(g, axis),), local_specs(g), w)
-        return state
+        def init(w, g=g, specs=specs):
+            return _run(tx.init, plan.mesh, (spec_of(g, axis),), specs, w)
 
-    def update_fn(grads, state, params):
-        _check_params(params, plan)
-        params, state = dict(params), dict(state)
-        for name, grad in grads.items():
-            g = next((g for g in plan.groups if g.name == name), None)
-            if g is None:
-                raise ValueError(f"grads hold {name!r}, not a group of this plan")
-            if not isinstance(grad, SparseGrad):
-                raise TypeError(f"grads[{name!r}] must be a SparseGrad, got {type(grad).__name__}")
-            table, state[name] = _update(g, tx, grad, state[name], params[name]["weight"], axis,
-                                         plan.mesh, local_specs(g))  # fmt: skip
-            params[name] = {**params[name], "weight": table}
-        return params, state
+        def update(grad, state, table, g=g, specs=specs):
+            return _update(g, tx, grad, state, table, axis, plan.mesh, specs)
 
-    return _coll.CollectionOptimizer(init_fn, update_fn)
+        out[g.name] = RowOptimizer(init, update, tx.applies_dense)
+    return out
 
 
 def _update(g: Group, tx, grad, state, table, axis, mesh, state_specs):

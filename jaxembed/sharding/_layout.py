@@ -242,7 +242,7 @@ class TableSharding(Layout):
     def map(self, body, in_specs, out_specs, *args):
         """``jax.shard_map(body)(*args)`` on the mesh, the arguments placed as specified."""
         args = [
-            jax.tree.map(lambda x, spec: place(x, self, spec), a, specs)
+            jax.tree.map(lambda x, spec: place(x, self.mesh, spec), a, specs)
             if specs is not None
             else None
             for a, specs in zip(args, in_specs, strict=True)
@@ -330,11 +330,10 @@ class TableSharding(Layout):
         return jax.device_put(indices, NamedSharding(mesh, self.indices_spec(indices.ndim)))
 
 
-def place(x: jax.Array | None, sharding: TableSharding, spec) -> jax.Array | None:
-    """``x`` laid out as ``spec`` on the mesh (a no-op when it already is)."""
-    if x is None:
-        return None
-    mesh = sharding.mesh
+def place(x: jax.Array | None, mesh: Any, spec) -> jax.Array | None:
+    """``x`` laid out as ``spec`` on ``mesh`` (a no-op when it already is; None stays None)."""
+    if x is None or spec is None:
+        return x
     explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
     if explicit:
         return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))

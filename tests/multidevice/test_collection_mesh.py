@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType
 
@@ -86,6 +87,16 @@ def _batch(tables, seed=0, weighted=False, out_of_range=None):
     return whole, blocks
 
 
+def _cotangents(tables, dtype=jnp.float32):
+    """A random ``(B, D)`` array per feature."""
+    rng = np.random.default_rng(1)
+    return {
+        f: jnp.asarray(rng.normal(size=(K * B_LOCAL, t.embedding_dim)), dtype)
+        for t in tables
+        for f in t.feature_names
+    }
+
+
 def _mesh(explicit=True):
     kind = AxisType.Explicit if explicit else AxisType.Auto
     return jax.make_mesh((K,), ("x",), axis_types=(kind,))
@@ -127,12 +138,7 @@ def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
     features = S.put_features(blocks, plan)
     params = jaxembed.collections.init(jax.random.key(0), tables, stack=False)
     sharded = S.init(jax.random.key(0), plan)
-    rng = np.random.default_rng(1)
-    cot = {
-        f: jnp.asarray(rng.normal(size=(K * B_LOCAL, t.embedding_dim)), jnp.float32)
-        for t in tables
-        for f in t.feature_names
-    }
+    cot = _cotangents(tables)
     with jax.set_mesh(mesh):
         # the forward and the renorm: bit for bit but for row-wise partial sums, and weighted
         # bags (XLA may contract a weight's product and the sum into one FMA in one program
@@ -343,12 +349,7 @@ def test_bfloat16_tables_on_every_placement():
         S.optimizer(tx, plan),
     )
     state, sharded_state = opt.init(params), sharded_opt.init(sharded)
-    rng = np.random.default_rng(1)
-    cot = {
-        f: jnp.asarray(rng.normal(size=(K * B_LOCAL, t.embedding_dim)), jnp.bfloat16)
-        for t in tables
-        for f in t.feature_names
-    }
+    cot = _cotangents(tables, jnp.bfloat16)
     with jax.set_mesh(mesh):
         ref, _ = jaxembed.embedding_bag_collection(params, whole, tables, stack=False)
         out, _ = S.embedding_bag_collection(sharded, features, plan)
@@ -369,3 +370,47 @@ def test_bfloat16_tables_on_every_placement():
         assert w.dtype == jnp.bfloat16
         exact = plan.placement(t).kind is not S.Kind.COLUMN_WISE
         _same(w.astype(np.float32), np.asarray(params[t]["weight"], np.float32), exact, t)
+
+
+def test_the_nnx_collection_trains_on_the_plan():
+    from flax import nnx
+
+    tables = _tables()
+    mesh = _mesh()
+    plan = _plan("mixed", tables, mesh)
+    whole, blocks = _batch(tables)
+    features = S.put_features(blocks, plan)
+    target = _cotangents(tables)
+
+    def loss(module, kj):
+        pooled = module(kj)
+        return sum(((pooled[f] - target[f]) ** 2).sum() for f in pooled)
+
+    def train(module):
+        opt = jaxembed.sparse.Optimizer(
+            module, optax.sgd(0.0), jaxembed.sparse.rowwise_adagrad(0.1)
+        )
+
+        @nnx.jit
+        def step(module, opt, kj):
+            value, grads = jaxembed.sparse.value_and_grad(loss)(module, kj)
+            opt.update(module, grads)
+            return value
+
+        return [float(step(module, opt, kj)) for kj in [features if module.sharding else whole] * 3]
+
+    with jax.set_mesh(mesh):
+        sharded = jaxembed.EmbeddingBagCollection(
+            tables, rngs=nnx.Rngs(0), sparse=True, stack=False, sharding=plan
+        )
+        assert set(sharded.weights.keys()) == {g.name for g in plan.groups}
+        single = jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0), sparse=True, stack=False)
+        np.testing.assert_allclose(train(sharded), train(single), rtol=1e-5)
+        for t, w in sharded.tables().items():
+            # the loss's gradient is the pooled features': row-wise partial sums round apart
+            exact = plan.placement(t).kind not in (S.Kind.COLUMN_WISE, S.Kind.ROW_WISE)
+            _same(w, single.tables()[t], exact, t)
+        with pytest.raises(ValueError, match="looked up once per loss"):
+            jaxembed.sparse.value_and_grad(lambda m: loss(m, features) + loss(m, features))(sharded)
+    with pytest.raises(ValueError, match="ShardingPlan of these tables"):
+        jaxembed.EmbeddingBagCollection(tables[:2], rngs=nnx.Rngs(0), sharding=plan)
