@@ -8,6 +8,7 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 * :mod:`jaxembed.collections`: many tables over jagged keyed features (TorchRec's names);
 * :mod:`jaxembed.sharding`: :class:`TableSharding`, tables split over a JAX mesh, and
   :func:`plan`, a collection's tables placed on one;
+* :mod:`jaxembed.quantized`: 8-, 4- and 2-bit row-wise tables in torch's and FBGEMM's bytes;
 * :mod:`jaxembed.modules`: the Flax modules (nnx here as :class:`Embedding` and
   :class:`EmbeddingBag`; linen as :mod:`jaxembed.linen`);
 * :mod:`jaxembed.bench`: the ``jaxembed-bench`` command.
@@ -49,6 +50,7 @@ from jaxembed.modules import (
     EmbeddingCollection,
     FrozenWeight,
 )
+from jaxembed.quantized import QuantizedTable, dequantize, quantize
 from jaxembed.sharding import ShardingPlan, TableSharding, plan
 
 __version__ = "0.1.0"
@@ -64,10 +66,12 @@ __all__ = [
     "FrozenWeight",
     "KeyedJagged",
     "LookupStyle",
+    "QuantizedTable",
     "ShardingPlan",
     "TableSharding",
     "collections",
     "default_embedding_init",
+    "dequantize",
     "embedding",
     "embedding_bag",
     "embedding_bag_collection",
@@ -78,6 +82,7 @@ __all__ = [
     "load_safetensors",
     "pad_bags",
     "plan",
+    "quantize",
     "renorm",
     "safetensors_names",
     "save_safetensors",

@@ -110,6 +110,7 @@ ALLOWED = {
         "jaxembed.modules",
     ),
     "jaxembed._interop": ("jaxembed.core",),
+    "jaxembed.quantized": ("jaxembed.core", "jaxembed.quantized"),
     "jaxembed.linen": ("jaxembed.modules",),
 }
 
@@ -131,7 +132,7 @@ def test_each_folder_imports_only_the_layers_below(folder):
 
 
 @pytest.mark.parametrize(
-    "folder", ["core", "sparse", "sharding", "collections", "modules", "bench"]
+    "folder", ["core", "sparse", "sharding", "collections", "quantized", "modules", "bench"]
 )
 def test_each_folder_says_what_it_owns(folder):
     doc = ast.get_docstring(ast.parse((ROOT / folder / "__init__.py").read_text()))

@@ -1,0 +1,270 @@
+"""Row-wise quantized tables in torch's and FBGEMM's byte layout (:func:`quantize`).
+
+Each row of a ``(V, D)`` float table becomes one ``uint8`` row:
+
+* 8 bits (torch's ``embedding_bag_byte_prepack``, FBGEMM's ``FloatToFused8BitRowwiseQuantized``):
+  ``D`` codes, then a float32 ``scale`` and a float32 ``bias``, ``D + 8`` bytes. With the row's
+  ``lo = min`` and ``hi = max``: ``scale = (hi - lo) / 255``, ``bias = lo``, and
+  ``code = round_half_even((x - lo) * (255 / (hi - lo + 1e-8)))``;
+* 4 and 2 bits (``embedding_bag_4bit_prepack`` / ``_2bit_prepack``, FBGEMM's
+  ``FloatToFusedNBitRowwiseQuantizedSBHalf``): ``D * bits / 8`` bytes of codes, the first
+  element in the lowest bits of each byte, then a float16 ``scale`` and a float16 ``bias``,
+  ``D * bits / 8 + 4`` bytes. ``bias = fp16(lo)``; ``scale = fp16((hi - bias) / (2**bits - 1))``
+  (1 for a constant row); ``code = clip(round_half_even((x - bias) / scale), 0, 2**bits - 1)``.
+
+A row dequantizes to ``code * scale + bias``. The arithmetic is float32 and rounds as those
+references do, so the bytes equal theirs (the tests compare them on random, constant, zero and
+huge-range rows). A row holding NaN or inf has no such encoding: a concrete table holding one is
+refused (``ValueError`` naming the row); under ``jit`` its scale is NaN, so it dequantizes to NaN,
+never a plausible number.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxembed.core import _validation
+
+BITS = (8, 4, 2)
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedTable:
+    """A row-wise quantized table: ``data`` ``(V, row bytes)`` uint8 in torch's layout.
+
+    Attributes:
+      data: ``(V, D + 8)`` for 8 bits, ``(V, D * bits / 8 + 4)`` for 4 and 2 bits.
+      bits: 8, 4 or 2 (static).
+      embedding_dim: D (static).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> q = jaxembed.quantize({"weight": jnp.arange(8.0).reshape(2, 4)}, bits=4)
+      >>> q.data.shape, q.nbytes
+      ((2, 6), 12)
+    """
+
+    def __init__(self, data: jax.Array, bits: int, embedding_dim: int):
+        self.data, self.bits, self.embedding_dim = data, bits, embedding_dim
+
+    def tree_flatten(self):
+        return (self.data,), (self.bits, self.embedding_dim)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """The table's bytes in memory."""
+        return int(np.prod(self.data.shape))
+
+    @classmethod
+    def from_bytes(cls, data: ArrayLike, bits: int, embedding_dim: int) -> QuantizedTable:
+        """A table from packed rows (torch's prepack output, e.g. ``qtensor.numpy()``).
+
+        Raises:
+          ValueError: bits not 8, 4 or 2; rows of another width than ``embedding_dim`` packs to.
+        """
+        bits = _check_bits(bits)
+        data = jnp.asarray(data)
+        if data.dtype != jnp.uint8 or data.ndim != 2:
+            raise ValueError(f"data must be 2-D uint8, got {data.dtype} of shape {data.shape}")
+        width = row_bytes(embedding_dim, bits)
+        if data.shape[1] != width:
+            raise ValueError(
+                f"rows of {data.shape[1]} bytes; embedding_dim={embedding_dim} at {bits} bits "
+                f"packs to {width}"
+            )
+        return cls(data, bits, int(embedding_dim))
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTable(num_embeddings={self.num_embeddings}, "
+            f"embedding_dim={self.embedding_dim}, bits={self.bits})"
+        )
+
+
+def _check_bits(bits: Any) -> int:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be 8, 4 or 2, got {bits!r}")
+    return int(bits)
+
+
+def row_bytes(embedding_dim: int, bits: int) -> int:
+    """The bytes of one packed row."""
+    if bits == 8:
+        return embedding_dim + 8
+    return embedding_dim * bits // 8 + 4
+
+
+def quantize(params: Any, *, bits: int = 8) -> QuantizedTable:
+    """A float table quantized row-wise, byte for byte as torch's and FBGEMM's prepack ops.
+
+    Args:
+      params: ``{"weight": (V, D)}`` or the ``(V, D)`` table itself, float32, float16 or
+        bfloat16 (widened to float32 first, as torch's ops take float32).
+      bits: 8, 4 or 2. 4- and 2-bit rows need ``D`` a multiple of 2 or 4.
+
+    Returns:
+      A :class:`QuantizedTable` (see the module's docstring for the layout).
+
+    Raises:
+      ValueError: bits other than 8, 4 or 2; a dim that does not pack; (concrete) a row
+        holding NaN or inf. TypeError: a non-float table.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> q = jaxembed.quantize(jnp.array([[0.0, 1.0, 2.0, 3.0]]), bits=8)
+      >>> q.data[0, :4]
+      Array([  0,  85, 170, 255], dtype=uint8)
+    """
+    bits = _check_bits(bits)
+    weight = params["weight"] if isinstance(params, dict) else params
+    weight = jnp.asarray(weight) if not isinstance(weight, jax.Array) else weight
+    if not jnp.issubdtype(weight.dtype, jnp.floating):
+        raise TypeError(f"the table must be floating, got {weight.dtype}")
+    weight = _validation.check_table("weight", weight)
+    d = weight.shape[1]
+    per = 8 // bits
+    if d % per:
+        raise ValueError(f"embedding_dim={d} does not pack at {bits} bits: it must be a multiple "
+                         f"of {per}")  # fmt: skip
+    if not isinstance(weight, jax.core.Tracer):
+        bad = ~np.isfinite(np.asarray(weight, np.float32)).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"row {int(np.argmax(bad))} holds NaN or inf, which no row-wise scale and bias "
+                "encode"
+            )
+    return QuantizedTable(_pack(weight.astype(jnp.float32), bits), bits, d)
+
+
+def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x = hi + lo`` with 12 significant bits in each (Veltkamp): their products are exact."""
+    c = x * jnp.float32(4097.0)
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a / b`` rounded once to float32 (to nearest, ties to even), as C's division.
+
+    XLA's CPU division of a vector is not always correctly rounded (a reciprocal refined by
+    Newton steps), which moves a scale by an ulp from torch's. The quotient is corrected from
+    its exact remainder ``a - q * b`` (Dekker's product of the halves of ``q`` and ``b``).
+    """
+    # tiny numerators are scaled up by 2**64 (exactly) first, so that no partial result below
+    # is subnormal (XLA's CPU flushes those to zero, which would break the exact remainder)
+    tiny = jnp.abs(a) < jnp.float32(2.0**-60)
+    a = jnp.where(tiny, a * jnp.float32(2.0**64), a)
+    q = a / b
+    qh, ql = _split(q)
+    bh, bl = _split(b)
+    p = q * b
+    err = ((qh * bh - p) + qh * bl + ql * bh) + ql * bl  # q * b = p + err, exactly
+    r = (a - p) - err  # the remainder, exact near the quotient
+    up = jnp.nextafter(q, jnp.float32(jnp.inf))
+    down = jnp.nextafter(q, jnp.float32(-jnp.inf))
+    # the nearer of q and its neighbours: compare the remainder with half an ulp times b
+    half_up, half_down = (up - q) * b / 2, (q - down) * b / 2
+    even = (jax.lax.bitcast_convert_type(q, jnp.int32) & 1) == 0
+    q = jnp.where((r > half_up) | ((r == half_up) & ~even), up, q)
+    q = jnp.where((-r > half_down) | ((-r == half_down) & ~even), down, q)
+    ok = jnp.isfinite(q) & jnp.isfinite(r) & (q != 0)
+    q = jnp.where(ok, q, a / b)
+    return jnp.where(tiny, q * jnp.float32(2.0**-64), q)
+
+
+@jax.jit
+def _pack8(x: jax.Array, top: jax.Array) -> jax.Array:
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    span = hi - lo
+    inverse = _divide(jnp.broadcast_to(top, span.shape), span + jnp.float32(1e-8))
+    codes = jnp.round((x - lo) * inverse).astype(jnp.uint8)
+    scale_bias = jnp.concatenate([_divide(span, jnp.broadcast_to(top, span.shape)), lo], axis=1)
+    tail = jax.lax.bitcast_convert_type(scale_bias, jnp.uint8).reshape(x.shape[0], 8)
+    return jnp.concatenate([codes, tail], axis=1)
+
+
+def _pack(x: jax.Array, bits: int) -> jax.Array:
+    # ``top`` (2**bits - 1) behind an optimization barrier: XLA turns a division by a constant
+    # into a multiplication by its reciprocal (also inside a caller's jit), which rounds the
+    # scale differently from torch's division
+    top = jax.lax.optimization_barrier(jnp.float32((1 << bits) - 1))
+    return _pack8(x, top) if bits == 8 else _pack_n(x, top, bits)
+
+
+@functools.partial(jax.jit, static_argnames="bits")
+def _pack_n(x: jax.Array, top: jax.Array, bits: int) -> jax.Array:
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    bias = lo.astype(jnp.float16).astype(jnp.float32)
+    span = hi - bias
+    scale = jnp.where(span == 0, jnp.float32(1.0), _divide(span, jnp.broadcast_to(top, span.shape)))
+    scale = scale.astype(jnp.float16).astype(jnp.float32)
+    inverse = _divide(jnp.ones_like(scale), scale)
+    degenerate = (scale == 0) | jnp.isinf(inverse)
+    scale = jnp.where(degenerate, jnp.float32(1.0), scale)
+    inverse = jnp.where(degenerate, jnp.float32(1.0), inverse)
+    codes = jnp.clip(jnp.round((x - bias) * inverse), 0, (1 << bits) - 1).astype(jnp.uint8)
+    per = 8 // bits
+    codes = codes.reshape(x.shape[0], -1, per)
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)[None, None, :]
+    packed = jnp.sum(codes << shifts, axis=2, dtype=jnp.uint8)
+    halves = jnp.concatenate([scale, bias], axis=1).astype(jnp.float16)
+    tail = jax.lax.bitcast_convert_type(halves, jnp.uint8).reshape(x.shape[0], 4)
+    return jnp.concatenate([packed, tail], axis=1)
+
+
+def unpack_rows(rows: jax.Array, bits: int, embedding_dim: int, dtype: Any = jnp.float32):
+    """Packed rows ``(..., row bytes)`` as floats ``(..., D)``: ``code * scale + bias``."""
+    lead = rows.shape[:-1]
+    if bits == 8:
+        codes = rows[..., :embedding_dim].astype(jnp.float32)
+        tail = rows[..., embedding_dim : embedding_dim + 8].reshape(*lead, 2, 4)
+        scale_bias = jax.lax.bitcast_convert_type(tail, jnp.float32)
+    else:
+        per = 8 // bits
+        width = embedding_dim // per
+        packed = rows[..., :width]
+        shifts = jnp.arange(per, dtype=jnp.uint8) * bits
+        codes = (packed[..., :, None] >> shifts) & jnp.uint8((1 << bits) - 1)
+        codes = codes.reshape(*lead, embedding_dim).astype(jnp.float32)
+        tail = rows[..., width : width + 4].reshape(*lead, 2, 2)
+        scale_bias = jax.lax.bitcast_convert_type(tail, jnp.float16).astype(jnp.float32)
+    scale, bias = scale_bias[..., 0:1], scale_bias[..., 1:2]
+    return (codes * scale + bias).astype(dtype)
+
+
+def dequantize(table: QuantizedTable, *, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+    """The float table ``{"weight": (V, D)}`` a :class:`QuantizedTable` encodes.
+
+    Args:
+      table: the quantized table.
+      dtype: the output dtype: float32 (default), float16 or bfloat16.
+
+    Returns:
+      ``{"weight": code * scale + bias}`` row by row, computed in float32, as torch's
+      ``embedding_bag_*_unpack`` ops.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> q = jaxembed.quantize(jnp.array([[0.0, 1.0, 2.0, 3.0]]), bits=2)
+      >>> jaxembed.dequantize(q)["weight"]
+      Array([[0., 1., 2., 3.]], dtype=float32)
+    """
+    if not isinstance(table, QuantizedTable):
+        raise TypeError(f"table must be a jaxembed.QuantizedTable, got {type(table).__name__}")
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.float16, jnp.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return {"weight": unpack_rows(table.data, table.bits, table.embedding_dim, dtype)}

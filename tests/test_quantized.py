@@ -1,0 +1,102 @@
+"""Row-wise quantized tables against torch's prepack and unpack ops, byte for byte."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxembed
+
+OPS = {8: "embedding_bag_byte", 4: "embedding_bag_4bit", 2: "embedding_bag_2bit"}
+
+
+def _table(rng, rows, dim):
+    x = rng.normal(size=(rows, dim)).astype(np.float32)
+    x *= rng.uniform(1e-3, 1e3, (rows, 1)).astype(np.float32)  # every range of magnitudes
+    x[0] = 0  # a zero row
+    x[1] = 3.5  # a constant row
+    x[2, : dim // 2], x[2, dim // 2 :] = 1e30, -1e30  # a huge range
+    x[3], x[3, 0] = 1e-30, 0  # a range below the 8-bit epsilon
+    x[4] = np.linspace(-65504, 65504, dim)  # float16's whole range
+    x[5] = -1e-5
+    return x
+
+
+def _torch(bits, kind, x):
+    return getattr(torch.ops.quantized, f"{OPS[bits]}_{kind}")(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dim", [4, 16, 68])
+def test_packing_equals_torchs_prepack_byte_for_byte(bits, dim, rng):
+    x = _table(rng, 500, dim)
+    q = jaxembed.quantize({"weight": jnp.asarray(x)}, bits=bits)
+    np.testing.assert_array_equal(np.asarray(q.data), _torch(bits, "prepack", x))
+    assert q.data.dtype == jnp.uint8 and (q.bits, q.embedding_dim) == (bits, dim)
+    # under jit too, and a new table of the same shape does not retrace
+    traces = []
+
+    @jax.jit
+    def pack(w):
+        traces.append(1)
+        return jaxembed.quantize(w, bits=bits).data
+
+    np.testing.assert_array_equal(np.asarray(pack(jnp.asarray(x))), _torch(bits, "prepack", x))
+    pack(jnp.asarray(x[::-1].copy()))
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_dequantize_equals_torchs_unpack(bits, rng):
+    x = _table(rng, 500, 16)
+    packed = _torch(bits, "prepack", x)
+    q = jaxembed.QuantizedTable.from_bytes(packed, bits, 16)  # torch's bytes, read as they are
+    ours = np.asarray(jaxembed.dequantize(q)["weight"])
+    ref = _torch(bits, "unpack", packed)
+    if bits == 8:
+        # torch's byte unpack is one fused multiply-add (code * scale + bias rounded once); XLA
+        # rounds the product first: at most one ulp of the larger of the product and the bias
+        scale, bias = packed[:, 16:20].view(np.float32), packed[:, 20:24].view(np.float32)
+        big = np.maximum(np.abs(scale) * 255, np.abs(bias))
+        assert np.all(np.abs(ours - ref) <= np.spacing(big.astype(np.float32)) * 2)
+    else:  # a 4- or 2-bit code times a float16 scale is exact in float32: bit for bit
+        np.testing.assert_array_equal(ours, ref)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        out = jaxembed.dequantize(q, dtype=dtype)["weight"]
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.asarray(ours).astype(dtype)))
+
+
+def test_memory_per_row_is_the_packed_width():
+    for bits, width in ((8, 128 + 8), (4, 64 + 4), (2, 32 + 4)):
+        q = jaxembed.quantize(jnp.ones((1000, 128)), bits=bits)
+        assert q.nbytes == 1000 * width == q.data.nbytes  # 4-bit: D / 2 + 4 bytes a row
+
+
+def test_bad_input_is_refused():
+    w = jnp.ones((4, 6))
+    with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
+        jaxembed.quantize(w, bits=3)
+    with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
+        jaxembed.quantize(w, bits=True)
+    with pytest.raises(ValueError, match="embedding_dim=6 does not pack at 2 bits"):
+        jaxembed.quantize(w, bits=2)
+    with pytest.raises(TypeError, match="must be floating"):
+        jaxembed.quantize(jnp.ones((4, 8), jnp.int32))
+    with pytest.raises(ValueError, match="row 2 holds NaN or inf"):
+        jaxembed.quantize(w.at[2, 1].set(jnp.inf))
+    with pytest.raises(ValueError, match="rows of 7 bytes"):
+        jaxembed.QuantizedTable.from_bytes(np.zeros((2, 7), np.uint8), 4, 8)
+    with pytest.raises(TypeError, match="QuantizedTable"):
+        jaxembed.dequantize(w)
+    with pytest.raises(ValueError, match="dtype must be"):
+        jaxembed.dequantize(jaxembed.quantize(w), dtype=jnp.int8)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_a_nan_row_under_jit_dequantizes_to_nan(bits):
+    w = jnp.ones((3, 8)).at[1, 2].set(jnp.nan)
+    q = jax.jit(lambda w: jaxembed.quantize(w, bits=bits))(w)
+    out = np.asarray(jaxembed.dequantize(q)["weight"])
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
