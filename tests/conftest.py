@@ -18,8 +18,7 @@ if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", "
 # the longest tests start first, so that no worker of pytest-xdist (-n auto) ends the run alone
 # on one of them
 LONGEST_FIRST = (
-    "tests/test_sharding.py::test_multidevice_suite_on_8_fake_cpu_devices[collections]",
-    "tests/test_sharding.py::test_multidevice_suite_on_8_fake_cpu_devices[tables]",
+    "tests/test_sharding.py::test_multidevice_suite_on_8_fake_cpu_devices",
     "tests/test_fuzz.py::test_float64_under_x64",
     "tests/test_bench.py::test_command_end_to_end_writes_json_and_png",
     "tests/test_readme.py::test_readme_blocks_run_in_order",

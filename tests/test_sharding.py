@@ -18,24 +18,16 @@ import jaxembed
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-# two processes, so that pytest-xdist's workers share the 8-device suite
-PARTS = {
-    "tables": ["tests/multidevice", "--ignore=tests/multidevice/test_collection_mesh.py"],
-    "collections": ["tests/multidevice/test_collection_mesh.py"],
-}
-
-
-@pytest.mark.parametrize("part", sorted(PARTS))
-def test_multidevice_suite_on_8_fake_cpu_devices(part):
+def test_multidevice_suite_on_8_fake_cpu_devices():
     """``tests/multidevice`` with 8 fake CPU devices: XLA_FLAGS must be set before JAX starts,
-    so it runs in fresh processes."""
+    so it runs in a fresh process."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", *PARTS[part]],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "tests/multidevice"],
         cwd=ROOT,
         env=env,
         capture_output=True,
