@@ -155,8 +155,9 @@ def check_named_tables(
 # -- the features ---------------------------------------------------------------------------------
 
 
-def _check_features(features: Any, plan: Plan, pooled: bool) -> KeyedJagged:
-    """The features against the tables; concrete ids are range-checked per feature."""
+def _check_features(features: Any, plan: Plan, pooled: bool, ids: bool = True) -> KeyedJagged:
+    """The features against the tables; concrete ids are range-checked per feature (unless
+    ``ids`` is False: a caller that checks them itself, or cannot read them all)."""
     if not isinstance(features, KeyedJagged):
         raise TypeError(f"features must be a jaxembed.KeyedJagged, got {type(features).__name__}")
     known = set(plan.feature_names)
@@ -175,8 +176,10 @@ def _check_features(features: Any, plan: Plan, pooled: bool) -> KeyedJagged:
             raise ValueError(
                 f"features carry weights, which only sum-pooled bags take; tables {bad} are not"
             )
-    if not isinstance(features.values, jax.core.Tracer) and not isinstance(
-        features.lengths, jax.core.Tracer
+    if (
+        ids
+        and not isinstance(features.values, jax.core.Tracer)
+        and not isinstance(features.lengths, jax.core.Tracer)
     ):
         values = np.asarray(features.values)
         ends = np.cumsum(np.asarray(features.lengths).reshape(len(features.keys), -1).sum(1))

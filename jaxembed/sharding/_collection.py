@@ -275,17 +275,11 @@ def _check_features(features: Any, plan: ShardingPlan) -> KeyedJagged:
     leaves = jax.tree.leaves(features)
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
     addressable = not traced and all(getattr(x, "is_fully_addressable", True) for x in leaves)
+    # the keys and the weights; the ids block by block where this process can read them all
+    _coll._check_features(features, stack_plan, pooled=True, ids=False)
     if addressable:
         for block in range(k):
             _coll._check_features(_block(features, block, k), stack_plan, pooled=True)
-    else:  # traced, or another process holds some blocks: the keys and the weights only
-        known, keys = set(stack_plan.feature_names), features.keys
-        if set(keys) != known:
-            raise ValueError(
-                f"features hold keys {sorted(keys)}, the tables look up {sorted(known)}"
-            )
-        if features.weights is not None and any(t.pooling != "sum" for t in stack_plan.tables):
-            raise ValueError("features carry weights, which only sum-pooled bags take")
     return features
 
 
@@ -311,13 +305,9 @@ def _block(features: KeyedJagged, block: int, k: int) -> KeyedJagged:
 def _own_bags(s: _coll._StackIds, sentinel: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """This device's own bags: which hold an id outside its table (a kept entry at the
     sentinel), and how many entries each keeps (a mean's divisor)."""
-    running = [
-        jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(x, dtype=jnp.int32)])
-        for x in (s.keep & (s.ids == sentinel), s.keep)
-    ]
-    bad = running[0][s.ends] > running[0][s.starts]
-    counts = (running[1][s.ends] - running[1][s.starts]).astype(dtype)
-    return bad, counts
+    bounds = (s.starts, s.ends)
+    bad = _bag._bag_counts(s.keep & (s.ids == sentinel), bounds, jnp.int32) > 0
+    return bad, _bag._bag_counts(s.keep, bounds, dtype)
 
 
 def _gather(x, axis):
