@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed.core import _index_policy, _layout, _options, _renorm, _validation
+from jaxembed.core import _index_policy, _layout, _options, _renorm
 from jaxembed.core._options import LookupOptions
+from jaxembed.core._packed import array_of
 from jaxembed.core._pipeline import Lookup, new_params
 
 MODES = _options.MODES
@@ -172,10 +173,11 @@ def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
             )
 
         # carries made "like" the table, so inside shard_map they vary over the same mesh axes
+        like = array_of(table)
         init = (
-            jnp.full_like(table, -jnp.inf, acc, shape=shape),
-            jnp.full_like(table, -1, jnp.int32, shape=shape),
-            jnp.zeros_like(table, bool, shape=shape),
+            jnp.full_like(like, -jnp.inf, acc, shape=shape),
+            jnp.full_like(like, -1, jnp.int32, shape=shape),
+            jnp.zeros_like(like, bool, shape=shape),
         )
         best, pos, nan = jax.lax.fori_loop(0, width, body, init) if n else init
         # a NaN row (an out-of-range index under jit) makes its bag NaN, never a silent max
@@ -188,7 +190,7 @@ def _column_bags(table, safe, keep, psw, starts, mode, width, lookup):
             rows = rows * psw[at].astype(acc)[:, None]
         return total + jnp.where(kept, rows, 0)
 
-    zeros = jnp.zeros_like(table, acc, shape=shape)
+    zeros = jnp.zeros_like(array_of(table), acc, shape=shape)
     total = jax.lax.fori_loop(0, width, body, zeros) if n else zeros
     if mode == "mean":
         total = total / jnp.maximum(_bag_counts(keep, bounds, acc), 1)[:, None]
@@ -259,7 +261,10 @@ def _bags(weight, table, safe, grad_scale, keep, psw, starts, mode, width, looku
 
 
 def _is_zero(t) -> bool:
-    return t is None or isinstance(t, jax.custom_derivatives.SymbolicZero)
+    """A symbolic zero tangent (a packed table's is a pytree of them)."""
+    zero = jax.custom_derivatives.SymbolicZero
+    leaves = jax.tree.leaves(t, is_leaf=lambda x: isinstance(x, zero))
+    return t is None or all(isinstance(x, zero) for x in leaves)
 
 
 def _bags_jvp(mode, width, lookup, primals, tangents):
@@ -424,11 +429,11 @@ def prepare_bags(
     per_sample_weights: ArrayLike | None,
     include_last_offset: bool,
     num_valid: ArrayLike | None = None,
+    output_dtype: Any = None,
 ) -> tuple:
     """The checks of a bag call: ``(weight, indices, starts, per_sample_weights, num_valid)``
     (``starts`` None for 2-D indices)."""
-    weight = _validation.check_weight(params)
-    options.check_table(weight.shape[0])
+    weight = options.table_of(params, output_dtype)
     idx = _index_policy.prepare_indices(indices, weight.shape[0])
     if idx.ndim == 2 and offsets is not None:
         raise ValueError("offsets must be None when indices are 2-D (one bag per row)")
@@ -475,6 +480,7 @@ def embed_bags(
     include_last_offset: bool,
     num_valid: ArrayLike | None = None,
     sharding: _layout.Layout | None = None,
+    output_dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`embedding_bag` with its options already checked (the modules' front end)."""
     weight, idx, starts, per_sample_weights, num_valid = prepare_bags(
@@ -486,6 +492,7 @@ def embed_bags(
         per_sample_weights=per_sample_weights,
         include_last_offset=include_last_offset,
         num_valid=num_valid,
+        output_dtype=output_dtype,
     )
     layout = _layout.bind(sharding, weight.shape, idx.shape, offsets=idx.ndim == 1)
     bags, new_weight = _embedding_bag(
@@ -571,11 +578,15 @@ def embedding_bag(
     lookup_style: str = "gather",
     num_valid: ArrayLike | None = None,
     sharding: _layout.Layout | None = None,
+    output_dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sums, averages or maxes bags of embeddings, with torch's ``nn.EmbeddingBag`` semantics.
 
     Args:
-      params: ``{"weight": Array[num_embeddings, embedding_dim]}``.
+      params: ``{"weight": Array[num_embeddings, embedding_dim]}``, or a
+        :class:`jaxembed.QuantizedTable`, frozen, as in :func:`jaxembed.embedding`: its rows are
+        decoded as the reduction reads them and summed in float32 (torch's quantized
+        ``embedding_bag_*_rowwise_offsets``).
       indices: 2-D ``(B, N)``, one bag per row (``offsets`` must be None); or 1-D with ``offsets``.
       offsets: 1-D start of each bag in 1-D ``indices``; ``offsets[0]`` must be 0. With
         ``include_last_offset=True`` it has ``B + 1`` entries, the last equal to ``len(indices)``
@@ -602,6 +613,8 @@ def embedding_bag(
         (``batch`` must then be None). The rows are combined over ``vocab`` before the reduction,
         so with only rows split the bags equal the unsharded ones bit for bit (split columns may
         compile the reduction's multiply-adds differently: ulps apart).
+      output_dtype: a quantized table's bags' dtype: float32 (default), float16 or bfloat16
+        (reduced in float32, then cast).
 
     Returns:
       ``(bags, new_params)``: ``bags.shape == (B, embedding_dim)`` in the table's dtype; empty
@@ -654,6 +667,7 @@ def embedding_bag(
         include_last_offset=include_last_offset,
         num_valid=num_valid,
         sharding=sharding,
+        output_dtype=output_dtype,
     )
 
 

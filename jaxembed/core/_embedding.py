@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 from jax.typing import ArrayLike
 
-from jaxembed.core import _index_policy, _layout, _options, _validation
+from jaxembed.core import _index_policy, _layout, _options
 from jaxembed.core._options import LookupOptions
 from jaxembed.core._pipeline import Lookup, new_params
 
@@ -34,10 +35,10 @@ def embed(
     indices: ArrayLike,
     options: LookupOptions,
     sharding: _layout.Layout | None = None,
+    output_dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`embedding` with its options already checked (the modules' front end)."""
-    weight = _validation.check_weight(params)
-    options.check_table(weight.shape[0])
+    weight = options.table_of(params, output_dtype)
     idx = _index_policy.prepare_indices(indices, weight.shape[0])
     layout = _layout.bind(sharding, weight.shape, idx.shape)
     out, new_weight = _embedding(weight, idx, options=options, layout=layout)
@@ -55,6 +56,7 @@ def embedding(
     scale_grad_by_freq: bool = False,
     lookup_style: str = "gather",
     sharding: _layout.Layout | None = None,
+    output_dtype: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Looks up rows of ``params["weight"]`` with torch's ``nn.Embedding`` semantics.
 
@@ -68,7 +70,10 @@ def embedding(
     ``new_params``, as torch's optimizer updates the renormed table.
 
     Args:
-      params: ``{"weight": Array[num_embeddings, embedding_dim]}``, any floating dtype.
+      params: ``{"weight": Array[num_embeddings, embedding_dim]}``, any floating dtype; or a
+        :class:`jaxembed.QuantizedTable` (itself or as ``"weight"``): frozen, its rows decoded as
+        they are read (never the whole table), with no gradient, ``max_norm``,
+        ``scale_grad_by_freq`` or ``"one_hot"`` style.
       indices: integer array of any shape (0-d and empty included), NumPy or JAX.
       padding_idx: a row whose gradient is always zero; negative counts from the end. Its values
         are returned as stored (only :func:`jaxembed.init` zeroes it).
@@ -84,6 +89,8 @@ def embedding(
         (``vocab``) and/or columns (``dim``), the indices' leading dimension by ``batch``. The
         outputs equal the unsharded ones (bit for bit with rows split; see the class for the
         terms); the table is never gathered onto one device.
+      output_dtype: a quantized table's output dtype: float32 (default), float16 or bfloat16
+        (decoded in float32, then cast). A float table's output is its own dtype.
 
     Returns:
       ``(embeddings, new_params)``: ``embeddings.shape == indices.shape + (embedding_dim,)`` in
@@ -117,4 +124,4 @@ def embedding(
     options = LookupOptions.of_call(
         params, padding_idx, max_norm, norm_type, scale_grad_by_freq, lookup_style
     )
-    return embed(params, indices, options, sharding)
+    return embed(params, indices, options, sharding, output_dtype)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxembed.core._packed import is_packed
 from jaxembed.core._validation import check_index_dtype
 
 
@@ -111,8 +112,11 @@ def gather_rows(
     """``weight[safe]`` with rows of ``fill`` (NaN) for the out-of-range sentinel.
 
     ``style`` is how: ``"gather"`` (XLA's gather), ``"one_hot"`` (a matmul) or ``"auto"``.
-    A vocab-sharded lookup fills with 0 the rows another shard owns.
+    A vocab-sharded lookup fills with 0 the rows another shard owns. A packed (quantized) table
+    decodes just these rows, as float32 (``style`` is gather's, whatever it says).
     """
+    if is_packed(weight):
+        return weight.take(safe, fill)
     if style == "one_hot":
         return _one_hot_rows(weight, safe, fill)
     if style == "auto" and weight.shape[0] <= AUTO_ONE_HOT_MAX_VOCAB:

@@ -14,7 +14,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
+
 from jaxembed.core import _validation
+from jaxembed.core._packed import is_packed
+
+#: the dtypes a quantized table's lookups may return
+OUTPUT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 
 
 class LookupStyle(str, enum.Enum):
@@ -123,7 +129,7 @@ class LookupOptions:
     ) -> LookupOptions:
         """The options of a front end's call on ``params`` (the table checked first), in the
         order every front end's signature lists them."""
-        weight = _validation.check_weight(params)
+        weight = _validation.check_weight(params, packed=True)
         return cls.check(
             weight.shape[0],
             padding_idx=padding_idx,
@@ -132,6 +138,48 @@ class LookupOptions:
             scale_grad_by_freq=scale_grad_by_freq,
             lookup_style=lookup_style,
         )
+
+    def table_of(self, params: Any, output_dtype: Any = None) -> Any:
+        """The table a lookup with these options reads from ``params``: its float weight, or a
+        quantized table (frozen: no ``max_norm``, ``scale_grad_by_freq`` or one-hot lookup)
+        returning ``output_dtype`` (float32, float16 or bfloat16; default float32).
+
+        Raises:
+          ValueError: those options with a quantized table; ``output_dtype`` with a float table
+            (its lookups return its own dtype) or another dtype than those three.
+        """
+        weight = _validation.check_weight(params, packed=True)
+        self.check_table(weight.shape[0])
+        if not is_packed(weight):
+            if output_dtype is not None:
+                raise ValueError(
+                    "output_dtype is for quantized tables; a float table's lookups return its "
+                    f"own dtype ({weight.dtype}): cast the result instead"
+                )
+            return weight
+        for name, value in (("max_norm", self.max_norm is not None),
+                            ("scale_grad_by_freq", self.scale_grad_by_freq)):  # fmt: skip
+            if value:
+                raise ValueError(
+                    f"{name} needs a trainable table; a quantized table is frozen (no renorm, "
+                    "no gradient)"
+                )
+        if self.lookup_style == LookupStyle.ONE_HOT.value:
+            raise ValueError(
+                'lookup_style="one_hot" multiplies by the float table; a quantized table is '
+                'read by gather only ("gather" or "auto")'
+            )
+        if output_dtype is None:
+            return weight
+        try:
+            dtype = jnp.dtype(output_dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in OUTPUT_DTYPES:
+            raise ValueError(
+                f"output_dtype must be float32, float16 or bfloat16, got {output_dtype!r}"
+            )
+        return weight.with_output_dtype(dtype)
 
     def check_table(self, num_embeddings: int) -> LookupOptions:
         """Raises ``ValueError`` unless these options fit a table of ``num_embeddings`` rows."""

@@ -26,6 +26,7 @@ import jax
 from jaxembed.core import _gradient, _index_policy, _renorm
 from jaxembed.core._layout import Layout
 from jaxembed.core._options import LookupOptions
+from jaxembed.core._packed import is_packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,9 @@ class Lookup:
         rows = _index_policy.gather_rows(
             self.table, self.local, self.options.lookup_style, fill=self.layout.fill
         )
-        if gradient:
+        if is_packed(self.table):  # frozen: no gradient; decoded as float32
+            rows = rows.astype(self.table.dtype)
+        elif gradient:
             scale = self.scale() if scaled else None
             rows = _gradient.with_table_gradient(rows, self.weight, self.local, scale)
         return self.layout.combine(rows, self.safe == self.num_embeddings)

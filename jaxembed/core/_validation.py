@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxembed.core._packed import is_packed
+
 
 def check_size(name: str, value: Any) -> int:
     """Returns ``value`` as a non-negative Python int, or raises."""
@@ -26,8 +28,21 @@ def check_size(name: str, value: Any) -> int:
     return int(value)
 
 
-def check_weight(params: Any) -> jax.Array:
-    """Returns ``params["weight"]`` after checking it is a 2-D floating array."""
+def check_weight(params: Any, *, packed: bool = False) -> Any:
+    """Returns ``params["weight"]`` after checking it is a 2-D floating array.
+
+    With ``packed=True`` (the lookups) a :class:`~jaxembed.core._packed.PackedTable` (a quantized
+    table) is taken as well, as ``params`` itself or as its ``"weight"``; elsewhere it raises
+    ``TypeError``: a quantized table is frozen.
+    """
+    if is_packed(params) or (isinstance(params, Mapping) and is_packed(params.get("weight"))):
+        if not packed:
+            raise TypeError(
+                "params holds a quantized table, which only the lookups (embedding, "
+                "embedding_bag, the collections and modules) read: it is frozen; use "
+                "jaxembed.dequantize for a float table"
+            )
+        return params if is_packed(params) else params["weight"]
     if not isinstance(params, Mapping) or "weight" not in params:
         raise TypeError(
             'params must be a mapping with a "weight" entry (as returned by jaxembed.init), '

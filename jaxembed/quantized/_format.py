@@ -30,31 +30,38 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxembed.core import _validation
+from jaxembed.core._packed import PackedTable
 
 BITS = (8, 4, 2)
 
 
 @jax.tree_util.register_pytree_node_class
-class QuantizedTable:
+class QuantizedTable(PackedTable):
     """A row-wise quantized table: ``data`` ``(V, row bytes)`` uint8 in torch's layout.
+
+    The lookups (:func:`jaxembed.embedding`, :func:`jaxembed.embedding_bag`, the collections and
+    modules) read it as a frozen ``(V, D)`` table, decoding only the rows they reference.
 
     Attributes:
       data: ``(V, D + 8)`` for 8 bits, ``(V, D * bits / 8 + 4)`` for 4 and 2 bits.
       bits: 8, 4 or 2 (static).
       embedding_dim: D (static).
+      output_dtype: the dtype its lookups return (static): float32 unless a lookup's
+        ``output_dtype`` says otherwise.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
       >>> q = jaxembed.quantize({"weight": jnp.arange(8.0).reshape(2, 4)}, bits=4)
-      >>> q.data.shape, q.nbytes
-      ((2, 6), 12)
+      >>> q.data.shape, q.shape, q.nbytes
+      ((2, 6), (2, 4), 12)
     """
 
-    def __init__(self, data: jax.Array, bits: int, embedding_dim: int):
+    def __init__(self, data: jax.Array, bits: int, embedding_dim: int, output_dtype=jnp.float32):
         self.data, self.bits, self.embedding_dim = data, bits, embedding_dim
+        self.output_dtype = jnp.dtype(output_dtype)
 
     def tree_flatten(self):
-        return (self.data,), (self.bits, self.embedding_dim)
+        return (self.data,), (self.bits, self.embedding_dim, self.output_dtype)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -65,9 +72,33 @@ class QuantizedTable:
         return self.data.shape[0]
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """``(num_embeddings, embedding_dim)``: the decoded table's."""
+        return (self.data.shape[0], self.embedding_dim)
+
+    @property
+    def dtype(self) -> Any:
+        return self.output_dtype
+
+    @property
+    def stored(self) -> jax.Array:
+        return self.data
+
+    @property
     def nbytes(self) -> int:
         """The table's bytes in memory."""
         return int(np.prod(self.data.shape))
+
+    def with_output_dtype(self, dtype: Any) -> QuantizedTable:
+        return QuantizedTable(self.data, self.bits, self.embedding_dim, dtype)
+
+    def take(self, safe: jax.Array, fill: float) -> jax.Array:
+        # a NaN fill is all-ones bytes: a NaN float32 / float16 scale and bias, so a NaN row
+        if not (np.isnan(fill) or fill == 0):
+            raise ValueError(f"a quantized row fills with NaN or 0, not {fill}")
+        byte = 255 if np.isnan(fill) else 0
+        rows = jnp.take(self.data, safe, axis=0, mode="fill", fill_value=byte)
+        return unpack_rows(rows, self.bits, self.embedding_dim)
 
     @classmethod
     def from_bytes(cls, data: ArrayLike, bits: int, embedding_dim: int) -> QuantizedTable:
