@@ -61,19 +61,21 @@ def main(argv=None):
             import torch
 
             wt = torch.from_numpy(w_np)
-            it, ot = torch.from_numpy(i_np.astype(np.int64)), torch.from_numpy(offsets.astype(np.int64))
+            it = torch.from_numpy(i_np.astype(np.int64))
+            ot = torch.from_numpy(offsets.astype(np.int64))
             for b in bits_list:
                 packed = getattr(torch.ops.quantized, f"embedding_bag_{OPS[b]}_prepack")(wt)
                 op = getattr(torch.ops.quantized, f"embedding_bag_{OPS[b]}_rowwise_offsets")
-                cases[(dist, f"torch {b}-bit")] = lambda op=op, p=packed, it=it, ot=ot: op(p, it, ot)
-            cases[(dist, "torch f32")] = lambda it=it, ot=ot: torch.nn.functional.embedding_bag(
-                it, wt, ot, mode="sum"
+                cases[(dist, f"torch {b}-bit")] = lambda op=op, p=packed, i=it, o=ot: op(p, i, o)
+            cases[(dist, "torch f32")] = lambda i=it, o=ot, w=wt: torch.nn.functional.embedding_bag(
+                i, w, o, mode="sum"
             )
     times = {k: [] for k in cases}
     for _ in range(args.rounds):  # interleaved: every case once per round
         for k, fn in cases.items():
             times[k].append(median_ms(fn, args.repeat))
-    print(f"{jax.devices()[0].device_kind}; V={V:,} D={D} bags={B} x {N}; medians of {args.rounds} rounds")
+    kind = jax.devices()[0].device_kind
+    print(f"{kind}; V={V:,} D={D} bags={B} x {N}; medians of {args.rounds} rounds")
     for dist in ids:
         f32 = statistics.median(times[(dist, "f32")])
         print(f"\n{dist}: jaxembed f32 bag {f32:.2f} ms")

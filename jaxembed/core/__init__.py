@@ -12,7 +12,9 @@ What this folder owns, module by module:
 * ``_bag``: the bag reduction, and :func:`embedding_bag`;
 * ``_embedding``: :func:`embedding`;
 * ``_init``: :func:`init`, torch's initial table;
-* ``_validation``: the argument checks every entry point shares.
+* ``_validation``: the argument checks every entry point shares;
+* ``_packed``: the interface of a table stored in another form (a quantized one), which the
+  gather decodes row by row.
 
 It may import nothing else of jaxembed. Sharding, sparse training and the Flax modules sit above
 it; a sharded table reaches the pipeline as a ``Layout``.

@@ -494,7 +494,7 @@ def embed_bags(
         num_valid=num_valid,
         output_dtype=output_dtype,
     )
-    layout = _layout.bind(sharding, weight.shape, idx.shape, offsets=idx.ndim == 1)
+    layout = _layout.bind(sharding, weight, idx.shape, offsets=idx.ndim == 1)
     bags, new_weight = _embedding_bag(
         weight,
         idx,

@@ -40,7 +40,7 @@ def embed(
     """:func:`embedding` with its options already checked (the modules' front end)."""
     weight = options.table_of(params, output_dtype)
     idx = _index_policy.prepare_indices(indices, weight.shape[0])
-    layout = _layout.bind(sharding, weight.shape, idx.shape)
+    layout = _layout.bind(sharding, weight, idx.shape)
     out, new_weight = _embedding(weight, idx, options=options, layout=layout)
     return out, new_params(params, new_weight)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 
+from jaxembed.core._packed import is_packed
+
 
 class Layout:
     """The trivial layout: one table on one device. Subclasses place tables over a mesh.
@@ -22,9 +24,16 @@ class Layout:
     Attributes:
       fill: what the gather returns for a row this device does not hold (NaN: an out-of-range
         index's row).
+      splits_columns: whether each device holds only some of a row's columns (a packed table's
+        rows do not split so).
     """
 
     fill: float = float("nan")
+
+    @property
+    def splits_columns(self) -> bool:
+        """Whether each device holds only some of a row's columns."""
+        return False
 
     def bind(
         self, table_shape: tuple[int, ...], indices_shape: tuple[int, ...] | None, **_: Any
@@ -94,12 +103,19 @@ LOCAL = Layout()
 
 def bind(
     sharding: Any,
-    table_shape: tuple[int, ...],
+    table: Any,
     indices_shape: tuple[int, ...] | None,
     **kwargs: Any,
 ) -> Layout:
-    """The layout a call runs on: :data:`LOCAL` for ``sharding=None``, else the sharding's."""
-    return check(sharding).bind(table_shape, indices_shape, **kwargs)
+    """The layout a call on ``table`` runs on: :data:`LOCAL` for ``sharding=None``, else the
+    sharding's. A packed (quantized) table's rows split by rows only."""
+    layout = check(sharding).bind(table.shape, indices_shape, **kwargs)
+    if is_packed(table) and layout.splits_columns:
+        raise ValueError(
+            "a quantized table's rows are packed bytes: shard it by rows (TableSharding(vocab=)),"
+            " not by columns (dim=)"
+        )
+    return layout
 
 
 def check(sharding: Any) -> Layout:

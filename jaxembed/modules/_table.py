@@ -52,13 +52,15 @@ def attend(query: jax.Array, weight: jax.Array, dtype: Any) -> jax.Array:
 
 def bags(
     module: Any,
-    weight: jax.Array,
+    weight: Any,
     indices: Any,
     offsets: Any,
     per_sample_weights: Any,
     num_valid: Any = None,
+    output_dtype: Any = None,
 ):
-    """A bag module's call into the core: its options, mode and layout, then ``(bags, params)``."""
+    """A bag module's call into the core: its options, mode and layout, then ``(bags, params)``.
+    ``weight`` is the float table or a quantized one (then ``output_dtype`` is its bags')."""
     return _bag.embed_bags(
         {"weight": weight},
         indices,
@@ -69,4 +71,5 @@ def bags(
         include_last_offset=module.include_last_offset,
         num_valid=num_valid,
         sharding=module.sharding,
+        output_dtype=output_dtype,
     )

@@ -104,6 +104,10 @@ class TableSharding(Layout):
             raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {self.mesh!r}")
 
     @property
+    def splits_columns(self) -> bool:
+        return self.dim is not None
+
+    @property
     def spec(self) -> P:
         """The table's ``PartitionSpec``: ``P(vocab, dim)``."""
         return P(self.vocab, self.dim)
@@ -241,10 +245,14 @@ class TableSharding(Layout):
 
     def map(self, body, in_specs, out_specs, *args):
         """``jax.shard_map(body)(*args)`` on the mesh, the arguments placed as specified."""
+
+        def placed(a, specs):  # one spec for a whole pytree (a quantized table), or one a leaf
+            if isinstance(specs, P):
+                return jax.tree.map(lambda x: place(x, self.mesh, specs), a)
+            return jax.tree.map(lambda x, spec: place(x, self.mesh, spec), a, specs)
+
         args = [
-            jax.tree.map(lambda x, spec: place(x, self.mesh, spec), a, specs)
-            if specs is not None
-            else None
+            None if specs is None else placed(a, specs)
             for a, specs in zip(args, in_specs, strict=True)
         ]
         mapped = jax.shard_map(

@@ -591,3 +591,24 @@ def test_linen_modules_with_sharding():
         _check_equal(new, ref_new, exact=True)
         assert new.sharding.spec == layout.spec
         _check_equal(grad["weight"], ref_grad["weight"], exact=False)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantized_tables_shard_by_rows_and_equal_unsharded(bits):
+    """A quantized table splits by rows like a float one (each device decodes its own rows);
+    columns of packed bytes do not split, and are refused."""
+    mesh = _mesh((2, 4))
+    q = jaxembed.quantize(jax.random.normal(jax.random.key(bits), (V, 16)), bits=bits)
+    ids = jax.random.randint(jax.random.key(1), (8, 5), 0, V).at[0, 0].set(V)  # one out of range
+    sharding = jaxembed.TableSharding(mesh, vocab="model", batch="data")
+    for mode in ("sum", "mean", "max"):
+        bag = jax.jit(lambda q, i, m=mode: jaxembed.embedding_bag(q, i, mode=m, sharding=sharding))
+        ref = jax.jit(lambda q, i, m=mode: jaxembed.embedding_bag(q, i, mode=m))
+        np.testing.assert_array_equal(np.asarray(bag(q, ids)[0]), np.asarray(ref(q, ids)[0]))
+    rows = jax.jit(lambda q, i: jaxembed.embedding(q, i, sharding=sharding)[0])(q, ids)
+    ref = jax.jit(lambda q, i: jaxembed.embedding(q, i)[0])(q, ids)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(ref))
+    assert np.isnan(np.asarray(rows)[0, 0]).all()
+    assert q.data.sharding.is_fully_replicated  # the caller's table is left as it was
+    with pytest.raises(ValueError, match="shard it by rows"):
+        jaxembed.embedding(q, ids % V, sharding=jaxembed.TableSharding(mesh, dim="model"))
