@@ -18,7 +18,7 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 
 import importlib as _importlib
 
-from jaxembed import collections, sharding, sparse
+from jaxembed import collections, quantized, sharding, sparse
 from jaxembed._interop import (
     from_torch,
     load_safetensors,
@@ -49,6 +49,7 @@ from jaxembed.modules import (
     EmbeddingBagCollection,
     EmbeddingCollection,
     FrozenWeight,
+    QuantizedWeight,
 )
 from jaxembed.quantized import QuantizedTable, dequantize, quantize
 from jaxembed.sharding import ShardingPlan, TableSharding, plan
@@ -67,6 +68,7 @@ __all__ = [
     "KeyedJagged",
     "LookupStyle",
     "QuantizedTable",
+    "QuantizedWeight",
     "ShardingPlan",
     "TableSharding",
     "collections",
@@ -83,6 +85,7 @@ __all__ = [
     "pad_bags",
     "plan",
     "quantize",
+    "quantized",
     "renorm",
     "safetensors_names",
     "save_safetensors",

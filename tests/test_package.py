@@ -107,6 +107,7 @@ ALLOWED = {
         "jaxembed.sharding",
         "jaxembed.collections",
         "jaxembed._interop",
+        "jaxembed.quantized",
         "jaxembed.modules",
     ),
     "jaxembed._interop": ("jaxembed.core",),

@@ -171,15 +171,7 @@ class LookupOptions:
             )
         if output_dtype is None:
             return weight
-        try:
-            dtype = jnp.dtype(output_dtype)
-        except TypeError:
-            dtype = None
-        if dtype not in OUTPUT_DTYPES:
-            raise ValueError(
-                f"output_dtype must be float32, float16 or bfloat16, got {output_dtype!r}"
-            )
-        return weight.with_output_dtype(dtype)
+        return weight.with_output_dtype(check_output_dtype(output_dtype))
 
     def check_table(self, num_embeddings: int) -> LookupOptions:
         """Raises ``ValueError`` unless these options fit a table of ``num_embeddings`` rows."""
@@ -188,6 +180,17 @@ class LookupOptions:
                 f"padding_idx={self.padding_idx} is outside the table's {num_embeddings} rows"
             )
         return self
+
+
+def check_output_dtype(output_dtype: Any) -> Any:
+    """A quantized table's output dtype: float32, float16 or bfloat16, else ``ValueError``."""
+    try:
+        dtype = jnp.dtype(output_dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"output_dtype must be float32, float16 or bfloat16, got {output_dtype!r}")
+    return dtype
 
 
 @dataclasses.dataclass(frozen=True)

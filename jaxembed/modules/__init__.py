@@ -2,21 +2,22 @@
 
 What this folder owns, module by module:
 
-* ``_nnx``: ``flax.nnx`` :class:`~jaxembed.Embedding`, :class:`~jaxembed.EmbeddingBag` and
-  :class:`~jaxembed.FrozenWeight`;
+* ``_nnx``: ``flax.nnx`` :class:`~jaxembed.Embedding`, :class:`~jaxembed.EmbeddingBag`,
+  :class:`~jaxembed.FrozenWeight` and :class:`~jaxembed.QuantizedWeight` (a quantized module's
+  frozen rows);
 * ``_linen``: the ``flax.linen`` modules (public as :mod:`jaxembed.linen`);
 * ``_collection``: the ``flax.nnx`` :class:`~jaxembed.EmbeddingBagCollection` and
   :class:`~jaxembed.EmbeddingCollection` over :mod:`jaxembed.collections`;
 * ``_table``: what both share (dtype checks, the initial table, the tied head).
 
 It may import :mod:`jaxembed.core`, :mod:`jaxembed.sparse`, :mod:`jaxembed.sharding`,
-:mod:`jaxembed.collections` and the torch interop. Each
+:mod:`jaxembed.collections`, :mod:`jaxembed.quantized` and the torch interop. Each
 module builds its :class:`~jaxembed.core.LookupOptions` once, at construction, and hands that
 one value to the core on every call.
 """
 
 from jaxembed.modules._collection import EmbeddingBagCollection, EmbeddingCollection
-from jaxembed.modules._nnx import Embed, Embedding, EmbeddingBag, FrozenWeight
+from jaxembed.modules._nnx import Embed, Embedding, EmbeddingBag, FrozenWeight, QuantizedWeight
 
 __all__ = [
     "Embed",
@@ -25,4 +26,5 @@ __all__ = [
     "EmbeddingBagCollection",
     "EmbeddingCollection",
     "FrozenWeight",
+    "QuantizedWeight",
 ]

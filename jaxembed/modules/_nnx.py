@@ -13,6 +13,7 @@ from jax.typing import ArrayLike
 from jaxembed.core import _embedding, _gradient, _layout, _options, _validation
 from jaxembed.core._init import Initializer, default_embedding_init
 from jaxembed.modules import _table
+from jaxembed.quantized import _format as _quantized
 from jaxembed.sharding import TableSharding
 from jaxembed.sparse import _lookup as _sparse_lookup
 from jaxembed.sparse import _nnx as _sparse_nnx
@@ -36,8 +37,15 @@ class FrozenWeight(nnx.Variable):
     """A table that gets no gradient (torch's ``requires_grad=False``): not an ``nnx.Param``."""
 
 
+class QuantizedWeight(nnx.Variable):
+    """A quantized table's packed rows, ``(V, row bytes)`` uint8 in torch's layout: frozen."""
+
+
 class _TableModule(nnx.Module):
     """The table, its checked configuration, and the write-back of the renorm."""
+
+    #: a quantized module's bits (its ``weight`` a :class:`QuantizedWeight`), else None
+    bits: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -135,6 +143,50 @@ class _TableModule(nnx.Module):
         if freeze:
             self.weight = self._table_variable(FrozenWeight, embeddings)
         return self
+
+    @classmethod
+    def _quantized(cls, table: Any, *, dtype: Any, **kwargs: Any):
+        """A frozen module over a :class:`jaxembed.QuantizedTable`; ``dtype`` is the output's."""
+        if not isinstance(table, _quantized.QuantizedTable):
+            raise TypeError(f"table must be a jaxembed.QuantizedTable, got {type(table).__name__}")
+        dtype = _options.check_output_dtype(jnp.float32 if dtype is None else dtype)
+        sharding = kwargs.get("sharding")
+        if sharding is not None and _layout.check(sharding).splits_columns:
+            raise ValueError("a quantized table shards by rows (vocab) only, not by dim")
+        self = cls(
+            *table.shape,
+            dtype=dtype,
+            embedding_init=_Pretrained(table.data),
+            rngs=nnx.Rngs(0),
+            **kwargs,
+        )
+        self.bits, self.param_dtype = table.bits, table.data.dtype
+        self.weight = self._table_variable(QuantizedWeight, table.data)
+        return self
+
+    def _lookup_table(self) -> Any:
+        """What a call reads: the float table, or the quantized one (then its output dtype)."""
+        weight = self.weight.get_value()
+        if self.bits is None:
+            return weight, None
+        return _quantized.QuantizedTable(weight, self.bits, self.embedding_dim), self.dtype
+
+    def _quantize(self, bits: int, extra: dict) -> Any:
+        if self.max_norm is not None:
+            raise ValueError(
+                "a module with max_norm renorms its table as it reads it; a quantized table is "
+                "frozen: renorm the table first (jaxembed.renorm), then quantize a module without"
+            )
+        if self.bits is not None:
+            raise ValueError(f"the module is already quantized ({self.bits} bits)")
+        table = _quantized.quantize(self.weight.get_value(), bits=bits)
+        return type(self)._quantized(
+            table,
+            padding_idx=self.padding_idx,
+            dtype=self.dtype,
+            sharding=self.sharding,
+            **extra,
+        )
 
     def _finish(self, out: jax.Array, weight: jax.Array, new_params: Mapping) -> jax.Array:
         """Writes the renormed table back (as torch does in place) and casts the output."""
@@ -274,8 +326,48 @@ class Embedding(_TableModule):
             sharding=sharding,
         )
 
+    @classmethod
+    def from_quantized(
+        cls,
+        table: Any,
+        *,
+        padding_idx: int | None = None,
+        dtype: Any = None,
+        sharding: TableSharding | None = None,
+    ) -> Embedding:
+        """A frozen module over a :class:`jaxembed.QuantizedTable` (torch's quantized
+        ``nn.Embedding``).
+
+        Its ``weight`` is a :class:`QuantizedWeight` holding the packed rows; each call decodes
+        only the rows it looks up. ``dtype`` is the output's: float32 (default), float16 or
+        bfloat16. ``sharding`` may split the rows (``vocab``), not the columns. There is no
+        ``max_norm``, ``scale_grad_by_freq`` or ``sparse``: the table takes no update.
+
+        Example:
+          >>> import jax.numpy as jnp, jaxembed
+          >>> q = jaxembed.quantize(jnp.arange(12.0).reshape(3, 4), bits=8)
+          >>> emb = jaxembed.Embedding.from_quantized(q)
+          >>> emb(jnp.array([2]))
+          Array([[ 8.,  9., 10., 11.]], dtype=float32)
+        """
+        return cls._quantized(table, padding_idx=padding_idx, dtype=dtype, sharding=sharding)
+
+    def quantize(self, bits: int = 8) -> Embedding:
+        """This module's table quantized (:func:`jaxembed.quantize`), as a new frozen module
+        with its ``padding_idx``, ``dtype`` (the output's; float32 if None) and ``sharding``.
+
+        Raises:
+          ValueError: the module has ``max_norm`` (a frozen table cannot renorm), or is
+            quantized already.
+        """
+        return self._quantize(bits, {})
+
     def __call__(self, indices: ArrayLike) -> jax.Array:
         """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
+        if self.bits is not None:
+            table, output_dtype = self._lookup_table()
+            options = self.config.options
+            return _embedding.embed(table, indices, options, self.sharding, output_dtype)[0]
         weight = self.weight.get_value()
         tape = _sparse_nnx.active_tape() if self.sparse else None
         options = self.config.options
@@ -292,8 +384,15 @@ class Embedding(_TableModule):
         return self._finish(out, weight, new_params)
 
     def attend(self, query: ArrayLike) -> jax.Array:
-        """``query @ weight.T``: scores over the vocabulary, for a tied output projection."""
-        return _table.attend(query, self.weight.get_value(), self.dtype)
+        """``query @ weight.T``: scores over the vocabulary, for a tied output projection.
+
+        A quantized module dequantizes its whole table for the product (a transient ``(V, D)``
+        array in ``dtype``): the scores of the table its lookups return.
+        """
+        table, output_dtype = self._lookup_table()
+        if output_dtype is not None:
+            table = _quantized.dequantize(table, dtype=output_dtype)["weight"]
+        return _table.attend(query, table, self.dtype)
 
 
 class EmbeddingBag(_TableModule):
@@ -392,6 +491,45 @@ class EmbeddingBag(_TableModule):
             sharding=sharding,
         )
 
+    @classmethod
+    def from_quantized(
+        cls,
+        table: Any,
+        *,
+        mode: str = "mean",
+        padding_idx: int | None = None,
+        include_last_offset: bool = False,
+        dtype: Any = None,
+        sharding: TableSharding | None = None,
+    ) -> EmbeddingBag:
+        """A frozen bag module over a :class:`jaxembed.QuantizedTable` (torch's quantized
+        ``nn.EmbeddingBag``), as :meth:`Embedding.from_quantized`: rows are decoded as the
+        reduction reads them and reduced in float32, then cast to ``dtype`` (float32 default).
+
+        Example:
+          >>> import jax.numpy as jnp, jaxembed
+          >>> q = jaxembed.quantize(jnp.array([[0.0, 5, 10, 15], [1, 2, 3, 16]]), bits=4)
+          >>> bag = jaxembed.EmbeddingBag.from_quantized(q, mode="sum")
+          >>> bag(jnp.array([[0, 1]]))
+          Array([[ 1.,  7., 13., 31.]], dtype=float32)
+        """
+        return cls._quantized(
+            table,
+            mode=mode,
+            padding_idx=padding_idx,
+            include_last_offset=include_last_offset,
+            dtype=dtype,
+            sharding=sharding,
+        )
+
+    def quantize(self, bits: int = 8) -> EmbeddingBag:
+        """This module's table quantized, as a new frozen bag module with its ``mode``,
+        ``include_last_offset``, ``padding_idx``, ``dtype`` and ``sharding`` (see
+        :meth:`Embedding.quantize`)."""
+        return self._quantize(
+            bits, {"mode": self.mode, "include_last_offset": self.include_last_offset}
+        )
+
     def __call__(
         self,
         indices: ArrayLike,
@@ -404,6 +542,11 @@ class EmbeddingBag(_TableModule):
         ``num_valid``: with offsets, how many indices are real; the rest are in no bag (see
         :func:`jaxembed.embedding_bag` and :func:`jaxembed.pad_bags`).
         """
+        if self.bits is not None:
+            table, output_dtype = self._lookup_table()
+            return _table.bags(
+                self, table, indices, offsets, per_sample_weights, num_valid, output_dtype
+            )[0]
         weight = self.weight.get_value()
         tape = _sparse_nnx.active_tape() if self.sparse else None
         if tape is not None:

@@ -299,3 +299,56 @@ def dequantize(table: QuantizedTable, *, dtype: Any = jnp.float32) -> dict[str, 
     if jnp.dtype(dtype) not in (jnp.float32, jnp.float16, jnp.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     return {"weight": unpack_rows(table.data, table.bits, table.embedding_dim, dtype)}
+
+
+_TORCH_BITS = {"torch.quint8": 8, "torch.quint4x2": 4, "torch.quint2x4": 2}
+
+
+def from_torch(source: Any) -> QuantizedTable:
+    """The :class:`QuantizedTable` of torch's quantized ``nn.Embedding`` / ``nn.EmbeddingBag``.
+
+    Args:
+      source: a ``torch.ao.nn.quantized.Embedding`` or ``EmbeddingBag`` (8 or 4 bits), or its
+        ``weight()``: a row-wise (``per_channel_affine_float_qparams``) quantized tensor.
+
+    Returns:
+      The same rows in the prepack layout: torch's codes, ``scale`` and
+      ``bias = -(zero_point * scale)`` (float32 at 8 bits, float16 at 4 and 2), so a row decodes
+      to ``code * scale + bias``, the value torch's module returns.
+
+    Raises:
+      TypeError: neither a quantized module nor a row-wise quantized tensor.
+
+    Example:
+      >>> import torch, jaxembed
+      >>> from torch.ao.quantization import float_qparams_weight_only_qconfig
+      >>> bag = torch.nn.EmbeddingBag(10, 4, mode="sum")
+      >>> bag.qconfig = float_qparams_weight_only_qconfig
+      >>> q = jaxembed.quantized.from_torch(torch.ao.nn.quantized.EmbeddingBag.from_float(bag))
+      >>> q
+      QuantizedTable(num_embeddings=10, embedding_dim=4, bits=8)
+    """
+    import torch
+
+    qweight = source.weight() if callable(getattr(source, "weight", None)) else source
+    if not isinstance(qweight, torch.Tensor) or not qweight.is_quantized:
+        raise TypeError(
+            "source must be a torch quantized Embedding / EmbeddingBag or its weight(), got "
+            f"{type(source).__name__}"
+        )
+    bits = _TORCH_BITS.get(str(qweight.dtype))
+    if bits is None or qweight.qscheme() != torch.per_channel_affine_float_qparams:
+        raise TypeError(
+            f"a row-wise (per_channel_affine_float_qparams) quint8 / quint4x2 / quint2x4 table "
+            f"is needed, got {qweight.dtype} ({qweight.qscheme()})"
+        )
+    rows, dim = qweight.shape
+    codes = qweight.int_repr().numpy().reshape(rows, row_bytes(dim, bits) - (8 if bits == 8 else 4))
+    scale = qweight.q_per_channel_scales().numpy().astype(np.float32)
+    bias = -(qweight.q_per_channel_zero_points().numpy().astype(np.float32) * scale)
+    if bits == 8:
+        tail = np.stack([scale, bias], axis=1).astype(np.float32)
+    else:
+        tail = np.stack([scale, bias], axis=1).astype(np.float16)
+    data = np.concatenate([codes.astype(np.uint8), tail.view(np.uint8).reshape(rows, -1)], axis=1)
+    return QuantizedTable.from_bytes(data, bits, dim)

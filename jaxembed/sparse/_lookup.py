@@ -129,7 +129,7 @@ def lookup_rows(
     weight = _validation.check_weight(params)
     options.check_table(weight.shape[0])
     idx = _index_policy.prepare_indices(indices, weight.shape[0])
-    layout = _layout.bind(sharding, weight.shape, idx.shape)
+    layout = _layout.bind(sharding, weight, idx.shape)
     rows, new_weight, safe, scale = _lookup(weight, idx, options=options, layout=layout)
     return rows, SparseLookup(dict(new_params(params, new_weight)), safe, scale)
 
