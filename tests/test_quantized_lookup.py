@@ -68,7 +68,7 @@ def _bound(terms, offsets, n):
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("dim", [8, 64, 72])
+@pytest.mark.parametrize("dim", [8, 72])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sum_equals_torchs_quantized_bag(bits, dim, weighted, rng):
     packed, q = _packed(rng, 300, dim, bits)
