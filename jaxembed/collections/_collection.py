@@ -30,6 +30,7 @@ from jax.typing import ArrayLike
 from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Plan, Stack
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _bag, _gradient, _layout, _validation
+from jaxembed.core._packed import is_packed
 from jaxembed.core._pipeline import Lookup
 from jaxembed.sparse._lookup import BagLookup, SparseGrad, SparseLookup
 from jaxembed.sparse._optimizers import RowOptimizer
@@ -123,17 +124,23 @@ def tables_of(params: Mapping[str, Any], tables: Any, *, stack: bool = True) -> 
     return out
 
 
-def _check_params(params: Mapping[str, Any], plan: Plan) -> tuple[jax.Array, ...]:
+def _check_params(
+    params: Mapping[str, Any], plan: Plan, packed: bool = False
+) -> tuple[jax.Array, ...]:
     shapes = {s.name: (s.num_embeddings, s.embedding_dim) for s in plan.stacks}
     hint = "jaxembed.collections.init or stack_tables for these tables"
-    return check_named_tables(params, shapes, hint)
+    options = {s.name: s.options for s in plan.stacks} if packed else None
+    return check_named_tables(params, shapes, hint, options)
 
 
 def check_named_tables(
-    params: Any, shapes: Mapping[str, tuple[int, int]], hint: str
+    params: Any, shapes: Mapping[str, tuple[int, int]], hint: str, options: Any = None
 ) -> tuple[jax.Array, ...]:
     """The tables of ``params`` (``{name: {"weight": table}}``), one per name of ``shapes`` and of
-    its shape, in its order; else ``TypeError`` / ``ValueError`` (``hint``: how to build them)."""
+    its shape, in its order; else ``TypeError`` / ``ValueError`` (``hint``: how to build them).
+
+    With ``options`` (``{name: LookupOptions}``: a forward lookup) a table may be a quantized
+    one (``{"weight": QuantizedTable}`` or the table itself), frozen under those options."""
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of table name to table, got {type(params)}")
     if set(params) != set(shapes):
@@ -143,7 +150,10 @@ def check_named_tables(
         )
     weights = []
     for name, shape in shapes.items():
-        w = _validation.check_weight(params[name])
+        if options is None:
+            w = _validation.check_weight(params[name])
+        else:
+            w = options[name].table_of(params[name])
         if tuple(w.shape) != tuple(shape):
             raise ValueError(
                 f"params[{name!r}] has shape {tuple(w.shape)}, expected {tuple(shape)}"
@@ -195,13 +205,15 @@ def _check_features(features: Any, plan: Plan, pooled: bool, ids: bool = True) -
     return features
 
 
-def _prepare(params, features, tables, stack, *, pooled: bool, name: str):
-    """``(plan, weights, features)`` of an entry point's call, each checked."""
+def _prepare(params, features, tables, stack, *, pooled: bool, name: str, packed: bool = False):
+    """``(plan, weights, features)`` of an entry point's call, each checked (``packed``: the
+    tables may be quantized, for a forward lookup)."""
     plan = _plan(tables, stack)
     if (plan.tables[0].pooling is not None) != pooled:
         kind = "EmbeddingBagConfigs" if pooled else "EmbeddingConfigs (not EmbeddingBagConfigs)"
         raise TypeError(f"{name} takes {kind}")
-    return plan, _check_params(params, plan), _check_features(features, plan, pooled=pooled)
+    weights = _check_params(params, plan, packed)
+    return plan, weights, _check_features(features, plan, pooled=pooled)
 
 
 class _StackIds(NamedTuple):
@@ -297,6 +309,10 @@ def embedding_bag_collection(
 
     Args:
       params: the collection's params (:func:`init`, :func:`stack_tables`): one table per stack.
+        A stack may be a :class:`jaxembed.QuantizedTable` (``jaxembed.quantize`` of the stack's
+        table: rows are quantized one by one, so this is each table quantized), frozen as in
+        :func:`jaxembed.embedding_bag`; its bags come in its ``output_dtype`` (float32 unless
+        ``q.with_output_dtype(...)``).
       features: a :class:`~jaxembed.KeyedJagged` holding exactly the tables' features (any
         order); with ``weights``, every table must pool by sum.
       tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table.
@@ -327,7 +343,7 @@ def embedding_bag_collection(
       (Array([2., 0.], dtype=float32), Array([1., 3.], dtype=float32))
     """
     plan, weights, features = _prepare(
-        params, features, tables, stack, pooled=True, name="embedding_bag_collection"
+        params, features, tables, stack, pooled=True, name="embedding_bag_collection", packed=True
     )
     pooled, new = _bag_collection(weights, features, plan=plan)
     return pooled, _new_params(params, plan, new)
@@ -405,10 +421,11 @@ def _sequence_collection(weights, features, *, plan, sparse=False):
             )
             out[stack.name] = (rows, _feature_starts(s))
             continue
-        scale = lookup.scale()
-        keep = s.keep.astype(rows.dtype)
-        scale = keep if scale is None else scale * keep
-        rows = _gradient.with_table_gradient(rows, lookup.weight, lookup.local, scale)
+        if not is_packed(weight):  # a quantized table is frozen: no gradient
+            scale = lookup.scale()
+            keep = s.keep.astype(rows.dtype)
+            scale = keep if scale is None else scale * keep
+            rows = _gradient.with_table_gradient(rows, lookup.weight, lookup.local, scale)
         out.update(_jagged_features(rows, _feature_starts(s), lengths, features.keys, s.features))
         new.append(lookup.new_weight)
     return out, (lookups if sparse else new)
@@ -443,7 +460,7 @@ def embedding_collection(
       ((16, 2), Array([2, 1], dtype=int32))
     """
     plan, weights, features = _prepare(
-        params, features, tables, stack, pooled=False, name="embedding_collection"
+        params, features, tables, stack, pooled=False, name="embedding_collection", packed=True
     )
     rows, new = _sequence_collection(weights, features, plan=plan)
     return rows, _new_params(params, plan, new)

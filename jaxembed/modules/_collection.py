@@ -15,7 +15,8 @@ from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Pl
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _gradient, _validation
 from jaxembed.modules import _table
-from jaxembed.modules._nnx import FrozenWeight
+from jaxembed.modules._nnx import FrozenWeight, QuantizedWeight
+from jaxembed.quantized import _format as _quantized
 from jaxembed.sharding import _collection as _mesh
 from jaxembed.sharding._placement import ShardingPlan
 from jaxembed.sparse import _nnx as _sparse_nnx
@@ -79,8 +80,52 @@ class _Collection(nnx.Module):
             return [g.name for g in self.sharding.groups]
         return [s.name for s in self.plan.stacks]
 
-    def _params(self) -> dict[str, dict[str, jax.Array]]:
+    #: a quantized collection's bits (its stacks :class:`QuantizedWeight` rows), else None
+    bits: int | None = None
+
+    def _params(self) -> dict[str, dict[str, Any]]:
+        if self.bits is not None:  # each stack's packed rows, read as a frozen quantized table
+            return {
+                s.name: {
+                    "weight": _quantized.QuantizedTable(
+                        self.weights[s.name].get_value(), self.bits, s.embedding_dim
+                    )
+                }
+                for s in self.plan.stacks
+            }
         return {name: {"weight": self.weights[name].get_value()} for name in self._names()}
+
+    def quantize(self, bits: int = 8) -> _Collection:
+        """This collection with every stack quantized row-wise (:func:`jaxembed.quantize`: each
+        table's rows, as quantizing each table apart), as a new frozen module.
+
+        Its pooled features are float32: each bag decoded and reduced as
+        :func:`jaxembed.embedding_bag` on a quantized table does.
+
+        Raises:
+          ValueError: a table with ``max_norm`` (a frozen table cannot renorm); a collection
+            already quantized.
+          NotImplementedError: a collection on a mesh (``sharding=``).
+        """
+        if self.sharding is not None:
+            raise NotImplementedError("quantizing a collection on a mesh is not built yet")
+        if self.bits is not None:
+            raise ValueError(f"the collection is already quantized ({self.bits} bits)")
+        renormed = [t.name for t in self.plan.tables if t.max_norm is not None]
+        if renormed:
+            raise ValueError(
+                f"tables {renormed} renorm as they are read (max_norm); a quantized table is "
+                "frozen: renorm them first, then quantize a collection without max_norm"
+            )
+        out = type(self)(self.plan, rngs=nnx.Rngs(0), _weights=self.tables(), _freeze=True)
+        out.bits = bits
+        out.weights = nnx.Dict(
+            {
+                name: QuantizedWeight(_quantized.quantize(p["weight"], bits=bits).data)
+                for name, p in self._params().items()
+            }
+        )
+        return out
 
     def _write_back(self, params: Mapping, new_params: Mapping) -> None:
         """The renormed stacks, written back as torch's renorm does in place."""
