@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -100,3 +101,56 @@ def test_a_nan_row_under_jit_dequantizes_to_nan(bits):
     q = jax.jit(lambda w: jaxembed.quantize(w, bits=bits))(w)
     out = np.asarray(jaxembed.dequantize(q)["weight"])
     assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+
+
+FP8 = {"e4m3": (ml_dtypes.float8_e4m3fn, 448.0), "e5m2": (ml_dtypes.float8_e5m2, 57344.0)}
+
+
+def _fp8_reference(x, fp8):
+    """The documented fp8 format in NumPy and ml_dtypes: ``D`` codes, then a float32 scale."""
+    dtype, top = FP8[fp8]
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    zero = amax == 0
+    amax = np.where(zero, np.float32(1), amax).astype(np.float32)
+    scale = np.where(zero, np.float32(1), amax / np.float32(top)).astype(np.float32)
+    inverse = np.where(zero, np.float32(1), np.float32(top) / amax).astype(np.float32)
+    codes = (x * inverse).astype(np.float32).astype(dtype).view(np.uint8)
+    return np.concatenate([codes, scale.view(np.uint8).reshape(len(x), 4)], axis=1)
+
+
+@pytest.mark.parametrize("fp8", ["e4m3", "e5m2"])
+def test_fp8_packing_equals_the_numpy_reference(fp8, rng):
+    x = _table(rng, 400, 24)
+    x[3] = 0  # (row 3's 1e-30 would be subnormal once scaled; XLA's CPU flushes those)
+    q = jaxembed.quantize(jnp.asarray(x), fp8=fp8)
+    assert (q.bits, q.fp8, q.data.shape) == (8, fp8, (400, 24 + 4))
+    np.testing.assert_array_equal(np.asarray(q.data), _fp8_reference(x, fp8))
+    packed = jax.jit(lambda w: jaxembed.quantize(w, fp8=fp8).data)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(packed), _fp8_reference(x, fp8))
+    # a row decodes to code * scale, and its largest magnitude to the format's top times scale
+    ref = _fp8_reference(x, fp8)
+    codes = ref[:, :24].view(FP8[fp8][0]).astype(np.float32)
+    scale = ref[:, 24:].view(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(jaxembed.dequantize(q)["weight"]), (codes * scale).astype(np.float32)
+    )
+    assert np.all(np.abs(codes).max(axis=1)[np.abs(x).max(axis=1) > 0] == FP8[fp8][1])
+    again = jaxembed.QuantizedTable.from_bytes(np.asarray(q.data), 8, 24, fp8=fp8)
+    np.testing.assert_array_equal(np.asarray(jaxembed.dequantize(again)["weight"]),
+                                  np.asarray(jaxembed.dequantize(q)["weight"]))  # fmt: skip
+
+
+def test_fp8_bad_input_is_refused():
+    w = jnp.ones((4, 8))
+    with pytest.raises(ValueError, match='fp8 must be "e4m3", "e5m2" or None'):
+        jaxembed.quantize(w, fp8="e3m4")
+    with pytest.raises(ValueError, match="an fp8 table has 8 bits"):
+        jaxembed.quantize(w, bits=4, fp8="e4m3")
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        jaxembed.quantize(w.at[2, 1].set(jnp.inf), fp8="e5m2")
+    with pytest.raises(ValueError, match="packs to 12"):
+        jaxembed.QuantizedTable.from_bytes(np.zeros((4, 16), np.uint8), 8, 8, fp8="e4m3")
+    nan_row = jax.jit(lambda w: jaxembed.dequantize(jaxembed.quantize(w, fp8="e4m3"))["weight"])(
+        w.at[1, 0].set(jnp.nan)
+    )
+    assert np.isnan(np.asarray(nan_row)[1]).all() and np.isfinite(np.asarray(nan_row)[0]).all()

@@ -19,12 +19,15 @@ every mode and option is bit for bit.
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 import jaxembed
 
+FP8_DTYPES = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
+FP8_TOP = {"e4m3": 448.0, "e5m2": 57344.0}
 PRE = {8: "byte", 4: "4bit", 2: "2bit"}
 EPS = float(np.finfo(np.float32).eps)
 
@@ -302,3 +305,62 @@ def test_a_quantized_table_is_frozen_and_bad_options_are_refused(rng):
         np.asarray(jaxembed.embedding({"weight": q}, ids, lookup_style="auto")[0]),
         np.asarray(jaxembed.embedding(q, ids)[0]),
     )
+
+
+@pytest.mark.parametrize("fp8,ebits,bias,top", [("e4m3", 4, 7, 0x7E), ("e5m2", 5, 15, 0x7B)])
+def test_fp8_bags_equal_fbgemms_fp8_tbe(fp8, ebits, bias, top, rng):
+    """FBGEMM's FP8 TBE rows have no scale: they are jaxembed's fp8 rows with scale 1, for every
+    code below the top exponent (which FBGEMM reads as numbers, OCP's formats as NaN / inf)."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+        EmbeddingLocation,
+        PoolingMode,
+    )
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+        IntNBitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    rows, dim = 64, 16
+    codes = rng.integers(0, 256, (rows, dim)).astype(np.uint8)
+    codes = np.where(codes & 0x7F > top, (codes & 0x80) | top, codes).astype(np.uint8)
+    for mode, pooling in (("sum", PoolingMode.SUM), ("mean", PoolingMode.MEAN)):
+        tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+            [("t", rows, dim, SparseType.FP8, EmbeddingLocation.HOST)],
+            device="cpu",
+            pooling_mode=pooling,
+            output_dtype=SparseType.FP32,
+            fp8_exponent_bits=ebits,
+            fp8_exponent_bias=bias,
+        )
+        tbe.fill_random_weights()
+        tbe.split_embedding_weights()[0][0].copy_(torch.from_numpy(codes))
+        data = np.concatenate([codes, np.ones((rows, 1), np.float32).view(np.uint8)], axis=1)
+        q = jaxembed.QuantizedTable.from_bytes(data, 8, dim, fp8=fp8)
+        ids, offsets = _bags(rng, rows, 300, 20)
+        csr = np.append(offsets, len(ids))
+        ref = tbe(torch.from_numpy(ids).int(), torch.from_numpy(csr).int()).numpy()
+        ours = np.asarray(
+            jaxembed.embedding_bag(q, ids, csr, mode=mode, include_last_offset=True)[0]
+        )
+        terms = np.abs(codes.view(FP8_DTYPES[fp8]).astype(np.float32)).max(axis=1)[ids]
+        bound = _bound(terms, offsets, len(ids))
+        if mode == "mean":
+            bound = bound / np.maximum(np.diff(csr), 1)
+        assert np.all(np.abs(ours - ref) <= bound[:, None])
+
+
+@pytest.mark.parametrize("fp8", ["e4m3", "e5m2"])
+def test_fp8_lookups_follow_the_float_path_on_the_dequantized_table(fp8, rng):
+    x = rng.normal(size=(80, 16)).astype(np.float32) * 3
+    q = jaxembed.quantize(x, fp8=fp8)
+    w = jaxembed.dequantize(q)["weight"]
+    ids, offsets = _bags(rng, 80, 300, 25)
+    scale = np.asarray(q.data)[:, 16:].view(np.float32)[:, 0]
+    terms = FP8_TOP[fp8] * scale[ids]
+    for mode in ("sum", "mean", "max"):
+        ours = np.asarray(jaxembed.embedding_bag(q, ids, offsets, mode=mode)[0])
+        ref = np.asarray(jaxembed.embedding_bag({"weight": w}, ids, offsets, mode=mode)[0])
+        bound = _bound(terms, offsets, len(ids))  # a decode may fuse into the sum's multiply-add
+        assert np.all(np.abs(ours - ref) <= bound[:, None])
+    rows = jax.jit(lambda q, i: jaxembed.embedding(q, i, output_dtype=jnp.bfloat16)[0])(q, ids)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(w[ids].astype(jnp.bfloat16)))

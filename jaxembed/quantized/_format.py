@@ -12,11 +12,21 @@ Each row of a ``(V, D)`` float table becomes one ``uint8`` row:
   ``D * bits / 8 + 4`` bytes. ``bias = fp16(lo)``; ``scale = fp16((hi - bias) / (2**bits - 1))``
   (1 for a constant row); ``code = clip(round_half_even((x - bias) / scale), 0, 2**bits - 1)``.
 
-A row dequantizes to ``code * scale + bias``. The arithmetic is float32 and rounds as those
-references do, so the bytes equal theirs (the tests compare them on random, constant, zero and
-huge-range rows). A row holding NaN or inf has no such encoding: a concrete table holding one is
-refused (``ValueError`` naming the row); under ``jit`` its scale is NaN, so it dequantizes to NaN,
-never a plausible number.
+* fp8 (``fp8="e4m3"`` or ``"e5m2"``, JAX's ``float8_e4m3fn`` / ``float8_e5m2``; jaxembed's own
+  format, as neither torch nor FBGEMM has a scaled one): ``D`` fp8 codes, then a float32
+  ``scale``, ``D + 4`` bytes. With the row's ``amax = max |x|`` and the format's largest value
+  ``M`` (448 for e4m3, 57344 for e5m2): ``scale = amax / M`` (1 for a zero row) and
+  ``code = fp8(x * (M / amax))``, rounded to nearest even (both divisions correctly rounded), so
+  the row's largest magnitude maps to ``M``. A row decodes to ``code * scale``. FBGEMM's FP8
+  TBE rows (no scale) are these rows with ``scale = 1``, for every code below its top exponent
+  (the tests compare them).
+
+A row dequantizes to ``code * scale + bias`` (fp8: ``code * scale``). The arithmetic is float32
+and rounds as those references do, so the bytes equal theirs (the tests compare them on random,
+constant, zero and huge-range rows; fp8 against a NumPy / ml_dtypes reference). A row holding NaN
+or inf has no such encoding: a concrete table holding one is refused (``ValueError`` naming the
+row); under ``jit`` its scale is NaN, so it dequantizes to NaN, never a plausible number. On
+XLA's CPU subnormal float32 values are flushed to zero (a row whose ``amax`` is below ~1e-38).
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from jaxembed.core import _validation
 from jaxembed.core._packed import PackedTable
 
 BITS = (8, 4, 2)
+#: the fp8 formats: their JAX dtype and their largest finite value
+FP8 = {"e4m3": (jnp.float8_e4m3fn, 448.0), "e5m2": (jnp.float8_e5m2, 57344.0)}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -43,11 +55,13 @@ class QuantizedTable(PackedTable):
     modules) read it as a frozen ``(V, D)`` table, decoding only the rows they reference.
 
     Attributes:
-      data: ``(V, D + 8)`` for 8 bits, ``(V, D * bits / 8 + 4)`` for 4 and 2 bits.
+      data: ``(V, D + 8)`` for 8 bits, ``(V, D * bits / 8 + 4)`` for 4 and 2 bits,
+        ``(V, D + 4)`` for fp8.
       bits: 8, 4 or 2 (static).
       embedding_dim: D (static).
       output_dtype: the dtype its lookups return (static): float32 unless a lookup's
         ``output_dtype`` says otherwise.
+      fp8: ``"e4m3"`` or ``"e5m2"`` for an fp8 table (``bits`` is then 8), else None (static).
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -56,12 +70,20 @@ class QuantizedTable(PackedTable):
       ((2, 6), (2, 4), 12)
     """
 
-    def __init__(self, data: jax.Array, bits: int, embedding_dim: int, output_dtype=jnp.float32):
+    def __init__(
+        self,
+        data: jax.Array,
+        bits: int,
+        embedding_dim: int,
+        output_dtype: Any = jnp.float32,
+        fp8: str | None = None,
+    ):
         self.data, self.bits, self.embedding_dim = data, bits, embedding_dim
         self.output_dtype = jnp.dtype(output_dtype)
+        self.fp8 = fp8
 
     def tree_flatten(self):
-        return (self.data,), (self.bits, self.embedding_dim, self.output_dtype)
+        return (self.data,), (self.bits, self.embedding_dim, self.output_dtype, self.fp8)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -90,7 +112,7 @@ class QuantizedTable(PackedTable):
         return int(np.prod(self.data.shape))
 
     def with_output_dtype(self, dtype: Any) -> QuantizedTable:
-        return QuantizedTable(self.data, self.bits, self.embedding_dim, dtype)
+        return QuantizedTable(self.data, self.bits, self.embedding_dim, dtype, self.fp8)
 
     def take(self, safe: jax.Array, fill: float) -> jax.Array:
         # a NaN fill is all-ones bytes: a NaN float32 / float16 scale and bias, so a NaN row
@@ -98,31 +120,35 @@ class QuantizedTable(PackedTable):
             raise ValueError(f"a quantized row fills with NaN or 0, not {fill}")
         byte = 255 if np.isnan(fill) else 0
         rows = jnp.take(self.data, safe, axis=0, mode="fill", fill_value=byte)
-        return unpack_rows(rows, self.bits, self.embedding_dim)
+        return unpack_rows(rows, self.bits, self.embedding_dim, fp8=self.fp8)
 
     @classmethod
-    def from_bytes(cls, data: ArrayLike, bits: int, embedding_dim: int) -> QuantizedTable:
+    def from_bytes(
+        cls, data: ArrayLike, bits: int, embedding_dim: int, *, fp8: str | None = None
+    ) -> QuantizedTable:
         """A table from packed rows (torch's prepack output, e.g. ``qtensor.numpy()``).
 
         Raises:
-          ValueError: bits not 8, 4 or 2; rows of another width than ``embedding_dim`` packs to.
+          ValueError: bits not 8, 4 or 2; an fp8 other than e4m3 / e5m2; rows of another width
+            than ``embedding_dim`` packs to.
         """
-        bits = _check_bits(bits)
+        bits, fp8 = _check_bits(bits), _check_fp8(fp8, bits)
         data = jnp.asarray(data)
         if data.dtype != jnp.uint8 or data.ndim != 2:
             raise ValueError(f"data must be 2-D uint8, got {data.dtype} of shape {data.shape}")
-        width = row_bytes(embedding_dim, bits)
+        width = row_bytes(embedding_dim, bits, fp8)
         if data.shape[1] != width:
             raise ValueError(
-                f"rows of {data.shape[1]} bytes; embedding_dim={embedding_dim} at {bits} bits "
-                f"packs to {width}"
+                f"rows of {data.shape[1]} bytes; embedding_dim={embedding_dim} at "
+                f"{fp8 or bits} {'' if fp8 else 'bits '}packs to {width}"
             )
-        return cls(data, bits, int(embedding_dim))
+        return cls(data, bits, int(embedding_dim), fp8=fp8)
 
     def __repr__(self) -> str:
         return (
             f"QuantizedTable(num_embeddings={self.num_embeddings}, "
-            f"embedding_dim={self.embedding_dim}, bits={self.bits})"
+            f"embedding_dim={self.embedding_dim}, "
+            + (f"fp8={self.fp8!r})" if self.fp8 else f"bits={self.bits})")
         )
 
 
@@ -132,20 +158,34 @@ def _check_bits(bits: Any) -> int:
     return int(bits)
 
 
-def row_bytes(embedding_dim: int, bits: int) -> int:
+def _check_fp8(fp8: Any, bits: int) -> str | None:
+    if fp8 is None:
+        return None
+    if not isinstance(fp8, str) or fp8 not in FP8:
+        raise ValueError(f'fp8 must be "e4m3", "e5m2" or None, got {fp8!r}')
+    if bits != 8:
+        raise ValueError(f"an fp8 table has 8 bits a value, got bits={bits}")
+    return fp8
+
+
+def row_bytes(embedding_dim: int, bits: int, fp8: str | None = None) -> int:
     """The bytes of one packed row."""
+    if fp8 is not None:
+        return embedding_dim + 4
     if bits == 8:
         return embedding_dim + 8
     return embedding_dim * bits // 8 + 4
 
 
-def quantize(params: Any, *, bits: int = 8) -> QuantizedTable:
+def quantize(params: Any, *, bits: int = 8, fp8: str | None = None) -> QuantizedTable:
     """A float table quantized row-wise, byte for byte as torch's and FBGEMM's prepack ops.
 
     Args:
       params: ``{"weight": (V, D)}`` or the ``(V, D)`` table itself, float32, float16 or
         bfloat16 (widened to float32 first, as torch's ops take float32).
       bits: 8, 4 or 2. 4- and 2-bit rows need ``D`` a multiple of 2 or 4.
+      fp8: ``"e4m3"`` or ``"e5m2"``: an fp8 table with a per-row float32 scale instead of
+        8-bit integer codes (see the module's docstring); None (default) for integer codes.
 
     Returns:
       A :class:`QuantizedTable` (see the module's docstring for the layout).
@@ -161,6 +201,7 @@ def quantize(params: Any, *, bits: int = 8) -> QuantizedTable:
       Array([  0,  85, 170, 255], dtype=uint8)
     """
     bits = _check_bits(bits)
+    fp8 = _check_fp8(fp8, bits)
     weight = params["weight"] if isinstance(params, dict) else params
     weight = jnp.asarray(weight) if not isinstance(weight, jax.Array) else weight
     if not jnp.issubdtype(weight.dtype, jnp.floating):
@@ -178,7 +219,10 @@ def quantize(params: Any, *, bits: int = 8) -> QuantizedTable:
                 f"row {int(np.argmax(bad))} holds NaN or inf, which no row-wise scale and bias "
                 "encode"
             )
-    return QuantizedTable(_pack(weight.astype(jnp.float32), bits), bits, d)
+    x = weight.astype(jnp.float32)
+    if fp8 is not None:
+        return QuantizedTable(_pack_fp8(x, *_fp8_barrier(fp8)), bits, d, fp8=fp8)
+    return QuantizedTable(_pack(x, bits), bits, d)
 
 
 def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -236,6 +280,26 @@ def _pack(x: jax.Array, bits: int) -> jax.Array:
     return _pack8(x, top) if bits == 8 else _pack_n(x, top, bits)
 
 
+def _fp8_barrier(fp8: str) -> tuple:
+    top = FP8[fp8][1]
+    # the largest value behind a barrier, as ``top`` in _pack: divisions by it stay divisions
+    return jax.lax.optimization_barrier(jnp.float32(top)), fp8
+
+
+@functools.partial(jax.jit, static_argnames="fp8")
+def _pack_fp8(x: jax.Array, top: jax.Array, fp8: str) -> jax.Array:
+    amax = jnp.abs(x).max(axis=1, keepdims=True)
+    zero = amax == 0
+    amax = jnp.where(zero, jnp.float32(1.0), amax)
+    top = jnp.broadcast_to(top, amax.shape)
+    scale = jnp.where(zero, jnp.float32(1.0), _divide(amax, top))
+    inverse = jnp.where(zero, jnp.float32(1.0), _divide(top, amax))
+    codes = (x * inverse).astype(FP8[fp8][0])
+    codes = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+    tail = jax.lax.bitcast_convert_type(scale, jnp.uint8).reshape(x.shape[0], 4)
+    return jnp.concatenate([codes, tail], axis=1)
+
+
 @functools.partial(jax.jit, static_argnames="bits")
 def _pack_n(x: jax.Array, top: jax.Array, bits: int) -> jax.Array:
     lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
@@ -257,9 +321,20 @@ def _pack_n(x: jax.Array, top: jax.Array, bits: int) -> jax.Array:
     return jnp.concatenate([packed, tail], axis=1)
 
 
-def unpack_rows(rows: jax.Array, bits: int, embedding_dim: int, dtype: Any = jnp.float32):
+def unpack_rows(
+    rows: jax.Array,
+    bits: int,
+    embedding_dim: int,
+    dtype: Any = jnp.float32,
+    fp8: str | None = None,
+) -> jax.Array:
     """Packed rows ``(..., row bytes)`` as floats ``(..., D)``: ``code * scale + bias``."""
     lead = rows.shape[:-1]
+    if fp8 is not None:
+        codes = jax.lax.bitcast_convert_type(rows[..., :embedding_dim], FP8[fp8][0])
+        tail = rows[..., embedding_dim : embedding_dim + 4]
+        scale = jax.lax.bitcast_convert_type(tail, jnp.float32)[..., None]
+        return (codes.astype(jnp.float32) * scale).astype(dtype)
     if bits == 8:
         codes = rows[..., :embedding_dim].astype(jnp.float32)
         tail = rows[..., embedding_dim : embedding_dim + 8].reshape(*lead, 2, 4)
@@ -298,7 +373,7 @@ def dequantize(table: QuantizedTable, *, dtype: Any = jnp.float32) -> dict[str, 
         raise TypeError(f"table must be a jaxembed.QuantizedTable, got {type(table).__name__}")
     if jnp.dtype(dtype) not in (jnp.float32, jnp.float16, jnp.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return {"weight": unpack_rows(table.data, table.bits, table.embedding_dim, dtype)}
+    return {"weight": unpack_rows(table.data, table.bits, table.embedding_dim, dtype, table.fp8)}
 
 
 _TORCH_BITS = {"torch.quint8": 8, "torch.quint4x2": 4, "torch.quint2x4": 2}
