@@ -94,14 +94,16 @@ def test_quantized_collections_are_frozen(rng):
         jaxembed.embedding_bag_collection(q, kj1, renormed)
 
 
-def test_a_collection_module_quantizes_to_a_frozen_one(rng):
+@pytest.mark.parametrize("fp8", [None, "e5m2"])
+def test_a_collection_module_quantizes_to_a_frozen_one(fp8, rng):
     ebc = jaxembed.EmbeddingBagCollection(TABLES, rngs=nnx.Rngs(0))
-    frozen = ebc.quantize(4)
-    assert frozen.bits == 4 and not nnx.state(frozen, nnx.Param)
+    bits = 8 if fp8 else 4
+    frozen = ebc.quantize(bits, fp8=fp8)
+    assert (frozen.bits, frozen.fp8) == (bits, fp8) and not nnx.state(frozen, nnx.Param)
     assert all(isinstance(v, jaxembed.QuantizedWeight) for v in frozen.weights.values())
     kj, _ = _features(rng, TABLES)
     params = {n: {"weight": v.get_value()} for n, v in ebc.weights.items()}
-    qparams = {n: jaxembed.quantize(p, bits=4) for n, p in params.items()}
+    qparams = {n: jaxembed.quantize(p, bits=bits, fp8=fp8) for n, p in params.items()}
     ref = jaxembed.embedding_bag_collection(qparams, kj, TABLES)[0]
     out = nnx.jit(lambda m, kj: m(kj))(frozen, kj)
     for f in ref:

@@ -17,24 +17,27 @@ import jaxembed
 EPS = float(np.finfo(np.float32).eps)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4, 2, "e4m3"])
 def test_quantize_a_trained_module_and_look_up_as_the_functions_do(bits, rng):
+    fp8 = bits if isinstance(bits, str) else None
+    bits = 8 if fp8 else bits
     emb = jaxembed.Embedding(40, 16, padding_idx=3, rngs=nnx.Rngs(0))
     bag = jaxembed.EmbeddingBag(40, 16, mode="max", include_last_offset=True, rngs=nnx.Rngs(1))
-    qe, qb = emb.quantize(bits), bag.quantize(bits)
+    qe, qb = emb.quantize(bits, fp8=fp8), bag.quantize(bits, fp8=fp8)
     assert (
         isinstance(qe.weight, jaxembed.QuantizedWeight) and qe.weight.get_value().dtype == jnp.uint8
     )
-    assert (qe.bits, qe.padding_idx, qb.mode, qb.include_last_offset) == (bits, 3, "max", True)
+    assert (qe.bits, qe.fp8, qe.padding_idx) == (bits, fp8, 3)
+    assert (qb.mode, qb.include_last_offset) == ("max", True)
     assert not nnx.state(qe, nnx.Param)  # frozen: nothing an optimizer or nnx.grad sees
-    q = jaxembed.quantize(emb.weight.get_value(), bits=bits)
+    q = jaxembed.quantize(emb.weight.get_value(), bits=bits, fp8=fp8)
     np.testing.assert_array_equal(np.asarray(qe.weight.get_value()), np.asarray(q.data))
     ids = jnp.asarray(rng.integers(0, 40, (6, 5)))
     np.testing.assert_array_equal(
         np.asarray(nnx.jit(lambda m, i: m(i))(qe, ids)), np.asarray(jaxembed.embedding(q, ids)[0])
     )
     flat, offsets = ids.reshape(-1), jnp.arange(7) * 5
-    qbag = jaxembed.quantize(bag.weight.get_value(), bits=bits)
+    qbag = jaxembed.quantize(bag.weight.get_value(), bits=bits, fp8=fp8)
     ref = jaxembed.embedding_bag(qbag, flat, offsets, mode="max", include_last_offset=True)[0]
     np.testing.assert_array_equal(np.asarray(qb(flat, offsets)), np.asarray(ref))
     # the tied head: scores against the table the lookups return

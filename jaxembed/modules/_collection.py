@@ -82,22 +82,25 @@ class _Collection(nnx.Module):
 
     #: a quantized collection's bits (its stacks :class:`QuantizedWeight` rows), else None
     bits: int | None = None
+    #: a quantized collection's fp8 format, else None
+    fp8: str | None = None
 
     def _params(self) -> dict[str, dict[str, Any]]:
         if self.bits is not None:  # each stack's packed rows, read as a frozen quantized table
             return {
                 s.name: {
                     "weight": _quantized.QuantizedTable(
-                        self.weights[s.name].get_value(), self.bits, s.embedding_dim
+                        self.weights[s.name].get_value(), self.bits, s.embedding_dim, fp8=self.fp8
                     )
                 }
                 for s in self.plan.stacks
             }
         return {name: {"weight": self.weights[name].get_value()} for name in self._names()}
 
-    def quantize(self, bits: int = 8) -> _Collection:
-        """This collection with every stack quantized row-wise (:func:`jaxembed.quantize`: each
-        table's rows, as quantizing each table apart), as a new frozen module.
+    def quantize(self, bits: int = 8, *, fp8: str | None = None) -> _Collection:
+        """This collection with every stack quantized row-wise (:func:`jaxembed.quantize` with
+        ``bits`` or ``fp8``: each table's rows, as quantizing each table apart), as a new frozen
+        module.
 
         Its pooled features are float32: each bag decoded and reduced as
         :func:`jaxembed.embedding_bag` on a quantized table does.
@@ -118,13 +121,12 @@ class _Collection(nnx.Module):
                 "frozen: renorm them first, then quantize a collection without max_norm"
             )
         out = type(self)(self.plan, rngs=nnx.Rngs(0), _weights=self.tables(), _freeze=True)
-        out.bits = bits
-        out.weights = nnx.Dict(
-            {
-                name: QuantizedWeight(_quantized.quantize(p["weight"], bits=bits).data)
-                for name, p in self._params().items()
-            }
-        )
+        packed = {
+            name: _quantized.quantize(p["weight"], bits=bits, fp8=fp8).data
+            for name, p in self._params().items()
+        }
+        out.bits, out.fp8 = bits, fp8
+        out.weights = nnx.Dict({name: QuantizedWeight(data) for name, data in packed.items()})
         return out
 
     def _write_back(self, params: Mapping, new_params: Mapping) -> None:

@@ -46,6 +46,8 @@ class _TableModule(nnx.Module):
 
     #: a quantized module's bits (its ``weight`` a :class:`QuantizedWeight`), else None
     bits: int | None = None
+    #: a quantized module's fp8 format ("e4m3" / "e5m2"), else None
+    fp8: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -160,7 +162,7 @@ class _TableModule(nnx.Module):
             rngs=nnx.Rngs(0),
             **kwargs,
         )
-        self.bits, self.param_dtype = table.bits, table.data.dtype
+        self.bits, self.fp8, self.param_dtype = table.bits, table.fp8, table.data.dtype
         self.weight = self._table_variable(QuantizedWeight, table.data)
         return self
 
@@ -169,9 +171,10 @@ class _TableModule(nnx.Module):
         weight = self.weight.get_value()
         if self.bits is None:
             return weight, None
-        return _quantized.QuantizedTable(weight, self.bits, self.embedding_dim), self.dtype
+        table = _quantized.QuantizedTable(weight, self.bits, self.embedding_dim, fp8=self.fp8)
+        return table, self.dtype
 
-    def _quantize(self, bits: int, extra: dict) -> Any:
+    def _quantize(self, bits: int, fp8: str | None, extra: dict) -> Any:
         if self.max_norm is not None:
             raise ValueError(
                 "a module with max_norm renorms its table as it reads it; a quantized table is "
@@ -179,7 +182,7 @@ class _TableModule(nnx.Module):
             )
         if self.bits is not None:
             raise ValueError(f"the module is already quantized ({self.bits} bits)")
-        table = _quantized.quantize(self.weight.get_value(), bits=bits)
+        table = _quantized.quantize(self.weight.get_value(), bits=bits, fp8=fp8)
         return type(self)._quantized(
             table,
             padding_idx=self.padding_idx,
@@ -352,15 +355,16 @@ class Embedding(_TableModule):
         """
         return cls._quantized(table, padding_idx=padding_idx, dtype=dtype, sharding=sharding)
 
-    def quantize(self, bits: int = 8) -> Embedding:
-        """This module's table quantized (:func:`jaxembed.quantize`), as a new frozen module
-        with its ``padding_idx``, ``dtype`` (the output's; float32 if None) and ``sharding``.
+    def quantize(self, bits: int = 8, *, fp8: str | None = None) -> Embedding:
+        """This module's table quantized (:func:`jaxembed.quantize`: ``bits`` 8, 4 or 2, or
+        ``fp8="e4m3"`` / ``"e5m2"``), as a new frozen module with its ``padding_idx``,
+        ``dtype`` (the output's; float32 if None) and ``sharding``.
 
         Raises:
           ValueError: the module has ``max_norm`` (a frozen table cannot renorm), or is
             quantized already.
         """
-        return self._quantize(bits, {})
+        return self._quantize(bits, fp8, {})
 
     def __call__(self, indices: ArrayLike) -> jax.Array:
         """Returns the embeddings, ``indices.shape + (embedding_dim,)``, in ``dtype``."""
@@ -522,12 +526,12 @@ class EmbeddingBag(_TableModule):
             sharding=sharding,
         )
 
-    def quantize(self, bits: int = 8) -> EmbeddingBag:
+    def quantize(self, bits: int = 8, *, fp8: str | None = None) -> EmbeddingBag:
         """This module's table quantized, as a new frozen bag module with its ``mode``,
         ``include_last_offset``, ``padding_idx``, ``dtype`` and ``sharding`` (see
         :meth:`Embedding.quantize`)."""
         return self._quantize(
-            bits, {"mode": self.mode, "include_last_offset": self.include_last_offset}
+            bits, fp8, {"mode": self.mode, "include_last_offset": self.include_last_offset}
         )
 
     def __call__(
