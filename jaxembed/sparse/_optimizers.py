@@ -157,6 +157,18 @@ def _rate(learning_rate: LearningRate, count: jax.Array, dtype: Any) -> jax.Arra
     return jnp.asarray(learning_rate, dtype)
 
 
+def _check_rounding(stochastic_rounding: Any, seed: Any) -> tuple[bool, int]:
+    stochastic_rounding = _validation.check_flag("stochastic_rounding", stochastic_rounding)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise TypeError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return stochastic_rounding, int(seed)
+
+
+def _rounding(on: bool, seed: int, count: jax.Array, table: jax.Array) -> jax.Array | None:
+    """The step's stochastic-rounding key, or None (off, or a float32 table)."""
+    return _sparse_update.rounding_key(seed, count, table.dtype) if on else None
+
+
 def _check_weight_decay(name: str, weight_decay: Any) -> None:
     if _check_number("weight_decay", weight_decay) != 0:
         raise ValueError(
@@ -210,6 +222,8 @@ def sgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> RowOptimizer:
     """torch's ``optim.SGD`` on sparse gradients: ``table[rows] -= lr * grad_rows``.
 
@@ -229,6 +243,12 @@ def sgd(
       nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
       weight_decay: must be 0: torch refuses weight decay with sparse gradients.
       maximize: ascend instead of descend.
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
+        update added in float32, then rounded up or down in proportion to the distance, an
+        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
+        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
+        Off by default; float32 and wider tables round to nearest either way.
+      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
 
     Returns:
       A :class:`RowOptimizer` whose state is a :class:`SgdState`.
@@ -251,9 +271,15 @@ def sgd(
     dampening = _check_number("dampening", dampening)
     nesterov = _validation.check_flag("nesterov", nesterov)
     maximize = _validation.check_flag("maximize", maximize)
+    stochastic_rounding, seed = _check_rounding(stochastic_rounding, seed)
     _check_weight_decay("sgd", weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening == 0 (as in torch)")
+    if stochastic_rounding and momentum:
+        raise ValueError(
+            "stochastic_rounding rounds the rows an update touches; sgd with momentum moves the "
+            "whole table each step (use it without momentum, or rowwise_adagrad)"
+        )
 
     def init(table: ArrayLike) -> SgdState:
         table = _validation.check_table("table", table)
@@ -268,11 +294,15 @@ def sgd(
         if maximize:
             values = -values
         if not momentum:
+            rounding = _rounding(stochastic_rounding, seed, state.count, table)
 
             def rows_update(table, r, g):
                 # ``w + g * -lr`` in one expression, as optax's dense update is compiled (XLA
                 # contracts it to a fused multiply-add), so the two agree bit for bit
                 rate = lr if lr_scale is None else _per_row(lr, r, lr_scale, lr.dtype)[:, None]
+                if rounding is not None:
+                    step = g.astype(jnp.float32) * -rate.astype(jnp.float32)
+                    return _sparse_update.add_rows(table, r, step, rounding)
                 return _sparse_update.write_rows(
                     table, r, _sparse_update.read_rows(table, r) + g * -rate
                 )
@@ -303,6 +333,8 @@ def adagrad(
     eps: float = 1e-10,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> RowOptimizer:
     """torch's ``optim.Adagrad`` on sparse gradients: a per-element sum of squares, present rows.
 
@@ -318,6 +350,12 @@ def adagrad(
       eps: added to the square root, >= 0.
       weight_decay: must be 0: torch refuses weight decay with sparse gradients.
       maximize: ascend instead of descend.
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
+        update added in float32, then rounded up or down in proportion to the distance, an
+        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
+        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
+        Off by default; float32 and wider tables round to nearest either way.
+      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
 
     Returns:
       A :class:`RowOptimizer` whose state is an :class:`AdagradState` (``sum``: ``(V, D)``).
@@ -341,6 +379,7 @@ def adagrad(
     )
     eps = _check_number("eps", eps)
     maximize = _validation.check_flag("maximize", maximize)
+    stochastic_rounding, seed = _check_rounding(stochastic_rounding, seed)
     _check_weight_decay("adagrad", weight_decay)
 
     def init(table: ArrayLike) -> AdagradState:
@@ -355,6 +394,7 @@ def adagrad(
         count = state.count.astype(_scalar_dtype(table))
         clr = _rate(learning_rate, state.count, count.dtype) / (1.0 + count * lr_decay)
         clr = clr.astype(table.dtype)
+        rounding = _rounding(stochastic_rounding, seed, state.count, table)
 
         def rows_update(carry, r, g):
             table, acc_table = carry
@@ -363,7 +403,7 @@ def adagrad(
             std = jnp.sqrt(acc) + eps
             return (
                 _sparse_update.add_rows(
-                    table, r, g / std * -_per_row(clr, r, lr_scale, clr.dtype)[..., None]
+                    table, r, g / std * -_per_row(clr, r, lr_scale, clr.dtype)[..., None], rounding
                 ),
                 _sparse_update.write_rows(acc_table, r, acc),
             )
@@ -381,6 +421,8 @@ def rowwise_adagrad(
     initial_accumulator_value: float = 0.0,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> RowOptimizer:
     """FBGEMM's row-wise Adagrad: one accumulator per row (float32, or float64 for float64 tables).
 
@@ -396,6 +438,12 @@ def rowwise_adagrad(
       weight_decay: FBGEMM's L2 mode: ``weight_decay * table[row]`` is added to the gradient of
         each present row, >= 0.
       maximize: ascend instead of descend.
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
+        update added in float32, then rounded up or down in proportion to the distance, an
+        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
+        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
+        Off by default; float32 and wider tables round to nearest either way.
+      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
 
     Returns:
       A :class:`RowOptimizer` whose state is a :class:`RowwiseAdagradState` (``sum``: ``(V,)``,
@@ -420,6 +468,7 @@ def rowwise_adagrad(
     )
     weight_decay = _check_number("weight_decay", weight_decay)
     maximize = _validation.check_flag("maximize", maximize)
+    stochastic_rounding, seed = _check_rounding(stochastic_rounding, seed)
 
     def init(table: ArrayLike) -> RowwiseAdagradState:
         table = _validation.check_table("table", table)
@@ -437,6 +486,7 @@ def rowwise_adagrad(
         table, rows, values = _prepare(grad, table)
         cdt = _scalar_dtype(table)
         lr = _rate(learning_rate, state.count, cdt)
+        rounding = _rounding(stochastic_rounding, seed, state.count, table)
 
         def rows_update(carry, r, g):
             table, acc_table = carry
@@ -448,7 +498,7 @@ def rowwise_adagrad(
             )
             multiplier = _per_row(lr, r, lr_scale, cdt) / (jnp.sqrt(acc) + eps)
             return (
-                _sparse_update.add_rows(table, r, g * -multiplier[:, None]),
+                _sparse_update.add_rows(table, r, g * -multiplier[:, None], rounding),
                 _sparse_update.write_rows(acc_table, r, acc),
             )
 
@@ -465,6 +515,8 @@ def lazy_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     maximize: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> RowOptimizer:
     """torch's ``optim.SparseAdam``: Adam whose moments update only on the rows present.
 
@@ -481,6 +533,12 @@ def lazy_adam(
       b2: the second moment's decay, in [0, 1).
       eps: added to the square root, >= 0.
       maximize: ascend instead of descend.
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
+        update added in float32, then rounded up or down in proportion to the distance, an
+        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
+        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
+        Off by default; float32 and wider tables round to nearest either way.
+      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
 
     Returns:
       A :class:`RowOptimizer` whose state is a :class:`LazyAdamState` (``mu``, ``nu``:
@@ -503,6 +561,7 @@ def lazy_adam(
     b2 = _check_number("b2", b2, below=1.0)
     eps = _check_number("eps", eps)
     maximize = _validation.check_flag("maximize", maximize)
+    stochastic_rounding, seed = _check_rounding(stochastic_rounding, seed)
 
     def init(table: ArrayLike) -> LazyAdamState:
         return LazyAdamState(
@@ -517,6 +576,7 @@ def lazy_adam(
         t = step.astype(_scalar_dtype(table))
         step_size = _rate(learning_rate, state.count, t.dtype) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
         step_size = step_size.astype(table.dtype)
+        rounding = _rounding(stochastic_rounding, seed, state.count, table)
 
         def rows_update(carry, r, g):
             table, mu_table, nu_table = carry
@@ -533,6 +593,7 @@ def lazy_adam(
                     mu
                     / (jnp.sqrt(nu) + eps)
                     * -_per_row(step_size, r, lr_scale, step_size.dtype)[..., None],
+                    rounding,
                 ),
                 _sparse_update.write_rows(mu_table, r, mu),
                 _sparse_update.write_rows(nu_table, r, nu),

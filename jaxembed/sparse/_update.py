@@ -16,6 +16,9 @@ Every row-wise optimizer does the same three things, here:
    :func:`add_rows` scatter results back. Entries that are not a row's first (and dropped ones)
    are sent to row ``num_embeddings``, which the scatter drops, so each row is written once.
    With the table and state donated, XLA does all of this in place.
+4. With stochastic rounding (a bfloat16 / float16 table), :func:`add_rows` sums in float32 and
+   rounds each element up or down at random, in proportion to its distance
+   (:func:`stochastic_round`, with counter-based noise from :func:`rounding_key`).
 
 The cost is O(n * D) plus a ``num_embeddings``-long int32 fill: nothing of size ``(V, D)``.
 """
@@ -162,6 +165,63 @@ def write_rows(state: jax.Array, rows: jax.Array, new: jax.Array) -> jax.Array:
     return state.at[rows].set(new.astype(state.dtype), mode="drop")
 
 
-def add_rows(table: jax.Array, rows: jax.Array, delta: jax.Array) -> jax.Array:
-    """``table[rows] += delta``, skipping dropped entries (rows are distinct where kept)."""
-    return table.at[rows].add(delta.astype(table.dtype), mode="drop")
+def add_rows(
+    table: jax.Array, rows: jax.Array, delta: jax.Array, rounding: jax.Array | None = None
+) -> jax.Array:
+    """``table[rows] += delta``, skipping dropped entries (rows are distinct where kept).
+
+    With ``rounding`` (a uint32 key, :func:`rounding_key`) the sum is taken in float32 and
+    rounded to the table's dtype stochastically (:func:`stochastic_round`), else to nearest.
+    """
+    if rounding is None:
+        return table.at[rows].add(delta.astype(table.dtype), mode="drop")
+    new = read_rows(table, rows).astype(jnp.float32) + delta.astype(jnp.float32)
+    return write_rows(table, rows, stochastic_round(new, table.dtype, _noise(rounding, rows, new)))
+
+
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def rounding_key(seed: int, count: jax.Array, dtype: Any) -> jax.Array | None:
+    """The stochastic-rounding key of a step (a uint32), or None for a table of float32 or
+    wider, which rounds to nearest (its updates are exact enough)."""
+    if jnp.dtype(dtype) not in _LOW_PRECISION:
+        return None
+    return _mix(jnp.uint32(seed) * jnp.uint32(0x9E3779B1) + count.astype(jnp.uint32))
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """A 32-bit avalanche (murmur3's finalizer): every input bit flips each output bit with
+    probability about 1/2."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _noise(key: jax.Array, rows: jax.Array, like: jax.Array) -> jax.Array:
+    """``(n, D)`` uniform numbers in [0, 1), a counter-based hash of (key, row, column): the
+    same wherever and however the rows are chunked, cheap enough to draw per element (a few
+    integer operations; a rounding needs no cryptographic quality)."""
+    columns = jnp.arange(like.shape[-1], dtype=jnp.uint32)
+    h = _mix(key ^ _mix(rows.astype(jnp.uint32) * jnp.uint32(0x27D4EB2F))[:, None])
+    h = _mix(h + columns[None, :] * jnp.uint32(0x165667B1))
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+def stochastic_round(x: jax.Array, dtype: Any, noise: jax.Array) -> jax.Array:
+    """``x`` (float32) rounded to ``dtype``: to the neighbour above with probability
+    ``(x - below) / (above - below)``, so the rounding is unbiased (``E[round(x)] = x``).
+
+    ``noise``: uniform numbers in [0, 1), the shape of ``x``. Values ``dtype`` holds exactly,
+    NaN, infinities and overflows round as round-to-nearest does.
+    """
+    nearest = x.astype(dtype)
+    down = jnp.where(
+        nearest.astype(jnp.float32) > x, jnp.nextafter(nearest, jnp.array(-jnp.inf, dtype)), nearest
+    )
+    up = jnp.nextafter(down, jnp.array(jnp.inf, dtype))
+    below, above = down.astype(jnp.float32), up.astype(jnp.float32)
+    out = jnp.where(noise < (x - below) / (above - below), up, down)
+    return jnp.where(jnp.isfinite(nearest) & jnp.isfinite(out), out, nearest)
