@@ -8,6 +8,7 @@ the renormed tables, the dense gradients and three sparse row-wise steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -128,22 +129,51 @@ CASES = [
 ]
 
 
+@functools.cache
+def _unsharded(weighted):
+    """The unsharded collection's results, which every placement must reproduce: computed once
+    per table set (they do not depend on the placement or the mesh)."""
+    tables = _tables(weighted)
+    whole, _ = _batch(tables, weighted=weighted)
+    params = jaxembed.collections.init(jax.random.key(0), tables, stack=False)
+    cot = _cotangents(tables)
+    ref, ref_new = jaxembed.embedding_bag_collection(params, whole, tables, stack=False)
+
+    def loss(p):
+        pooled = jaxembed.embedding_bag_collection(p, whole, tables, stack=False)[0]
+        return sum((pooled[f] * cot[f]).sum() for f in pooled)
+
+    g_ref = jax.grad(loss)(params)
+    tx = jaxembed.sparse.rowwise_adagrad(0.1)
+    opt = jaxembed.collections.optimizer(tx, tables, stack=False)
+    state = opt.init(params)
+
+    @jax.jit
+    def ref_step(p, st):
+        _, lk = jaxembed.collections.lookup(p, whole, tables, stack=False)
+        return opt.update(lk.grad(cot), st, lk.params)
+
+    stepped = params
+    for _ in range(3):
+        stepped, state = ref_step(stepped, state)
+    return ref, ref_new, g_ref, stepped
+
+
 @pytest.mark.parametrize("name,weighted,explicit", CASES)
 def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
     tables = _tables(weighted)
     mesh = _mesh(explicit)
     plan = _plan(name, tables, mesh)
     kinds = {p.kind for _, p in plan.placements}
-    whole, blocks = _batch(tables, weighted=weighted)
+    _, blocks = _batch(tables, weighted=weighted)
     features = S.put_features(blocks, plan)
-    params = jaxembed.collections.init(jax.random.key(0), tables, stack=False)
     sharded = S.init(jax.random.key(0), plan)
     cot = _cotangents(tables)
+    ref, ref_new, g_ref, stepped = _unsharded(weighted)
     with jax.set_mesh(mesh):
         # the forward and the renorm: bit for bit but for row-wise partial sums, and weighted
         # bags (XLA may contract a weight's product and the sum into one FMA in one program
         # and not in the other)
-        ref, ref_new = jaxembed.embedding_bag_collection(params, whole, tables, stack=False)
         out, new = S.embedding_bag_collection(sharded, features, plan)
         for f in ref:
             row_wise = plan.placement(whole_table(tables, f)).kind is S.Kind.ROW_WISE
@@ -152,30 +182,19 @@ def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
             _same(w, ref_new[t]["weight"], True, f"renormed {t}")
 
         # the dense gradient: a replica's is summed over devices, so the order of sums differs
-        def loss(p, fn):
-            pooled = fn(p)
+        def loss(p):
+            pooled = S.embedding_bag_collection(p, features, plan)[0]
             return sum((pooled[f] * cot[f]).sum() for f in pooled)
 
-        g_ref = jax.grad(loss)(
-            params,
-            lambda p: jaxembed.embedding_bag_collection(p, whole, tables, stack=False)[0],
-        )
-        g = jax.grad(loss)(sharded, lambda p: S.embedding_bag_collection(p, features, plan)[0])
+        g = jax.grad(loss)(sharded)
         for t, w in S.tables_of(g, plan).items():
             _same(w, g_ref[t]["weight"], False, f"gradient {t}")
 
         # three sparse steps: bit for bit (the entries are reordered as the unsharded ones),
         # but column-wise, whose row-wise statistic is a sum over devices
         tx = jaxembed.sparse.rowwise_adagrad(0.1)
-        opt = jaxembed.collections.optimizer(tx, tables, stack=False)
-        state = opt.init(params)
         sharded_opt = S.optimizer(tx, plan)
         sharded_state = sharded_opt.init(sharded)
-
-        @jax.jit
-        def ref_step(p, st):
-            _, lk = jaxembed.collections.lookup(p, whole, tables, stack=False)
-            return opt.update(lk.grad(cot), st, lk.params)
 
         @jax.jit
         def step(p, st, features):
@@ -183,11 +202,10 @@ def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
             return sharded_opt.update(lk.grad(cot), st, lk.params)
 
         for _ in range(3):
-            params, state = ref_step(params, state)
             sharded, sharded_state = step(sharded, sharded_state, features)
         exact = S.Kind.COLUMN_WISE not in kinds and not weighted
         for t, w in S.tables_of(sharded, plan).items():
-            _same(w, params[t]["weight"], exact, f"sparse steps {t}")
+            _same(w, stepped[t]["weight"], exact, f"sparse steps {t}")
         # the state is laid out as its table
         for g_ in plan.groups:
             spec = S.spec_of(g_, "x")
@@ -350,14 +368,25 @@ def test_bfloat16_tables_on_every_placement():
     )
     state, sharded_state = opt.init(params), sharded_opt.init(sharded)
     cot = _cotangents(tables, jnp.bfloat16)
-    with jax.set_mesh(mesh):
-        ref, _ = jaxembed.embedding_bag_collection(params, whole, tables, stack=False)
-        out, _ = S.embedding_bag_collection(sharded, features, plan)
+
+    @jax.jit
+    def ref_step(p, st):
+        _, lk = jaxembed.collections.lookup(p, whole, tables, stack=False)
+        return opt.update(lk.grad(cot), st, lk.params)
+
+    @jax.jit
+    def step(p, st, features):
+        _, lk = S.lookup(p, features, plan)
+        return sharded_opt.update(lk.grad(cot), st, lk.params)
+
+    with jax.set_mesh(mesh):  # (jitted: op by op on 8 devices costs more than compiling)
+        ref, _ = jax.jit(
+            lambda p: jaxembed.embedding_bag_collection(p, whole, tables, stack=False)
+        )(params)
+        out, _ = jax.jit(lambda p, x: S.embedding_bag_collection(p, x, plan))(sharded, features)
         for _ in range(2):
-            _, lk = jaxembed.collections.lookup(params, whole, tables, stack=False)
-            params, state = opt.update(lk.grad(cot), state, lk.params)
-            _, lk = S.lookup(sharded, features, plan)
-            sharded, sharded_state = sharded_opt.update(lk.grad(cot), sharded_state, lk.params)
+            params, state = ref_step(params, state)
+            sharded, sharded_state = step(sharded, sharded_state, features)
     for f in ref:
         assert out[f].dtype == jnp.bfloat16
         a, b = np.asarray(out[f], np.float32), np.asarray(ref[f], np.float32)

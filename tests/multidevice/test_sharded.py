@@ -612,3 +612,10 @@ def test_quantized_tables_shard_by_rows_and_equal_unsharded(bits):
     assert q.data.sharding.is_fully_replicated  # the caller's table is left as it was
     with pytest.raises(ValueError, match="shard it by rows"):
         jaxembed.embedding(q, ids % V, sharding=jaxembed.TableSharding(mesh, dim="model"))
+    # the frozen module on the mesh: its packed rows placed by rows, the same bags
+    module = jaxembed.EmbeddingBag.from_quantized(q, mode="sum", sharding=sharding)
+    bags = nnx.jit(lambda m, i: m(i))(module, ids)
+    ref = jax.jit(lambda q, i: jaxembed.embedding_bag(q, i, mode="sum")[0])(q, ids)
+    np.testing.assert_array_equal(np.asarray(bags), np.asarray(ref))
+    with pytest.raises(ValueError, match="by rows"):
+        jaxembed.Embedding.from_quantized(q, sharding=jaxembed.TableSharding(mesh, dim="model"))
