@@ -5,7 +5,9 @@
 In one process, interleaved rounds, uniform and Zipf ids: jaxembed's ``embedding_bag`` on the
 float32 table and on ``jaxembed.quantize(table, bits)``, and torch's
 ``quantized::embedding_bag_{byte,4bit,2bit}_rowwise_offsets`` on the same bytes (FBGEMM's CPU
-kernels). Also the tables' bytes per row, measured. Prints medians and ratios.
+kernels). Also the tables' bytes per row, measured, and each quantized bag's bytes (rows read,
+bags written) per second against the device's copy bandwidth (the byte roofline), measured in
+the same process. Prints medians and ratios.
 """
 
 from __future__ import annotations
@@ -74,14 +76,22 @@ def main(argv=None):
     for _ in range(args.rounds):  # interleaved: every case once per round
         for k, fn in cases.items():
             times[k].append(median_ms(fn, args.repeat))
+    # the byte roofline: the device's copy bandwidth (read + write), measured in this process
+    big = jnp.zeros((V, D + 8), jnp.uint8)
+    copy = jax.jit(lambda x: x + jnp.uint8(1))
+    copy_ms = median_ms(lambda: jax.block_until_ready(copy(big)), args.repeat)
+    bandwidth = 2 * big.size / (copy_ms * 1e-3)
     kind = jax.devices()[0].device_kind
     print(f"{kind}; V={V:,} D={D} bags={B} x {N}; medians of {args.rounds} rounds")
+    print(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
     for dist in ids:
         f32 = statistics.median(times[(dist, "f32")])
         print(f"\n{dist}: jaxembed f32 bag {f32:.2f} ms")
         for b in bits_list:
             t = statistics.median(times[(dist, f"{b}-bit")])
+            moved = B * N * tables[b].data.shape[1] + B * D * 4  # rows read, bags written
             line = f"  {b}-bit {t:.2f} ms: f32 / {b}-bit = {f32 / t:.2f}x"
+            line += f", {moved / (t * 1e-3) / bandwidth:.0%} of the copy bandwidth"
             if not args.no_torch:
                 tt = statistics.median(times[(dist, f"torch {b}-bit")])
                 line += f"; torch {b}-bit {tt:.2f} ms, torch / jaxembed = {tt / t:.2f}x"

@@ -27,3 +27,6 @@ timeout 300 python3 benchmarks/bench_collection.py --rounds 5 --skip torchrec 2>
 # a planned collection on every GPU of the machine (issue 17): memory per device against the
 # plan, bytes moved against the plan, and the step against one device
 timeout 240 python3 benchmarks/bench_collection_mesh.py --devices 0 --rounds 3 2>&1 | tee "$out/collection_mesh.txt"
+# quantized bags (issue 18): 8 / 4 / 2-bit against the f32 bag and the copy bandwidth (torch's
+# quantized ops are CPU-only: skipped)
+timeout 240 python3 benchmarks/bench_quantized.py --no-torch --rounds 3 2>&1 | tee "$out/quantized.txt"

@@ -20,6 +20,14 @@ Semantics follow torch's optimizers on ``nn.Embedding(sparse=True)`` gradients:
   present in the gradient; the step count (bias correction) is global.
 
 A learning rate may be a number or an optax schedule (a function of the step count).
+
+Stochastic rounding (``stochastic_rounding=True``, each optimizer): a bfloat16 / float16 table's
+updated rows are summed in float32 and rounded up or down at random, up with probability the
+distance from the value below (:func:`jaxembed.sparse._update.stochastic_round`), as FBGEMM's
+low-precision training does. The rounding is unbiased, so a long run of updates smaller than
+half an ulp still moves the table, where round-to-nearest stalls. The noise is a counter-based
+hash of (``seed``, step, row, column): a run is reproducible. float32 and wider tables round to
+nearest either way; ``sgd`` with momentum (a dense update) refuses it.
 """
 
 from __future__ import annotations
@@ -243,12 +251,9 @@ def sgd(
       nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
       weight_decay: must be 0: torch refuses weight decay with sparse gradients.
       maximize: ascend instead of descend.
-      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
-        update added in float32, then rounded up or down in proportion to the distance, an
-        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
-        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
-        Off by default; float32 and wider tables round to nearest either way.
-      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically, an
+        unbiased rounding (see the module's docstring). Off by default.
+      seed: the stochastic rounding's seed.
 
     Returns:
       A :class:`RowOptimizer` whose state is a :class:`SgdState`.
@@ -350,12 +355,9 @@ def adagrad(
       eps: added to the square root, >= 0.
       weight_decay: must be 0: torch refuses weight decay with sparse gradients.
       maximize: ascend instead of descend.
-      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
-        update added in float32, then rounded up or down in proportion to the distance, an
-        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
-        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
-        Off by default; float32 and wider tables round to nearest either way.
-      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically, an
+        unbiased rounding (see the module's docstring). Off by default.
+      seed: the stochastic rounding's seed.
 
     Returns:
       A :class:`RowOptimizer` whose state is an :class:`AdagradState` (``sum``: ``(V, D)``).
@@ -438,12 +440,9 @@ def rowwise_adagrad(
       weight_decay: FBGEMM's L2 mode: ``weight_decay * table[row]`` is added to the gradient of
         each present row, >= 0.
       maximize: ascend instead of descend.
-      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
-        update added in float32, then rounded up or down in proportion to the distance, an
-        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
-        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
-        Off by default; float32 and wider tables round to nearest either way.
-      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically, an
+        unbiased rounding (see the module's docstring). Off by default.
+      seed: the stochastic rounding's seed.
 
     Returns:
       A :class:`RowOptimizer` whose state is a :class:`RowwiseAdagradState` (``sum``: ``(V,)``,
@@ -533,12 +532,9 @@ def lazy_adam(
       b2: the second moment's decay, in [0, 1).
       eps: added to the square root, >= 0.
       maximize: ascend instead of descend.
-      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically (the
-        update added in float32, then rounded up or down in proportion to the distance, an
-        unbiased rounding), as FBGEMM's low-precision training does: a long run of updates
-        smaller than half an ulp then still moves the table, where round-to-nearest stalls.
-        Off by default; float32 and wider tables round to nearest either way.
-      seed: the stochastic rounding's seed (its noise is a hash of seed, step, row and column).
+      stochastic_rounding: round a bfloat16 / float16 table's updated rows stochastically, an
+        unbiased rounding (see the module's docstring). Off by default.
+      seed: the stochastic rounding's seed.
 
     Returns:
       A :class:`RowOptimizer` whose state is a :class:`LazyAdamState` (``mu``, ``nu``:
