@@ -110,3 +110,14 @@ def test_a_collection_module_quantizes_to_a_frozen_one(fp8, rng):
         np.testing.assert_array_equal(np.asarray(out[f]), np.asarray(ref[f]))
     with pytest.raises(ValueError, match="already quantized"):
         frozen.quantize()
+
+
+def test_a_sequence_collection_module_quantizes_too(rng):
+    tables = [jaxembed.EmbeddingConfig("s", 8, 20, ["u"])]
+    frozen = jaxembed.EmbeddingCollection(tables, rngs=nnx.Rngs(0))
+    q = jaxembed.quantize(frozen.tables()["s"], bits=2)
+    frozen = frozen.quantize(2)
+    kj = jaxembed.KeyedJagged.from_lists({"u": [[1, 2], [3]]})
+    rows = frozen(kj)["u"].values[:3]
+    ref = jaxembed.embedding(q, np.array([1, 2, 3]))[0]
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(ref))

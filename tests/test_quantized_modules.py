@@ -137,3 +137,8 @@ def test_bad_quantized_modules_are_refused(rng):
         jaxembed.EmbeddingBag(10, 8, rngs=nnx.Rngs(0)).quantize(3)
     with pytest.raises(TypeError, match="quantized"):
         jaxembed.quantized.from_torch(torch.nn.Embedding(3, 2))
+    # Flax's drop-in reads its float table its own way: it refuses, never casts the bytes
+    with pytest.raises(TypeError, match="Embed is not built over quantized tables"):
+        jaxembed.Embed(10, 8, rngs=nnx.Rngs(0)).quantize()
+    with pytest.raises(TypeError, match="Embed is not built over quantized tables"):
+        jaxembed.Embed.from_quantized(q)

@@ -102,7 +102,7 @@ class _Collection(nnx.Module):
         ``bits`` or ``fp8``: each table's rows, as quantizing each table apart), as a new frozen
         module.
 
-        Its pooled features are float32: each bag decoded and reduced as
+        Its pooled features (or rows) are float32: each bag decoded and reduced as
         :func:`jaxembed.embedding_bag` on a quantized table does.
 
         Raises:

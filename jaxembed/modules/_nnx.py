@@ -48,6 +48,8 @@ class _TableModule(nnx.Module):
     bits: int | None = None
     #: a quantized module's fp8 format ("e4m3" / "e5m2"), else None
     fp8: str | None = None
+    #: whether the class reads quantized tables (``Embed``, Flax's drop-in, does not)
+    _quantizable = True
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -149,6 +151,11 @@ class _TableModule(nnx.Module):
     @classmethod
     def _quantized(cls, table: Any, *, dtype: Any, **kwargs: Any):
         """A frozen module over a :class:`jaxembed.QuantizedTable`; ``dtype`` is the output's."""
+        if not cls._quantizable:
+            raise TypeError(
+                f"{cls.__name__} is not built over quantized tables; use "
+                "jaxembed.Embedding.from_quantized (or Embedding.quantize)"
+            )
         if not isinstance(table, _quantized.QuantizedTable):
             raise TypeError(f"table must be a jaxembed.QuantizedTable, got {type(table).__name__}")
         dtype = _options.check_output_dtype(jnp.float32 if dtype is None else dtype)
@@ -175,6 +182,11 @@ class _TableModule(nnx.Module):
         return table, self.dtype
 
     def _quantize(self, bits: int, fp8: str | None, extra: dict) -> Any:
+        if not self._quantizable:
+            raise TypeError(
+                f"{type(self).__name__} is not built over quantized tables; quantize its table "
+                "into a jaxembed.Embedding: Embedding.from_quantized(jaxembed.quantize(...))"
+            )
         if self.max_norm is not None:
             raise ValueError(
                 "a module with max_norm renorms its table as it reads it; a quantized table is "
@@ -604,6 +616,8 @@ class Embed(Embedding):
       >>> list(nnx.state(ours)) == list(nnx.state(flax)) == ["embedding"]
       True
     """
+
+    _quantizable = False
 
     @_options.renamed_lookup
     def __init__(
