@@ -70,8 +70,7 @@ def _bound(terms, offsets, n):
     return 2 * (count + 1) * EPS * total
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("dim", [8, 72])
+@pytest.mark.parametrize("bits,dim", [(8, 72), (4, 72), (2, 8)])  # D = 72: not a multiple of 16
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sum_equals_torchs_quantized_bag(bits, dim, weighted, rng):
     packed, q = _packed(rng, 300, dim, bits)
@@ -156,7 +155,7 @@ def test_mean_is_torchs_sum_over_the_count(bits, rng):
     assert np.all(ours[count == 0] == 0)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4])  # (2 bits decode through 4 bits' code)
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_padding_2d_and_num_valid_follow_torchs_float_bag_on_its_unpacked_table(bits, mode, rng):
     packed, q = _packed(rng, 100, 16, bits)
@@ -218,8 +217,9 @@ def test_quantized_lookups_equal_the_float_path_on_the_dequantized_table(bits, r
         np.testing.assert_array_equal(*grads)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("output_dtype", [None, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "bits,output_dtype", [(8, None), (4, jnp.float16), (2, jnp.bfloat16), (8, jnp.bfloat16)]
+)
 def test_embedding_returns_torchs_unpacked_rows(bits, output_dtype, rng):
     packed, q = _packed(rng, 50, 16, bits)
     table = getattr(torch.ops.quantized, f"embedding_bag_{PRE[bits]}_unpack")(

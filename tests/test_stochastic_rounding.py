@@ -15,20 +15,22 @@ DTYPES = [jnp.bfloat16, jnp.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.83])
-def test_the_rounding_is_unbiased(dtype, fraction):
-    """Each value between two neighbours rounds up with probability its distance from below:
-    over 200,000 draws the fraction rounded up is within 5 sigma of it."""
+def test_the_rounding_is_unbiased(dtype):
+    """Each value between two neighbours rounds up with probability its distance from below
+    (0.1, 0.5 and 0.83 of an ulp, at four magnitudes): over 50,000 draws the fraction rounded up
+    and the mean error are within 5 sigma."""
     base = jnp.array([1.0, -3.0, 1e-3, 700.0], jnp.float32).astype(dtype)
+    base = jnp.tile(base, 3)
+    fraction = jnp.repeat(jnp.array([0.1, 0.5, 0.83], jnp.float32), 4)
     up = jnp.nextafter(base, jnp.array(jnp.inf, dtype))
     lo, hi = base.astype(jnp.float32), up.astype(jnp.float32)
-    x = lo + jnp.float32(fraction) * (hi - lo)  # (4,): exactly known distances
+    x = lo + fraction * (hi - lo)  # (12,): exactly known distances
     n = 50_000
     rows = jnp.arange(n, dtype=jnp.int32)
     key = _update.rounding_key(7, jnp.int32(3), dtype)
-    xs = jnp.broadcast_to(x, (n, 4))
+    xs = jnp.broadcast_to(x, (n, x.shape[0]))
     out = _update.stochastic_round(xs, dtype, _update._noise(key, rows, xs)).astype(jnp.float32)
-    assert set(np.unique(np.asarray(out - lo))) <= {0.0} | set(np.asarray(hi - lo).tolist())
+    assert bool(jnp.all((out == lo) | (out == hi)))
     p = np.asarray((out == hi).mean(axis=0))
     exact = np.asarray((x - lo) / (hi - lo))
     sigma = np.sqrt(exact * (1 - exact) / n)
