@@ -276,7 +276,7 @@ def test_float64_under_x64():
     from hypothesis import settings
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    profile = {25: "default", 300: "ci"}.get(settings().max_examples, "deep")
+    profile = {15: "default", 300: "ci"}.get(settings().max_examples, "deep")
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
     res = subprocess.run(
         [
