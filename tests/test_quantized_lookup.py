@@ -364,3 +364,15 @@ def test_fp8_lookups_follow_the_float_path_on_the_dequantized_table(fp8, rng):
         assert np.all(np.abs(ours - ref) <= bound[:, None])
     rows = jax.jit(lambda q, i: jaxembed.embedding(q, i, output_dtype=jnp.bfloat16)[0])(q, ids)
     np.testing.assert_array_equal(np.asarray(rows), np.asarray(w[ids].astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("bits,fp8", [(8, None), (4, None), (2, None), (8, "e4m3"), (8, "e5m2")])
+def test_rows_a_table_does_not_hold_decode_to_the_fill(bits, fp8, rng):
+    """Past the table (the sentinel), a row is NaN on one device and 0 where a row-sharded
+    layout's other device holds it, in every format: so the layouts sum the devices' rows."""
+    q = jaxembed.quantize(rng.normal(size=(6, 8)).astype(np.float32), bits=bits, fp8=fp8)
+    safe = jnp.array([0, 6, 7])
+    nan_fill, zero_fill = np.asarray(q.take(safe, jnp.nan)), np.asarray(q.take(safe, 0.0))
+    assert np.isfinite(nan_fill[0]).all() and np.isnan(nan_fill[1:]).all()
+    np.testing.assert_array_equal(zero_fill[1:], 0.0)
+    np.testing.assert_array_equal(zero_fill[0], nan_fill[0])

@@ -593,10 +593,12 @@ def test_linen_modules_with_sharding():
         _check_equal(grad["weight"], ref_grad["weight"], exact=False)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [4])
 def test_quantized_tables_shard_by_rows_and_equal_unsharded(bits):
     """A quantized table splits by rows like a float one (each device decodes its own rows);
-    columns of packed bytes do not split, and are refused."""
+    columns of packed bytes do not split, and are refused. (The layout sees one packed format as
+    any other: the rows another device holds decode to zeros in every format, which
+    tests/test_quantized_lookup.py checks.)"""
     mesh = _mesh((2, 4))
     q = jaxembed.quantize(jax.random.normal(jax.random.key(bits), (V, 16)), bits=bits)
     ids = jax.random.randint(jax.random.key(1), (8, 5), 0, V).at[0, 0].set(V)  # one out of range
