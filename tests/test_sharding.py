@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import settings
 from jax.sharding import PartitionSpec as P
 
 import jaxembed
@@ -26,8 +27,11 @@ def test_multidevice_suite_on_8_fake_cpu_devices():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    # the property tests there run at this run's hypothesis profile (default, ci or deep)
+    profile = f"--hypothesis-profile={settings.get_current_profile_name()}"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "tests/multidevice"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", profile]
+        + ["tests/multidevice"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -86,7 +86,12 @@ def _bounds(starts: Any, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _bag_ids(starts: Any, num_indices: int) -> jax.Array:
-    """The bag of each position: the last bag whose start is at or before it."""
+    """The bag of each position: the last bag whose start is at or before it.
+
+    ``starts`` must never decrease (bags in order, an empty bag starting where the previous
+    ends): a start below an earlier one would move every later entry to another bag. Callers
+    that pad bags (a table-wise slot with fewer features) pad with empty bags at the last end.
+    """
     starts = _bounds(starts, num_indices)[0]
     # how many bags start at or before each position, as a running count of the starts: a
     # B-long scatter and an n-long cumsum (XLA's CPU sort-based searchsorted costs ~30x more)

@@ -87,9 +87,10 @@ def _layout_of(g: Group, mesh: Any, axis: str) -> _layout.Layout:
 
 
 def spec_of(g: Group, axis: str) -> P:
-    """The ``PartitionSpec`` of a group's array."""
+    """The ``PartitionSpec`` of a group's array, one entry per dimension (as a step's outputs
+    come back: a replica placed as ``P()`` would return as ``P(None, None)``)."""
     if g.kind is Kind.DATA_PARALLEL:
-        return P()
+        return P(None, None)
     if g.kind is Kind.COLUMN_WISE:
         return P(None, axis)
     return P(axis, None)
@@ -344,9 +345,13 @@ class _Routed:
             keep.append(s.keep)
             if features.weights is not None:
                 weights.append(s.weights)
+            # a slot of fewer features than the widest: empty bags at its last end. The bags'
+            # starts must never decrease (the backward's spread, ``_bag._bag_ids``, counts the
+            # starts at or before each entry), so they are not padded with zeros
             pad = per - s.starts.shape[0]
-            starts.append(jnp.pad(s.starts, (0, pad)))
-            ends.append(jnp.pad(s.ends, (0, pad)))
+            last = s.ends[-1:]
+            starts.append(jnp.concatenate([s.starts, jnp.broadcast_to(last, (pad,))]))
+            ends.append(jnp.concatenate([s.ends, jnp.broadcast_to(last, (pad,))]))
         if features.weights is not None:
             dtype = features.weights.dtype
             weights = [w.astype(dtype) for w in weights]
@@ -719,7 +724,7 @@ def _state_spec(g: Group, leaf: Any, axis: str) -> P:
     if leaf.ndim == 0:
         return P()
     if leaf.ndim == 1:
-        return P(axis) if g.split_rows else P()
+        return P(axis) if g.split_rows else P(None)
     if leaf.ndim == 2:
         return spec_of(g, axis)
     raise ValueError(

@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -330,12 +331,38 @@ class TableSharding(Layout):
         self.check_table(weight.shape, mesh)
         return {**params, "weight": jax.device_put(weight, NamedSharding(mesh, self.spec))}
 
+    def replicated(self, x: jax.Array) -> jax.Array:
+        """``x`` replicated over the mesh (unchanged if it is on the mesh already, or if this
+        layout names no mesh yet): see :func:`replicate_onto`."""
+        if self.mesh is None and jax.sharding.get_mesh().empty:
+            return x
+        return replicate_onto(self._concrete_mesh(), x)
+
     def put_indices(self, indices: Any) -> jax.Array:
         """``indices`` placed on the mesh, the leading dimension split over ``batch``."""
         mesh = self._concrete_mesh()
         indices = jnp.asarray(indices)
         self.check_indices(indices.shape, mesh)
         return jax.device_put(indices, NamedSharding(mesh, self.indices_spec(indices.ndim)))
+
+
+def replicate_onto(mesh: Any, x: jax.Array) -> jax.Array:
+    """``x`` replicated over ``mesh`` (``P(None, ...)``, as a jitted step on the mesh returns
+    it), or ``x`` itself where it is on ``mesh`` already. In a multi-host run each process
+    supplies its own devices' copies of its (equal) value."""
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+        return x
+    target = NamedSharding(mesh, P(*[None] * x.ndim))
+    if target.is_fully_addressable:
+        return jax.device_put(x, target)
+    impl = None  # a key array crosses as its key data
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl, x = jax.random.key_impl(x), jax.random.key_data(x)
+        target = NamedSharding(mesh, P(*[None] * x.ndim))
+    host = np.asarray(x)
+    placed = jax.make_array_from_callback(x.shape, target, lambda index: host[index])
+    return placed if impl is None else jax.random.wrap_key_data(placed, impl=impl)
 
 
 def place(x: jax.Array | None, mesh: Any, spec) -> jax.Array | None:

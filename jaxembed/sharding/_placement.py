@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from jaxembed.collections._config import EmbeddingBagConfig, Plan, Stack, _stack_key
+from jaxembed.sharding._layout import replicate_onto
 
 
 class Kind(enum.Enum):
@@ -243,6 +244,11 @@ class ShardingPlan:
     def num_devices(self) -> int:
         return self.mesh.shape[self.axis]
 
+    def replicated(self, x: jax.Array) -> jax.Array:
+        """``x`` replicated over the plan's mesh (what :class:`jaxembed.sparse.Optimizer` does to
+        a model's other arrays): see :func:`jaxembed.sharding._layout.replicate_onto`."""
+        return replicate_onto(self.mesh, x)
+
     def placement(self, table: str) -> Placement:
         """The placement of the table named ``table``."""
         return dict(self.placements)[table]
@@ -318,10 +324,22 @@ class ShardingPlan:
         mem = self.memory()
         lines.append(
             "  table bytes per device: "
-            + ", ".join(f"{m / 2**20:.1f} MiB" for m in mem)
+            + ", ".join(readable_bytes(m) for m in mem)
             + f" (max/mean {mem.max() / max(mem.mean(), 1):.2f})"
         )
         return "\n".join(lines)
+
+
+def readable_bytes(n: float) -> str:
+    """``n`` bytes at a scale that shows them: ``"512 B"``, ``"3.1 KiB"``, ``"1.5 GiB"``."""
+    n = float(n)
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def block_bytes(rows: int, cols: int, dtype: Any, optimizer: Any = None) -> int:

@@ -184,11 +184,12 @@ def plan(
             others = list(_candidates(t, k))
             small = alone[t.name] <= replicate_below
             tries = [[Placement(Kind.DATA_PARALLEL)], others] if small else [others]
-        best = None
+        best, tried = None, {}
         for options in tries:
             for p in options:
                 trial = _partial(tables, {**placed, t.name: p}, mesh, axis)
                 mem = trial.memory(optimizer)
+                tried[p] = int(mem.max())
                 if memory_per_device is not None and mem.max() > memory_per_device:
                     continue
                 c = cost + costs[t.name][p]
@@ -198,22 +199,41 @@ def plan(
             if best is not None:
                 break
         if best is None:
-            need = alone[t.name]
-            used = (
-                int(_partial(tables, placed, mesh, axis).memory(optimizer).max()) if placed else 0
-            )
-            raise ValueError(
-                f"table {t.name!r} fits nowhere: it needs {need} bytes with optimizer state "
-                f"({math.ceil(need / k)} per device split {k} ways), the devices hold "
-                f"{memory_per_device} each and the tables placed so far use up to "
-                f"{used}"
-                f"; the largest table, {largest.name!r}, needs {alone[largest.name]}"
-            )
+            raise ValueError(_fits_nowhere(t, tried, k, memory_per_device, alone, largest))
         placed[t.name] = best[1]
         cost = best[2]
     result = ShardingPlan(tables, tuple((t.name, placed[t.name]) for t in tables), mesh, axis)
     estimates = (tuple(int(m) for m in result.memory(optimizer)), tuple(float(c) for c in cost))
     return dataclasses.replace(result, estimates=estimates)
+
+
+def _fits_nowhere(t, tried, k, memory_per_device, alone, largest) -> str:
+    """Why no placement holds table ``t``: each placement tried, and the fullest device it
+    would make, or why it does not apply."""
+    reasons = []
+    wise = {p: m for p, m in tried.items() if p.kind is Kind.TABLE_WISE}
+    if wise:
+        p, m = min(wise.items(), key=lambda pm: pm[1])
+        reasons.append(f"table_wise: the least full device would hold {m} (device {p.device})")
+    for kind in (Kind.ROW_WISE, Kind.COLUMN_WISE, Kind.DATA_PARALLEL):
+        m = tried.get(Placement(kind))
+        if m is not None:
+            reasons.append(f"{kind.value}: the fullest device would hold {m}")
+        elif kind is Kind.ROW_WISE and t.pooling == "max":
+            reasons.append("row_wise: not possible, the table pools by max")
+        elif kind is Kind.COLUMN_WISE:
+            reasons.append(
+                f"column_wise: not possible, embedding_dim={t.embedding_dim} does not split "
+                f"into {k} blocks of at least {MIN_COLUMNS} columns"
+            )
+        elif kind is Kind.DATA_PARALLEL:
+            reasons.append("data_parallel: not tried, the table is above replicate_below")
+    return (
+        f"table {t.name!r} fits nowhere: it needs {alone[t.name]} bytes with optimizer state "
+        f"and the devices hold {memory_per_device} each; "
+        + "; ".join(reasons)
+        + f"; the largest table, {largest.name!r}, needs {alone[largest.name]}"
+    )
 
 
 def _partial(tables, placed: Mapping[str, Placement], mesh, axis) -> ShardingPlan:

@@ -320,6 +320,21 @@ def _whole_gradient(rows: SparseGrad | None, table: jax.Array | None) -> SparseG
     return everything if rows is None else sum_grads(rows, everything)
 
 
+def _place_like_the_tables(model: Any, tree: Any) -> None:
+    """Every array of ``tree``'s variables laid out where the model's sharded tables are: each
+    module's ``sharding`` (a :class:`~jaxembed.TableSharding` or a collection's plan) places an
+    array that is not on its devices yet (a dense layer built outside ``jax.set_mesh``, an
+    optimizer's step count) replicated over them, as a jitted step would return it. The step's
+    outputs are then laid out as its inputs, and its second call does not compile again."""
+    layouts = [getattr(node, "sharding", None) for _, node in nnx.iter_graph(model)]
+    placers = [s for s in layouts if callable(getattr(s, "replicated", None))]
+    if not placers:
+        return
+    for _, node in nnx.iter_graph(tree):
+        if isinstance(node, nnx.Variable) and isinstance(node.get_value(), jax.Array):
+            node.set_value(placers[0].replicated(node.get_value()))
+
+
 class Optimizer(nnx.Pytree):
     """An ``nnx.Optimizer`` for the dense parameters and a row-wise one for the sparse tables.
 
@@ -332,7 +347,10 @@ class Optimizer(nnx.Pytree):
         :func:`~jaxembed.sparse.rowwise_adagrad`, :func:`~jaxembed.sparse.lazy_adam`, or a
         :class:`~jaxembed.sparse.RowOptimizer` of your own). A table of a module built with
         ``sharding=`` gets it wrapped by :func:`~jaxembed.sparse.sharded`: each device updates
-        its own rows.
+        its own rows. The model's other arrays, and this optimizer's state, that are not on
+        that mesh yet (a dense layer built outside ``jax.set_mesh``, the step count) are placed
+        on it, replicated, where a jitted step would return them: so the second step does not
+        compile again.
       wrt: an nnx filter of the parameters to train, as ``nnx.Optimizer``'s (default: every
         ``nnx.Param``); gradients of the others are ignored.
 
@@ -375,6 +393,7 @@ class Optimizer(nnx.Pytree):
                 for key, var in sparse_tables(model, wrt).items()
             }
         )
+        _place_like_the_tables(model, (model, self))
 
     def update(self, model: Any, grads: ModelGrads) -> None:
         """Applies ``grads`` (from :func:`value_and_grad`) to ``model`` in place.
