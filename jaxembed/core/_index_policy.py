@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxembed.core._packed import is_packed
 from jaxembed.core._validation import check_index_dtype
+from jaxembed.kernels import _ffi as _kernels
 
 
 def _is_traced(x: Any) -> bool:
@@ -111,22 +112,32 @@ def gather_rows(
 ) -> jax.Array:
     """``weight[safe]`` with rows of ``fill`` (NaN) for the out-of-range sentinel.
 
-    ``style`` is how: ``"gather"`` (XLA's gather), ``"one_hot"`` (a matmul) or ``"auto"``.
+    ``style`` is how: ``"gather"`` (XLA's gather; on CPU the gather kernel of
+    :mod:`jaxembed.kernels` where it is built), ``"one_hot"`` (a matmul) or ``"auto"``.
     A vocab-sharded lookup fills with 0 the rows another shard owns. A packed (quantized) table
     decodes just these rows, as float32 (``style`` is gather's, whatever it says).
     """
     if is_packed(weight):
+        if _kernels.bags_apply(weight, safe.shape[0], "gather") and safe.ndim == 1:
+            decoded = weight.with_output_dtype(jnp.float32)  # take's rows are float32
+            return jax.lax.platform_dependent(
+                decoded, safe,
+                cpu=lambda w, s: _kernels.gather(w, s, fill),
+                default=lambda w, s: w.take(s, fill),
+            )  # fmt: skip
         return weight.take(safe, fill)
     if style == "one_hot":
         return _one_hot_rows(weight, safe, fill)
+    branches = {}
+    if _kernels.bags_apply(weight, safe.shape[0], style) and safe.ndim == 1:
+        branches["cpu"] = lambda w, s: _kernels.gather(w, s, fill)
     if style == "auto" and weight.shape[0] <= AUTO_ONE_HOT_MAX_VOCAB:
-        return jax.lax.platform_dependent(
-            weight,
-            safe,
-            tpu=lambda w, s: _one_hot_rows(w, s, fill),
-            default=lambda w, s: _gather(w, s, fill),
-        )
-    return _gather(weight, safe, fill)
+        branches["tpu"] = lambda w, s: _one_hot_rows(w, s, fill)
+    if not branches:
+        return _gather(weight, safe, fill)
+    return jax.lax.platform_dependent(
+        weight, safe, default=lambda w, s: _gather(w, s, fill), **branches
+    )
 
 
 def first_writer(safe: jax.Array, num_embeddings: int) -> jax.Array:

@@ -44,6 +44,10 @@ class PackedTable(abc.ABC):
     def with_output_dtype(self, dtype: Any) -> PackedTable:
         """The same rows, looked up as ``dtype``."""
 
+    #: the row format the CPU kernels (:mod:`jaxembed.kernels`) decode in registers (8, 4 or 2
+    #: bits, ``kernels.E4M3`` / ``E5M2``), or None: the table is only read through :meth:`take`
+    native_format: int | None = None
+
     @abc.abstractmethod
     def take(self, safe: jax.Array, fill: float) -> jax.Array:
         """The rows ``safe`` (any shape) decoded, ``safe.shape + (D,)`` float32; the sentinel

@@ -45,6 +45,8 @@ from jaxembed.core._packed import PackedTable
 BITS = (8, 4, 2)
 #: the fp8 formats: their JAX dtype and their largest finite value
 FP8 = {"e4m3": (jnp.float8_e4m3fn, 448.0), "e5m2": (jnp.float8_e5m2, 57344.0)}
+#: the fp8 formats' codes in :mod:`jaxembed.kernels` (the core's PackedTable.native_format)
+_NATIVE_FP8 = {"e4m3": 10, "e5m2": 11}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -110,6 +112,11 @@ class QuantizedTable(PackedTable):
     def nbytes(self) -> int:
         """The table's bytes in memory."""
         return int(np.prod(self.data.shape))
+
+    @property
+    def native_format(self) -> int:
+        """The row format of :mod:`jaxembed.kernels`: the bits, or the fp8 format's code."""
+        return _NATIVE_FP8[self.fp8] if self.fp8 else self.bits
 
     def with_output_dtype(self, dtype: Any) -> QuantizedTable:
         return QuantizedTable(self.data, self.bits, self.embedding_dim, dtype, self.fp8)

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from jaxembed.collections import _collection as _coll
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _bag, _layout, _renorm
+from jaxembed.core._numerics import divide
 from jaxembed.core._pipeline import Lookup
 from jaxembed.sharding._layout import TableSharding, place
 from jaxembed.sharding._placement import Group, Kind, ShardingPlan
@@ -400,7 +401,7 @@ def _deliver(g: Group, bags: jax.Array, own, axis: str) -> jax.Array:
         bad, counts = own
         out = jax.lax.psum_scatter(bags, axis, scatter_dimension=0, tiled=True)
         if g.stack.pooling == "mean":
-            out = (out / jnp.maximum(counts, 1)[:, None]).astype(out.dtype)
+            out = divide(out, jnp.maximum(counts, 1)[:, None]).astype(out.dtype)
         return jnp.where(bad[:, None], jnp.nan, out)
     if g.kind is Kind.COLUMN_WISE:
         return jax.lax.all_to_all(bags, axis, 0, 1, tiled=True)
@@ -620,7 +621,7 @@ def _cotangent(g: Group, cots: Mapping[str, jax.Array], keys, axis, counts) -> j
         if g.kind is Kind.ROW_WISE:
             if counts is not None:  # the mean's division, transposed
                 acc = _renorm.compute_dtype(g.dtype)
-                cot = cot.astype(acc) / jnp.maximum(counts, 1)[:, None]
+                cot = divide(cot.astype(acc), jnp.maximum(counts, 1)[:, None])
             return jax.lax.all_gather(cot, axis, tiled=True)
         if g.kind is Kind.COLUMN_WISE:
             return jax.lax.all_to_all(cot, axis, 1, 0, tiled=True)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxembed.core import _layout, _validation
+from jaxembed.kernels import _ffi as _kernels
 from jaxembed.sparse import _update as _sparse_update
 from jaxembed.sparse._lookup import SparseGrad
 
@@ -188,6 +189,14 @@ def _check_weight_decay(name: str, weight_decay: Any) -> None:
 
 def _prepare(grad: SparseGrad, table: ArrayLike):
     """Checks the gradient against the table, then sums duplicates: ``(table, rows, values)``."""
+    table, indices, values = _checked(grad, table)
+    rows, values = _sparse_update.coalesce(SparseGrad(indices, values), table.shape[0])
+    return table, rows, values
+
+
+def _checked(grad: SparseGrad, table: ArrayLike):
+    """Checks the gradient against the table: ``(table, indices, values)``, the values in the
+    table's dtype."""
     table = _validation.check_table("table", table)
     if not isinstance(grad, SparseGrad):
         raise TypeError(f"grad must be a jaxembed.sparse.SparseGrad, got {type(grad).__name__}")
@@ -200,9 +209,34 @@ def _prepare(grad: SparseGrad, table: ArrayLike):
         )
     if not jnp.issubdtype(values.dtype, jnp.floating):
         raise TypeError(f"grad.values must have a floating dtype, got {values.dtype}")
-    values = values.astype(table.dtype)
-    rows, values = _sparse_update.coalesce(SparseGrad(indices, values), table.shape[0])
-    return table, rows, values
+    return table, indices, values.astype(table.dtype)
+
+
+def _step(name, reference, table, states, indices, values, rate, lr_scale, rounding, **hyper):
+    """One row-wise step: ``reference(table, states, rows, values) -> (table, states)`` on the
+    coalesced entries (the pure-JAX path), or on CPU the update kernel of
+    :mod:`jaxembed.kernels`, which sums each row's duplicates in their order and updates the
+    row in place, where it applies (a float32 / float64 table, no stochastic rounding)."""
+
+    def pure(table, states, indices, values):
+        rows, values = _sparse_update.coalesce(SparseGrad(indices, values), table.shape[0])
+        return reference(table, states, rows, values)
+
+    applies = _kernels.table_applies(table, _kernels.UPDATE_FLOATS) and rounding is None
+    if not applies or indices.shape[0] > _kernels.MAX_ENTRIES or indices.shape[0] == 0:
+        return pure(table, states, indices, values)
+
+    def native(table, states, indices, values):
+        row_rate = None if lr_scale is None else jnp.asarray(lr_scale(indices), table.dtype)
+        table, s0, s1 = _kernels.sparse_update(
+            name, table, tuple(states) + (None,) * (2 - len(states)), indices, values,
+            rate, row_rate, **hyper,
+        )  # fmt: skip
+        return table, (s0, s1)[: len(states)]
+
+    return jax.lax.platform_dependent(
+        table, tuple(states), indices, values, cpu=native, default=pure
+    )
 
 
 def _per_row(rate: jax.Array, r: jax.Array, lr_scale: Callable | None, dtype: Any) -> jax.Array:
@@ -294,11 +328,11 @@ def sgd(
     def update(
         grad: SparseGrad, state: SgdState, table: ArrayLike, *, column_axis=None, lr_scale=None
     ):
-        table, rows, values = _prepare(grad, table)
-        lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
-        if maximize:
-            values = -values
         if not momentum:
+            table, indices, values = _checked(grad, table)
+            lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
+            if maximize:
+                values = -values
             rounding = _rounding(stochastic_rounding, seed, state.count, table)
 
             def rows_update(table, r, g):
@@ -312,8 +346,15 @@ def sgd(
                     table, r, _sparse_update.read_rows(table, r) + g * -rate
                 )
 
-            table = _sparse_update.apply_rows(rows_update, rows, values, table)
+            def reference(table, states, rows, values):
+                return _sparse_update.apply_rows(rows_update, rows, values, table), ()
+
+            table, _ = _step("sgd", reference, table, (), indices, values, lr, lr_scale, rounding)
             return table, state._replace(count=state.count + 1)
+        table, rows, values = _prepare(grad, table)
+        lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
+        if maximize:
+            values = -values
         if lr_scale is not None:
             raise ValueError(
                 "lr_scale (a per-table learning rate) is not supported with momentum: the "
@@ -392,7 +433,7 @@ def adagrad(
     def update(
         grad: SparseGrad, state: AdagradState, table: ArrayLike, *, column_axis=None, lr_scale=None
     ):
-        table, rows, values = _prepare(grad, table)
+        table, indices, values = _checked(grad, table)
         count = state.count.astype(_scalar_dtype(table))
         clr = _rate(learning_rate, state.count, count.dtype) / (1.0 + count * lr_decay)
         clr = clr.astype(table.dtype)
@@ -410,7 +451,12 @@ def adagrad(
                 _sparse_update.write_rows(acc_table, r, acc),
             )
 
-        table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, state.sum))
+        def reference(table, states, rows, values):
+            table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, *states))
+            return table, (acc,)
+
+        table, (acc,) = _step("adagrad", reference, table, (state.sum,), indices, values, clr,
+                              lr_scale, rounding, eps=eps, maximize=maximize)  # fmt: skip
         return table, AdagradState(state.count + 1, acc)
 
     return RowOptimizer(init, update)
@@ -482,7 +528,7 @@ def rowwise_adagrad(
         column_axis=None,
         lr_scale=None,
     ):
-        table, rows, values = _prepare(grad, table)
+        table, indices, values = _checked(grad, table)
         cdt = _scalar_dtype(table)
         lr = _rate(learning_rate, state.count, cdt)
         rounding = _rounding(stochastic_rounding, seed, state.count, table)
@@ -501,7 +547,17 @@ def rowwise_adagrad(
                 _sparse_update.write_rows(acc_table, r, acc),
             )
 
-        table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, state.sum))
+        def reference(table, states, rows, values):
+            table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, *states))
+            return table, (acc,)
+
+        if column_axis is not None:  # the row statistic sums over the devices' columns
+            rows, values = _sparse_update.coalesce(SparseGrad(indices, values), table.shape[0])
+            table, (acc,) = reference(table, (state.sum,), rows, values)
+        else:
+            table, (acc,) = _step("rowwise_adagrad", reference, table, (state.sum,), indices,
+                                  values, lr, lr_scale, rounding, eps=eps,
+                                  weight_decay=weight_decay, maximize=maximize)  # fmt: skip
         return table, RowwiseAdagradState(state.count + 1, acc)
 
     return RowOptimizer(init, update)
@@ -567,7 +623,7 @@ def lazy_adam(
     def update(
         grad: SparseGrad, state: LazyAdamState, table: ArrayLike, *, column_axis=None, lr_scale=None
     ):
-        table, rows, values = _prepare(grad, table)
+        table, indices, values = _checked(grad, table)
         step = state.count + 1
         t = step.astype(_scalar_dtype(table))
         step_size = _rate(learning_rate, state.count, t.dtype) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
@@ -595,9 +651,13 @@ def lazy_adam(
                 _sparse_update.write_rows(nu_table, r, nu),
             )
 
-        table, mu, nu = _sparse_update.apply_rows(
-            rows_update, rows, values, (table, state.mu, state.nu)
-        )
+        def reference(table, states, rows, values):
+            table, mu, nu = _sparse_update.apply_rows(rows_update, rows, values, (table, *states))
+            return table, (mu, nu)
+
+        table, (mu, nu) = _step("lazy_adam", reference, table, (state.mu, state.nu), indices,
+                                values, step_size, lr_scale, rounding, eps=eps, b1=b1, b2=b2,
+                                maximize=maximize)  # fmt: skip
         return table, LazyAdamState(step, mu, nu)
 
     return RowOptimizer(init, update, applies_dense=False)

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxembed.core._numerics import divide
 from jaxembed.sparse._lookup import SparseGrad
 
 
@@ -56,7 +57,7 @@ def row_mean(x: jax.Array, column_axis: Any = None) -> jax.Array:
     if column_axis is not None:
         total = jax.lax.psum(total, column_axis)
         width = width * jax.lax.axis_size(column_axis)
-    return total / max(width, 1)
+    return divide(total, max(width, 1))
 
 
 # duplicates are added in chunks of this many rows on CPU: small enough to stay in cache and in

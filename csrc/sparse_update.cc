@@ -1,0 +1,189 @@
+// jaxembed_sparse_update: a row-wise optimizer's step on the rows a sparse gradient touches,
+// in place (jaxembed/sparse/_optimizers.py's sgd, adagrad, rowwise_adagrad and lazy_adam).
+//
+// Inputs: table (rows, dim); state0, state1 (the optimizer's row states, (0,) where it has
+// none: adagrad's sum, rowwise_adagrad's (rows,) sum, lazy_adam's mu and nu); ids (n,)
+// int32/int64; values (n, dim) in the table's type; row_rate (n,) or (0,): each entry's factor
+// on the rate (its table's lr_scale); rate, a () scalar in the table's type. Attributes:
+// optimizer, eps, b1, b2, weight_decay, maximize. Outputs: the table and the two states, aliased
+// to the inputs (jax.ffi.ffi_call's input_output_aliases), so a donated step writes in place.
+//
+// Ids outside [0, rows) are dropped, as the reference's scatters drop them. The kept entries
+// are grouped by row with a stable LSD radix sort (11 bits a pass), so each row's duplicates
+// are summed in their order, as the reference's coalesce sums them; then every distinct row is
+// updated once, by one thread of XLA's pool.
+
+#include <cstring>
+
+#include "bag_inputs.h"
+
+namespace jaxembed {
+
+namespace {
+
+template <typename Idx>
+void group(const Idx* ids, int64_t n, int64_t rows, std::vector<int32_t>* order_,
+           std::vector<int64_t>* first_) {
+  std::vector<int32_t>& order = *order_;
+  order.clear();
+  order.reserve(n);
+  for (int64_t j = 0; j < n; ++j) {
+    if (static_cast<uint64_t>(static_cast<int64_t>(ids[j])) < static_cast<uint64_t>(rows)) {
+      order.push_back(static_cast<int32_t>(j));
+    }
+  }
+  int bits = 0;
+  while (bits < 63 && (int64_t{1} << bits) < rows) ++bits;
+  constexpr int kRadix = 11;
+  std::vector<int32_t> tmp(order.size());
+  std::vector<int64_t> count(size_t{1} << kRadix);
+  for (int shift = 0; shift < bits; shift += kRadix) {
+    std::fill(count.begin(), count.end(), 0);
+    const uint64_t mask = (uint64_t{1} << kRadix) - 1;
+    for (int32_t j : order) ++count[(static_cast<uint64_t>(ids[j]) >> shift) & mask];
+    int64_t total = 0;
+    for (auto& c : count) {
+      int64_t here = c;
+      c = total;
+      total += here;
+    }
+    for (int32_t j : order) tmp[count[(static_cast<uint64_t>(ids[j]) >> shift) & mask]++] = j;
+    order.swap(tmp);
+  }
+  std::vector<int64_t>& first = *first_;
+  first.clear();
+  for (size_t k = 0; k < order.size(); ++k) {
+    if (k == 0 || ids[order[k]] != ids[order[k - 1]]) first.push_back(static_cast<int64_t>(k));
+  }
+  first.push_back(static_cast<int64_t>(order.size()));
+}
+
+bool same_shape(ffi::AnyBuffer a, ffi::AnyBuffer b) {
+  auto x = a.dimensions(), y = b.dimensions();
+  if (x.size() != y.size() || a.element_type() != b.element_type()) return false;
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (x[i] != y[i]) return false;
+  }
+  return true;
+}
+
+// An output aliased to its input is the input's buffer; should XLA hand a separate one, the
+// input is copied there first, so the update reads the state it was given.
+void alias(ffi::AnyBuffer in, ffi::AnyBuffer out) {
+  if (in.untyped_data() != out.untyped_data() && in.size_bytes()) {
+    std::memcpy(out.untyped_data(), in.untyped_data(), in.size_bytes());
+  }
+}
+
+}  // namespace
+
+static ffi::Future SparseUpdate(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::AnyBuffer state0,
+                                ffi::AnyBuffer state1, ffi::AnyBuffer ids, ffi::AnyBuffer values,
+                                ffi::AnyBuffer row_rate, ffi::AnyBuffer rate,
+                                ffi::Result<ffi::AnyBuffer> table_out,
+                                ffi::Result<ffi::AnyBuffer> state0_out,
+                                ffi::Result<ffi::AnyBuffer> state1_out, int32_t optimizer,
+                                double eps, double b1, double b2, double weight_decay,
+                                bool maximize) {
+  UpdateArgs a{};
+  BagArgs shape{};
+  if (auto e = table_and_ids(table, ids, kFormatFloat, 0, table.element_type(), &shape);
+      e.failure()) {
+    return failed(e);
+  }
+  if (shape.dtype != Dtype::kF32 && shape.dtype != Dtype::kF64) {
+    return failed(invalid("the sparse update takes float32 and float64 tables"));
+  }
+  if (optimizer < 0 || optimizer > 3) return failed(invalid("unknown optimizer"));
+  a.optimizer = static_cast<Optimizer>(optimizer);
+  a.dtype = shape.dtype;
+  a.rows = shape.rows;
+  a.dim = shape.dim;
+  a.ids = shape.ids;
+  a.ids64 = shape.ids64;
+  a.n = shape.n;
+  if (values.element_type() != table.element_type() || values.dimensions().size() != 2 ||
+      values.dimensions()[0] != a.n || values.dimensions()[1] != a.dim) {
+    return failed(invalid("values must be (n, dim) in the table's type"));
+  }
+  if (rate.element_type() != table.element_type() || rate.element_count() != 1) {
+    return failed(invalid("rate must be a scalar in the table's type"));
+  }
+  const int64_t rn = static_cast<int64_t>(row_rate.element_count());
+  if (rn != 0 && (rn != a.n || row_rate.element_type() != table.element_type())) {
+    return failed(invalid("row_rate must hold one factor per id, in the table's type"));
+  }
+  // the states each optimizer keeps
+  const int64_t full = a.rows * a.dim;
+  int64_t want0 = 0, want1 = 0;
+  if (a.optimizer == Optimizer::kAdagrad || a.optimizer == Optimizer::kLazyAdam) want0 = full;
+  if (a.optimizer == Optimizer::kRowwiseAdagrad) want0 = a.rows;
+  if (a.optimizer == Optimizer::kLazyAdam) want1 = full;
+  if (static_cast<int64_t>(state0.element_count()) != want0 ||
+      static_cast<int64_t>(state1.element_count()) != want1 ||
+      (want0 && state0.element_type() != table.element_type()) ||
+      (want1 && state1.element_type() != table.element_type())) {
+    return failed(invalid("the optimizer's states do not match the table"));
+  }
+  if (!same_shape(table, *table_out) || !same_shape(state0, *state0_out) ||
+      !same_shape(state1, *state1_out)) {
+    return failed(invalid("the outputs must be laid out as the table and states"));
+  }
+  if (a.n > int64_t{2147483647}) return failed(invalid("more than 2^31 - 1 ids"));
+  alias(table, *table_out);
+  alias(state0, *state0_out);
+  alias(state1, *state1_out);
+  a.table = table_out->untyped_data();
+  a.state0 = state0_out->untyped_data();
+  a.state1 = state1_out->untyped_data();
+  a.values = values.untyped_data();
+  a.row_rate = row_rate.element_count() ? row_rate.untyped_data() : nullptr;
+  a.rate = a.dtype == Dtype::kF64 ? *static_cast<const double*>(rate.untyped_data())
+                                  : *static_cast<const float*>(rate.untyped_data());
+  a.eps = eps;
+  a.b1 = b1;
+  a.b2 = b2;
+  a.weight_decay = weight_decay;
+  a.maximize = maximize;
+
+  auto order = std::make_shared<std::vector<int32_t>>();
+  auto first = std::make_shared<std::vector<int64_t>>();
+  if (a.ids64) {
+    group(static_cast<const int64_t*>(a.ids), a.n, a.rows, order.get(), first.get());
+  } else {
+    group(static_cast<const int32_t*>(a.ids), a.n, a.rows, order.get(), first.get());
+  }
+  a.order = order->data();
+  a.first = first->data();
+  a.unique = static_cast<int64_t>(first->size()) - 1;
+  // each distinct row's work: its entries, plus the row itself
+  auto cumulative = std::make_shared<std::vector<int64_t>>(a.unique + 1);
+  for (int64_t u = 0; u <= a.unique; ++u) (*cumulative)[u] = (*first)[u] + u;
+  UpdateFn body = kernels().update;
+  return run_split(pool, a.unique, (*cumulative)[a.unique] * a.dim, cumulative->data(),
+                   [a, body, order, first, cumulative](int64_t begin, int64_t end) {
+                     body(a, begin, end);
+                   });
+}
+
+}  // namespace jaxembed
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxembed_sparse_update, jaxembed::SparseUpdate,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int32_t>("optimizer")
+                                  .Attr<double>("eps")
+                                  .Attr<double>("b1")
+                                  .Attr<double>("b2")
+                                  .Attr<double>("weight_decay")
+                                  .Attr<bool>("maximize"));

@@ -1,0 +1,410 @@
+"""The CPU kernels (``jaxembed.kernels``) against the pure-JAX path, which stays the reference.
+
+Each property draws random tables and batches (every float dtype and packed format, empty bags,
+duplicates, padding, ids outside the table and negative ones) and compares a kernel with the
+reference function it replaces, both jitted on CPU:
+
+* bags (sum, mean, max and its positions) and row gathers: bit for bit, weighted sums too (the
+  kernel fuses each weighted entry's multiply-add, as XLA does the reference's);
+* packed tables (8, 4, 2 bits, e4m3, e5m2, each output dtype): bit for bit the reference's
+  decode (``QuantizedTable.take``) pooled the same way;
+* the row-wise optimizers: sgd and adagrad bit for bit; rowwise_adagrad and lazy_adam within the
+  bound each test states (XLA sums a row's squares in vector lanes where the kernel sums them in
+  order, and contracts lazy_adam's moment updates in two fusions differently).
+
+The whole suite also runs on each path: ``python -m pytest`` (the kernels) and
+``JAXEMBED_KERNELS=0 python -m pytest`` (the reference), as ``.ci/run`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jaxembed
+from jaxembed.core import _bag, _index_policy
+from jaxembed.kernels import _ffi
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+needs_kernels = pytest.mark.skipif(_ffi._native is None, reason=f"kernels {_ffi._WHY}")
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Trace the pure-JAX path: the kernels are chosen when a function is traced, so a fresh
+    ``jax.jit`` of a new function traced inside this block runs without them."""
+    on = _ffi._ON
+    _ffi._ON = False
+    try:
+        yield
+    finally:
+        _ffi._ON = on
+
+
+def test_the_kernels_are_built_where_a_compiler_is():
+    """An install on a machine with a C++ compiler builds the kernels (a failed build would
+    otherwise leave every user on the slower path without a word)."""
+    if os.environ.get("JAXEMBED_BUILD_KERNELS") == "0" or not shutil.which("c++"):
+        pytest.skip("no compiler, or the build was turned off")
+    assert _ffi._native is not None, _ffi._WHY
+    if os.environ.get("JAXEMBED_KERNELS", "1") == "0":
+        assert not jaxembed.kernels.available()
+        assert "JAXEMBED_KERNELS=0" in jaxembed.kernels.status()
+    else:
+        assert jaxembed.kernels.available()
+        assert jaxembed.kernels.status() in ("generic", "avx2", "avx512")
+
+
+# -- bags and gathers ---------------------------------------------------------------------------
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+@st.composite
+def bag_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    rows = draw(st.integers(1, 40))
+    dim = draw(st.sampled_from([1, 3, 8, 17, 64]))
+    mode = draw(st.sampled_from(["sum", "mean", "max"]))
+    two_d = draw(st.booleans())
+    if two_d:
+        num_bags, width = draw(st.integers(0, 8)), draw(st.integers(0, 6))
+        lengths = [width] * num_bags
+    else:
+        lengths = draw(st.lists(st.integers(0, 7), min_size=1, max_size=10))
+        width = None
+    n = sum(lengths) + (0 if two_d else draw(st.integers(0, 3)))  # entries in no bag
+    ids = draw(st.lists(st.integers(-3, rows + 3), min_size=n, max_size=n))
+    keep = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    weighted = mode == "sum" and draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, rows, dim, mode, lengths, width, ids, keep, weighted, seed
+
+
+def _bag_inputs(case):
+    dtype, rows, dim, mode, lengths, width, ids, keep, weighted, seed = case
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
+    # as the core hands them on: an id outside the table (a negative one too) is the sentinel
+    ids = _index_policy.safe_indices(jnp.asarray(np.asarray(ids, np.int32)), rows)
+    keep = np.asarray(keep, bool)
+    keep[sum(lengths) :] = False  # an entry in no bag is left out, as the core leaves it out
+    keep = jnp.asarray(keep)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    ends = (starts + np.asarray(lengths, np.int32)).astype(np.int32)
+    psw = jnp.asarray(rng.uniform(-2, 2, ids.shape[0]), jnp.float32) if weighted else None
+    return table, ids, keep, psw, jnp.asarray(starts), jnp.asarray(ends), mode, width
+
+
+def _reference_bags(table, ids, keep, psw, starts, ends, mode, width):
+    """The pure-JAX forward on the same entries (the column loop; the segment reduction for
+    1-D bags too), jitted."""
+    bounds = starts if width is not None else (starts, ends)
+    longest = width if width is not None else int(np.max(np.asarray(ends - starts), initial=0))
+
+    def run():
+        out = [_bag._column_bags(table, ids, keep, psw, bounds, mode, longest, "gather")]
+        if width is None:
+            out.append(_bag._segment_bags(table, ids, keep, psw, bounds, mode, "gather"))
+        return out
+
+    return jax.jit(run)()
+
+
+def _same(a, b, what):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), what)
+
+
+@needs_kernels
+@given(bag_cases())
+def test_bags_equal_the_pure_jax_bags(case):
+    table, ids, keep, psw, starts, ends, mode, width = _bag_inputs(case)
+    bounds = starts if width is not None else (starts, ends)
+    ours, pos = jax.jit(lambda: _bag._native_bags(table, ids, keep, psw, bounds, mode, width))()
+    refs = _reference_bags(table, ids, keep, psw, starts, ends, mode, width)
+    for k, (ref, ref_pos) in enumerate(refs):
+        if k == 1 and mode == "max":
+            continue  # the segment path's max picks positions its own way (same values)
+        _same(ours, ref, f"{mode} bags against reference {k}")
+        if mode == "max":
+            np.testing.assert_array_equal(pos, ref_pos)
+    assert ours.dtype == table.dtype
+
+
+@needs_kernels
+@given(bag_cases(), st.sampled_from([float("nan"), 0.0]))
+def test_gathers_equal_xla_gathers(case, fill):
+    table, ids, *_ = _bag_inputs(case)
+    ours = jax.jit(lambda: _ffi.gather(table, ids, fill))()
+    ref = jax.jit(lambda: _index_policy._gather(table, ids, fill))()
+    _same(ours, ref, "rows")
+    assert ours.dtype == table.dtype
+
+
+@needs_kernels
+def test_a_negative_or_huge_id_reads_the_fill_row_and_never_wraps():
+    """The core maps such ids to the sentinel first; handed one anyway, a kernel reads no row
+    for it (XLA's ``take`` would wrap a negative one)."""
+    table = jnp.arange(12.0).reshape(4, 3)
+    ids = jnp.array([-1, -4, 4, 2**31 - 1, 1], jnp.int32)
+    rows = np.asarray(_ffi.gather(table, ids, float("nan")))
+    assert np.isnan(rows[:4]).all() and (rows[4] == [3, 4, 5]).all()
+    bags = _ffi.bag_sum(table, ids, None, None, jnp.array([0, 4]), jnp.array([4, 5]), mean=False)
+    assert np.isnan(np.asarray(bags[0])).all() and (np.asarray(bags[1]) == [3, 4, 5]).all()
+    wide = jnp.array([-1, 2**40, 2], jnp.int64) if jax.config.jax_enable_x64 else None
+    if wide is not None:
+        assert np.isnan(np.asarray(_ffi.gather(table, wide, float("nan")))[:2]).all()
+
+
+FORMATS = [(8, None), (4, None), (2, None), (8, "e4m3"), (8, "e5m2")]
+
+
+@needs_kernels
+@given(
+    bag_cases(),
+    st.sampled_from(FORMATS),
+    st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
+)
+def test_packed_bags_and_gathers_equal_the_reference_decode(case, fmt, out_dtype):
+    table, ids, keep, psw, starts, ends, mode, width = _bag_inputs(case)
+    bits, fp8 = fmt
+    if table.shape[1] % 4:
+        table = jnp.pad(table, ((0, 0), (0, 4 - table.shape[1] % 4)))
+    q = jaxembed.quantize(table.astype(jnp.float32), bits=bits, fp8=fp8)
+    q = q.with_output_dtype(out_dtype)
+    bounds = starts if width is not None else (starts, ends)
+    with reference_path():  # the reference decodes through QuantizedTable.take
+        refs = _reference_bags(q, ids, keep, psw, starts, ends, mode, width)
+        ref_rows = jax.jit(lambda: q.take(ids, float("nan")).astype(out_dtype))()
+    ours, pos = jax.jit(lambda: _bag._native_bags(q, ids, keep, psw, bounds, mode, width))()
+    ref, ref_pos = refs[0]
+    _same(ours, ref, f"{fmt} {mode} bags")
+    if mode == "max":
+        np.testing.assert_array_equal(pos, ref_pos)
+    assert ours.dtype == out_dtype
+    rows = jax.jit(lambda: _ffi.gather(q, ids, float("nan")))()
+    _same(rows, ref_rows, f"{fmt} rows")
+
+
+@needs_kernels
+def test_large_bags_split_over_the_thread_pool_equal_the_reference():
+    """Big enough that the handler splits the bags over XLA's threads (skewed lengths)."""
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(5000, 64)), jnp.float32)
+    lengths = np.minimum(rng.zipf(1.3, 3000), 200)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    ends = (starts + lengths).astype(np.int32)
+    ids = jnp.asarray(rng.integers(0, 5000, int(lengths.sum())), jnp.int32)
+    keep = jnp.ones(ids.shape, bool)
+    args = (table, ids, keep, None, jnp.asarray(starts), jnp.asarray(ends))
+    for mode in ("sum", "mean", "max"):
+        ours, _ = jax.jit(lambda m=mode: _bag._native_bags(*args[:4], args[4:], m, None))()
+        ref, _ = _reference_bags(*args, mode, None)[1]
+        _same(ours, ref, mode)
+
+
+@needs_kernels
+def test_the_handlers_refuse_buffers_that_do_not_match():
+    """The native side checks every buffer before it reads one: a mismatch is an error, never
+    a read past a buffer."""
+    table = jnp.ones((4, 2))
+    out = jax.ShapeDtypeStruct((1, 2), jnp.float32)
+    attrs = dict(mean=np.bool_(False), fill=np.float64(0), format=np.int32(0), dim=np.int64(2))
+    bad_keep = (table, jnp.zeros(3, jnp.int32), jnp.ones(2, bool), jnp.zeros(0, jnp.float32),
+                jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))  # fmt: skip
+    with pytest.raises(Exception, match="keep must hold one flag per id"):
+        jax.block_until_ready(_ffi._call("jaxembed_bag_sum", out, *bad_keep, **attrs))
+    packed = jnp.zeros((4, 5), jnp.uint8)  # 8 bits of 2 values need 10 bytes a row
+    with pytest.raises(Exception, match=r"a packed table must be \(rows, 10\) uint8"):
+        out = jax.ShapeDtypeStruct((1, 2), jnp.float32)
+        ids = jnp.zeros(1, jnp.int32)
+        attrs = dict(fill=np.float64(0), format=np.int32(8), dim=np.int64(2))
+        jax.block_until_ready(_ffi._call("jaxembed_gather", out, packed, ids, **attrs))
+
+
+# -- the row-wise optimizers --------------------------------------------------------------------
+
+
+@st.composite
+def update_cases(draw):
+    rows = draw(st.integers(1, 30))
+    dim = draw(st.sampled_from([1, 4, 7, 16, 33]))
+    n = draw(st.integers(1, 60))
+    ids = draw(st.lists(st.integers(-2, rows + 2), min_size=n, max_size=n))
+    name = draw(st.sampled_from(["sgd", "adagrad", "rowwise_adagrad", "lazy_adam"]))
+    options = {}
+    if name != "sgd":
+        options["maximize"] = draw(st.booleans())
+    if name == "rowwise_adagrad":
+        options["weight_decay"] = draw(st.sampled_from([0.0, 0.01]))
+    scaled = draw(st.booleans())
+    return rows, dim, ids, name, options, scaled, draw(st.integers(0, 2**31 - 1))
+
+
+OPTIMIZERS = {
+    "sgd": lambda **kw: jaxembed.sparse.sgd(0.3, **kw),
+    "adagrad": lambda **kw: jaxembed.sparse.adagrad(0.3, **kw),
+    "rowwise_adagrad": lambda **kw: jaxembed.sparse.rowwise_adagrad(0.3, **kw),
+    "lazy_adam": lambda **kw: jaxembed.sparse.lazy_adam(0.05, **kw),
+}
+
+
+@needs_kernels
+@given(update_cases())
+def test_row_wise_steps_equal_the_pure_jax_steps(case):
+    rows, dim, ids, name, options, scaled, seed = case
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
+    grads = [
+        jaxembed.sparse.SparseGrad(
+            jnp.asarray(np.asarray(ids, np.int32)),
+            jnp.asarray(rng.normal(size=(len(ids), dim)), jnp.float32),
+        )
+        for _ in range(2)
+    ]
+    opt = OPTIMIZERS[name](**options)
+    lr_scale = None
+    if scaled:  # two tables stacked: the second's rows at half the rate
+        from jaxembed.collections._collection import RowScale
+
+        lr_scale = RowScale((0, rows // 2), (1.0, 0.5))
+
+    def steps(table):
+        state, tables = opt.init(table), [table]
+        for g in grads:
+            table, state = opt.update(g, state, table, lr_scale=lr_scale)
+            tables.append(table)
+        return table, state, tables
+
+    ours = jax.jit(lambda t: steps(t))(table)
+    with reference_path():
+        ref = jax.jit(lambda t: steps(t))(table)
+    # XLA contracts a multiply-add into one FMA where it fuses them, and how it fuses depends on
+    # the whole program; rowwise_adagrad's row sum runs in vector lanes there. So each step is
+    # within a few ulp of the step, and of the row (typically equal: sgd, adagrad)
+    eps = float(np.finfo(np.float32).eps)
+    path = [np.asarray(t) for t in ref[2]]
+    moved = sum(np.abs(b - a) for a, b in itertools.pairwise(path))  # each step's own
+    bound = (dim + 4) * eps * moved + 2 * eps * sum(np.abs(t) for t in path[1:]) + 1e-30
+    assert np.all(np.abs(np.asarray(ours[0]) - np.asarray(ref[0])) <= bound)
+    # a state entry sums terms as large as the gradients (a moment can cancel to near zero)
+    terms = max(float(np.abs(np.asarray(g.values)).max()) for g in grads) ** 2 + 1.0
+    for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(ref[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=(dim + 4) * eps, atol=4 * eps * terms)
+
+
+@needs_kernels
+def test_a_donated_sparse_step_updates_the_table_in_place():
+    if not jaxembed.kernels.available():
+        pytest.skip("the reference path")
+    opt = jaxembed.sparse.rowwise_adagrad(0.1)
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(1000, 32)), jnp.float32)
+    state = opt.init(table)
+    grad = jaxembed.sparse.SparseGrad(jnp.array([3, 7, 3]), jnp.ones((3, 32)))
+    step = jax.jit(lambda g, s, t: opt.update(g, s, t), donate_argnums=(1, 2))
+    hlo = step.lower(grad, state, table).compile().as_text()
+    assert "jaxembed_sparse_update" in hlo
+    # no copy of the table or its statistic: the kernel writes into the donated buffers
+    assert not any("copy(" in line and "f32[1000,32]" in line for line in hlo.splitlines())
+    before = table.unsafe_buffer_pointer()
+    new_table, _ = step(grad, state, table)
+    assert new_table.unsafe_buffer_pointer() == before
+    assert float(new_table[5, 0]) != float(new_table[3, 0])
+
+
+@needs_kernels
+def test_the_compiled_steps_call_the_kernels():
+    if not jaxembed.kernels.available():
+        pytest.skip("the reference path")
+    params = {"weight": jnp.ones((50, 8))}
+    ids, offsets = jnp.array([1, 2, 3, 4]), jnp.array([0, 2])
+
+    def text(f, *args):
+        return jax.jit(f).lower(*args).compile().as_text()
+
+    assert "jaxembed_gather" in text(lambda p: jaxembed.embedding(p, ids)[0], params)
+    for mode, target in (("sum", "jaxembed_bag_sum"), ("max", "jaxembed_bag_max")):
+        bag = text(lambda p, m=mode: jaxembed.embedding_bag(p, ids, offsets, mode=m)[0], params)
+        assert target in bag
+    q = jaxembed.quantize(params, bits=4)
+    assert "jaxembed_bag_sum" in text(
+        lambda q: jaxembed.embedding_bag(q, ids, offsets, mode="sum")[0], q
+    )
+
+
+@needs_kernels
+def test_vmap_of_a_bag_is_each_bag():
+    tables = jnp.asarray(np.random.default_rng(1).normal(size=(3, 20, 4)), jnp.float32)
+    ids = jnp.array([[1, 2], [3, 3], [0, 19]])
+    out = jax.vmap(lambda t: jaxembed.embedding_bag({"weight": t}, ids, mode="sum")[0])(tables)
+    for k in range(3):
+        _same(out[k], jaxembed.embedding_bag({"weight": tables[k]}, ids, mode="sum")[0], k)
+
+
+# -- the builds ---------------------------------------------------------------------------------
+
+
+def _isas():
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["generic"]
+    return ["generic", "avx2"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+def test_each_instruction_set_equals_the_reference(isa):
+    """The generic and AVX2 builds, picked on this CPU by JAXEMBED_KERNEL_ISA, on a bag, a
+    packed bag and a step (the best build runs everywhere else in the suite)."""
+    script = """
+import jax, jax.numpy as jnp, numpy as np, jaxembed
+from jaxembed.kernels import _ffi
+from jaxembed.core import _bag
+assert jaxembed.kernels.status() == ISA, jaxembed.kernels.status()
+rng = np.random.default_rng(0)
+table = jnp.asarray(rng.normal(size=(300, 37)), jnp.float32)
+ids = jnp.asarray(rng.integers(0, 301, 900), jnp.int32)  # 300: the sentinel
+keep = jnp.asarray(rng.random(900) < 0.9)
+starts = jnp.arange(0, 900, 9, dtype=jnp.int32)
+for t in (table, table.astype(jnp.bfloat16), table.astype(jnp.float16),
+          jaxembed.quantize(table[:, :36], bits=4)):
+    for mode in ("sum", "mean", "max"):
+        ours = _bag._native_bags(t, ids, keep, None, starts, mode, 9)[0]
+        _ffi._ON = False
+        ref = _bag._column_bags(t, ids, keep, None, starts, mode, 9, "gather")[0]
+        _ffi._ON = True
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+print("ok", jaxembed.kernels.status())
+""".replace("ISA", repr(isa))
+    env = {**os.environ, "JAXEMBED_KERNEL_ISA": isa, "JAXEMBED_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok", isa]
+
+
+def test_an_install_without_a_compiler_skips_the_kernels_and_succeeds(tmp_path):
+    """The top-level CMake project with no usable C++ compiler: it warns and configures, so
+    ``pip install`` still succeeds, on the pure-JAX path."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("no cmake on this machine")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
+    command = [cmake, "-S", str(ROOT), "-B", str(tmp_path / "build")]
+    command.append(f"-DPython_EXECUTABLE={sys.executable}")
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "installing without the CPU kernels" in out.stderr, out.stderr
