@@ -21,4 +21,6 @@ export LD_PRELOAD="$("$cxx" -print-file-name=libasan.so) $("$cxx" -print-file-na
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export JAXEMBED_KERNELS_LIBRARY=$(ls "$build"/_native*.so)
+"$python" -c "import os, jaxembed.kernels._ffi as f
+assert f._native.__file__ == os.environ['JAXEMBED_KERNELS_LIBRARY'], f._native.__file__"
 "$python" -m pytest -p no:cacheprovider -n 0 tests/test_kernels.py "$@"
