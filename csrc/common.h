@@ -79,8 +79,15 @@ struct UpdateArgs {
   void* state1;          // adam: nu (V, D)
   const void* ids;       // (n,) int32 or int64
   bool ids64;
-  const void* values;    // (n, dim) in `dtype`
+  const void* values;    // (n, dim) in `dtype`; with `bag`, (bags, dim): each bag's gradient
   int64_t n;
+  // A pooled gradient, spread as the reference's spread (jaxembed/core/_bag.py) spreads it:
+  // entry k's value is values[bag[k]] * factor[k] (0 * factor[k] for a bag outside [0, bags)),
+  // and with `pos` (a max bag) only in the columns d where pos[bag[k] * dim + d] == k.
+  const int32_t* bag;    // (n,) or null: the values are per entry
+  const void* factor;    // (n,) in `dtype`
+  const int32_t* pos;    // (bags, dim) or null
+  int64_t bags;
   const void* row_rate;  // (n,) per entry factor on the rate in the acc type, or null
   double rate;           // sgd: lr; adagrad: clr; rowwise: lr; adam: step size
   double eps, b1, b2, weight_decay;

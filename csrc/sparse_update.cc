@@ -3,8 +3,11 @@
 //
 // Inputs: table (rows, dim); state0, state1 (the optimizer's row states, (0,) where it has
 // none: adagrad's sum, rowwise_adagrad's (rows,) sum, lazy_adam's mu and nu); ids (n,)
-// int32/int64; values (n, dim) in the table's type; row_rate (n,) or (0,): each entry's factor
-// on the rate (its table's lr_scale); rate, a () scalar in the table's type. Attributes:
+// int32/int64; values (n, dim) in the table's type, or a pooled gradient: values (bags, dim),
+// bag and factor (n,) (each entry's bag, and its factor: its weight, count scale, ...), pos
+// (bags, dim) or (0,) (a max bag's positions), so that the (n, dim) spread never exists (bag,
+// factor and pos are (0,) otherwise); row_rate (n,) or (0,): each entry's factor on the rate
+// (its table's lr_scale); rate, a () scalar in the table's type. Attributes:
 // optimizer, eps, b1, b2, weight_decay, maximize. Outputs: the table and the two states, aliased
 // to the inputs (jax.ffi.ffi_call's input_output_aliases), so a donated step writes in place.
 //
@@ -79,7 +82,9 @@ void alias(ffi::AnyBuffer in, ffi::AnyBuffer out) {
 
 static ffi::Future SparseUpdate(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi::AnyBuffer state0,
                                 ffi::AnyBuffer state1, ffi::AnyBuffer ids, ffi::AnyBuffer values,
-                                ffi::AnyBuffer row_rate, ffi::AnyBuffer rate,
+                                ffi::Buffer<ffi::S32> bag, ffi::AnyBuffer factor,
+                                ffi::Buffer<ffi::S32> pos, ffi::AnyBuffer row_rate,
+                                ffi::AnyBuffer rate,
                                 ffi::Result<ffi::AnyBuffer> table_out,
                                 ffi::Result<ffi::AnyBuffer> state0_out,
                                 ffi::Result<ffi::AnyBuffer> state1_out, int32_t optimizer,
@@ -102,9 +107,25 @@ static ffi::Future SparseUpdate(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi:
   a.ids = shape.ids;
   a.ids64 = shape.ids64;
   a.n = shape.n;
+  const bool pooled = bag.element_count() != 0;
   if (values.element_type() != table.element_type() || values.dimensions().size() != 2 ||
-      values.dimensions()[0] != a.n || values.dimensions()[1] != a.dim) {
-    return failed(invalid("values must be (n, dim) in the table's type"));
+      (!pooled && values.dimensions()[0] != a.n) || values.dimensions()[1] != a.dim) {
+    return failed(invalid("values must be (n, dim), or with bag (bags, dim), in the table's type"));
+  }
+  if (pooled) {  // a pooled gradient: each entry's bag and factor, and a max bag's positions
+    a.bags = values.dimensions()[0];
+    if (static_cast<int64_t>(bag.element_count()) != a.n ||
+        static_cast<int64_t>(factor.element_count()) != a.n ||
+        factor.element_type() != table.element_type()) {
+      return failed(invalid("bag and factor must hold one entry per id, factor in the table's type"));
+    }
+    const int64_t pn = static_cast<int64_t>(pos.element_count());
+    if (pn != 0 && pn != a.bags * a.dim) return failed(invalid("pos must be (bags, dim) or empty"));
+    a.bag = bag.typed_data();
+    a.factor = factor.untyped_data();
+    a.pos = pn ? pos.typed_data() : nullptr;
+  } else if (factor.element_count() != 0 || pos.element_count() != 0) {
+    return failed(invalid("factor and pos go with bag"));
   }
   if (rate.element_type() != table.element_type() || rate.element_count() != 1) {
     return failed(invalid("rate must be a scalar in the table's type"));
@@ -171,13 +192,16 @@ static ffi::Future SparseUpdate(ffi::ThreadPool pool, ffi::AnyBuffer table, ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxembed_sparse_update, jaxembed::SparseUpdate,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()   // table
+                                  .Arg<xla::ffi::AnyBuffer>()   // state0
+                                  .Arg<xla::ffi::AnyBuffer>()   // state1
+                                  .Arg<xla::ffi::AnyBuffer>()   // ids
+                                  .Arg<xla::ffi::AnyBuffer>()   // values
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // bag
+                                  .Arg<xla::ffi::AnyBuffer>()   // factor
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()  // pos
+                                  .Arg<xla::ffi::AnyBuffer>()   // row_rate
+                                  .Arg<xla::ffi::AnyBuffer>()   // rate
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -31,18 +32,71 @@ void update_t(const UpdateArgs& a, int64_t begin, int64_t end) {
   const T one_minus_b2 = static_cast<T>(1.0 - a.b2);
   const T weight_decay = static_cast<T>(a.weight_decay);
   const T sign = a.maximize ? T(-1) : T(1);
-  std::vector<T> sum_(dim);
+  const T* factor = static_cast<const T*>(a.factor);
+  std::vector<T> sum_(dim), zeros_(dim, T(0));
   T* __restrict g = sum_.data();
+  // entry e's value added into g (FIRST: written), in the reference's arithmetic: its row of
+  // `values`, or its bag's gradient times its factor, the product rounded (see UpdateArgs)
+  auto add_entry = [&](int32_t e, auto first) {
+    constexpr bool kFirst = decltype(first)::value;
+    if (a.bag == nullptr) {
+      const T* __restrict v = values + static_cast<int64_t>(e) * dim;
+      for (int64_t d = 0; d < dim; ++d) g[d] = kFirst ? v[d] : g[d] + v[d];
+      return;
+    }
+    const int64_t b = a.bag[e];
+    const bool inside = static_cast<uint64_t>(b) < static_cast<uint64_t>(a.bags);
+    const T* __restrict src = inside ? values + b * dim : zeros_.data();
+    const T f = factor[e];
+    if (a.pos == nullptr || !inside) {
+      for (int64_t d = 0; d < dim; ++d) g[d] = kFirst ? src[d] * f : g[d] + src[d] * f;
+    } else {  // a max bag: only the columns this entry holds the maximum of
+      const int32_t* __restrict at = a.pos + b * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        const T v = (at[d] == e ? src[d] : T(0)) * f;
+        g[d] = kFirst ? v : g[d] + v;
+      }
+    }
+  };
+  // what the next rows and entries read, asked for ahead: the table and state rows are written
+  // too, and the values (a bag's gradient, an entry's row) are read in an order of their own
+  constexpr int64_t kRowsAhead = 4, kEntriesAhead = 8;
+  const int64_t entries = a.first[a.unique];
+  auto prefetch_row = [&](int64_t u) {
+    const int64_t next = static_cast<int64_t>(ids[a.order[a.first[u]]]);
+    const char* w = reinterpret_cast<const char*>(table + next * dim);
+    for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) {
+      __builtin_prefetch(w + b, 1, 3);
+    }
+    if (a.optimizer == Optimizer::kRowwiseAdagrad) {
+      __builtin_prefetch(static_cast<const T*>(a.state0) + next, 1, 3);
+    }
+  };
+  auto prefetch_entry = [&](int64_t k) {
+    const int32_t e = a.order[k];
+    int64_t at = e;
+    if (a.bag != nullptr) {
+      at = a.bag[e];
+      if (static_cast<uint64_t>(at) >= static_cast<uint64_t>(a.bags)) return;
+    }
+    const char* v = reinterpret_cast<const char*>(values + at * dim);
+    for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) {
+      __builtin_prefetch(v + b, 0, 3);
+    }
+  };
   for (int64_t u = begin; u < end; ++u) {
     const int64_t lo = a.first[u], hi = a.first[u + 1];
+    if (u + kRowsAhead < end) prefetch_row(u + kRowsAhead);
     const int32_t head = a.order[lo];  // the row's first entry
     const int64_t row = static_cast<int64_t>(ids[head]);
     // the duplicates, summed into the first entry in their order
-    const T* __restrict v0 = values + static_cast<int64_t>(head) * dim;
-    for (int64_t d = 0; d < dim; ++d) g[d] = v0[d];
-    for (int64_t k = lo + 1; k < hi; ++k) {
-      const T* __restrict v = values + static_cast<int64_t>(a.order[k]) * dim;
-      for (int64_t d = 0; d < dim; ++d) g[d] += v[d];
+    for (int64_t k = lo; k < hi; ++k) {
+      if (k + kEntriesAhead < entries) prefetch_entry(k + kEntriesAhead);
+      if (k == lo) {
+        add_entry(a.order[k], std::true_type{});
+      } else {
+        add_entry(a.order[k], std::false_type{});
+      }
     }
     // the row's rate: the step size times its table's lr_scale
     const T r = row_rate != nullptr ? rate * row_rate[head] : rate;
@@ -67,13 +121,23 @@ void update_t(const UpdateArgs& a, int64_t begin, int64_t end) {
       }
       case Optimizer::kRowwiseAdagrad: {
         T* __restrict acc = static_cast<T*>(a.state0) + row;
-        T squares = 0;
         for (int64_t d = 0; d < dim; ++d) {
           T gd = g[d] * sign;
           if (a.weight_decay != 0) gd = gd + weight_decay * w[d];
           g[d] = gd;
-          squares = std::fma(gd, gd, squares);
         }
+        // the squares summed in kPartial interleaved partial sums (XLA's reduction also sums in
+        // vector lanes, in an order of its own): one running sum would make a chain of dim
+        // dependent additions, a third of the step (measured)
+        constexpr int kPartial = 16;
+        T partial[kPartial] = {};
+        int64_t d = 0;
+        for (; d + kPartial <= dim; d += kPartial) {
+          for (int i = 0; i < kPartial; ++i) partial[i] = std::fma(g[d + i], g[d + i], partial[i]);
+        }
+        for (int i = 0; d < dim; ++d, ++i) partial[i] = std::fma(g[d], g[d], partial[i]);
+        T squares = 0;
+        for (int i = 0; i < kPartial; ++i) squares += partial[i];
         const T s = *acc + squares / static_cast<T>(dim > 0 ? dim : 1);
         const T multiplier = r / (std::sqrt(s) + eps);
         for (int64_t d = 0; d < dim; ++d) w[d] = w[d] + g[d] * -multiplier;

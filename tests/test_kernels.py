@@ -9,8 +9,10 @@ reference function it replaces, both jitted on CPU:
 * packed tables (8, 4, 2 bits, e4m3, e5m2, each output dtype): bit for bit the reference's
   decode (``QuantizedTable.take``) pooled the same way;
 * the row-wise optimizers: sgd and adagrad bit for bit; rowwise_adagrad and lazy_adam within the
-  bound each test states (XLA sums a row's squares in vector lanes where the kernel sums them in
-  order, and contracts lazy_adam's moment updates in two fusions differently).
+  bound each test states (XLA sums a row's squares in vector lanes in an order of its own, and
+  contracts lazy_adam's moment updates in two fusions differently);
+* a pooled step (``lookup_bags``): the kernel spreads the bags' gradient itself, bit for bit as
+  it updates from the spread ``(n, D)`` values, which the compiled step never makes.
 
 The whole suite also runs on each path: ``python -m pytest`` (the kernels) and
 ``JAXEMBED_KERNELS=0 python -m pytest`` (the reference), as ``.ci/run`` does.
@@ -37,6 +39,7 @@ from hypothesis import strategies as st
 import jaxembed
 from jaxembed.core import _bag, _index_policy
 from jaxembed.kernels import _ffi
+from jaxembed.sparse import _lookup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -365,6 +368,118 @@ def test_row_wise_steps_equal_the_pure_jax_steps(case):
         np.testing.assert_allclose(a, b, rtol=(dim + 4) * eps, atol=4 * eps * terms)
 
 
+@st.composite
+def pooled_cases(draw):
+    """Bags for sparse training (``lookup_bags``): every mode and option that shapes a bag's
+    gradient, duplicates and padding, and each optimizer."""
+    rows = draw(st.integers(1, 30))
+    dim = draw(st.sampled_from([1, 5, 8, 16, 40]))
+    mode = draw(st.sampled_from(["sum", "mean", "max"]))
+    two_d = draw(st.booleans())
+    if two_d:
+        lengths = [draw(st.integers(1, 5))] * draw(st.integers(1, 6))
+    else:
+        lengths = draw(st.lists(st.integers(0, 6), min_size=1, max_size=8))
+    n = sum(lengths)
+    ids = draw(st.lists(st.integers(0, rows - 1), min_size=n, max_size=n))
+    options = {}
+    if draw(st.booleans()):
+        options["padding_idx"] = draw(st.integers(0, rows - 1))
+    if mode != "max" and draw(st.booleans()):
+        options["scale_grad_by_freq"] = True
+    weighted = mode == "sum" and draw(st.booleans())
+    name = draw(st.sampled_from(sorted(OPTIMIZERS)))
+    opt_options = {"maximize": draw(st.booleans())}
+    if name == "rowwise_adagrad":
+        opt_options["weight_decay"] = draw(st.sampled_from([0.0, 0.01]))
+    scaled = draw(st.booleans())
+    return rows, dim, mode, two_d, lengths, ids, options, weighted, name, opt_options, scaled
+
+
+def _pooled_step(case, seed):
+    """``(step, table)``: two row-wise steps of ``lookup_bags`` + ``opt.update`` on ``case``,
+    as a function of the table, and ``step(table, plain=True)``, the same steps on the spread
+    values as a plain ``SparseGrad`` (no pooled gradient to read)."""
+    rows, dim, mode, two_d, lengths, ids, options, weighted, name, opt_options, scaled = case
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
+    ids = np.asarray(ids, np.int32)
+    if two_d:
+        indices, offsets = jnp.asarray(ids.reshape(len(lengths), -1)), None
+    else:
+        indices = jnp.asarray(ids)
+        offsets = jnp.asarray(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32))
+    psw = jnp.asarray(rng.uniform(-2, 2, ids.shape), jnp.float32) if weighted else None
+    if weighted and two_d:
+        psw = psw.reshape(indices.shape)
+    targets = [jnp.asarray(rng.normal(size=(len(lengths), dim)), jnp.float32) for _ in range(2)]
+    opt = OPTIMIZERS[name](**opt_options)
+    lr_scale = None
+    if scaled:
+        from jaxembed.collections._collection import RowScale
+
+        lr_scale = RowScale((0, rows // 2), (1.0, 0.5))
+
+    def step(table, plain=False):
+        state, tables = opt.init(table), [table]
+        for target in targets:
+            bags, lk = jaxembed.sparse.lookup_bags(
+                {"weight": table}, indices, offsets, mode=mode, per_sample_weights=psw, **options
+            )
+            grad = lk.grad(jax.grad(lambda b, t=target: jnp.sum((b - t) ** 2 * t))(bags))
+            assert _lookup.spread_of(grad) is not None  # the bags' gradient, for the kernel
+            if plain:
+                grad = jaxembed.sparse.SparseGrad(grad.indices, grad.values)
+            table, state = opt.update(grad, state, lk.params["weight"], lr_scale=lr_scale)
+            tables.append(table)
+        return table, state, tables
+
+    return step, table
+
+
+@needs_kernels
+@given(pooled_cases(), st.integers(0, 2**31 - 1))
+def test_pooled_steps_read_the_bags_gradient_and_equal_the_spread_values(case, seed):
+    """The update kernel reads a bag's gradient, spread entry by entry as it goes: the same
+    step, bit for bit, as the kernel on the spread ``(n, D)`` values, and within the row-wise
+    steps' bound of the pure-JAX path."""
+    step, table = _pooled_step(case, seed)
+    ours = jax.jit(step)(table)
+    spread = jax.jit(lambda t: step(t, plain=True))(table)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(spread), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with reference_path():
+        ref = jax.jit(step)(table)
+    # as test_row_wise_steps_equal_the_pure_jax_steps: XLA contracts and reorders the
+    # reference's arithmetic by program, so a few ulp of each step and of the row
+    eps = float(np.finfo(np.float32).eps)
+    path = [np.asarray(t) for t in ref[2]]
+    moved = sum(np.abs(b - a) for a, b in itertools.pairwise(path))
+    bound = (table.shape[1] + 4) * eps * moved + 2 * eps * sum(np.abs(t) for t in path[1:])
+    assert np.all(np.abs(np.asarray(ours[0]) - path[-1]) <= bound + 1e-30)
+
+
+@needs_kernels
+def test_a_pooled_step_makes_no_per_entry_values():
+    """Compiled, a donated ``lookup_bags`` + row-wise step hands the kernel the ``(B, D)`` bag
+    gradients: no ``(n, D)`` buffer exists (XLA drops the spread values nothing reads)."""
+    if not jaxembed.kernels.available():
+        pytest.skip("the reference path")
+    opt = jaxembed.sparse.rowwise_adagrad(0.1)
+    table = jnp.ones((1000, 24))
+    bags = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (64, 16)), jnp.int32)
+
+    def step(table, state, bags):
+        out, lk = jaxembed.sparse.lookup_bags({"weight": table}, bags, mode="mean")
+        grad = lk.grad(jax.grad(lambda b: jnp.sum(b**2))(out))
+        return opt.update(grad, state, lk.params["weight"])
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(table, opt.init(table), bags)
+    text = hlo.compile().as_text()
+    assert "jaxembed_sparse_update" in text
+    assert "f32[1024,24]" not in text, "the (n, D) spread values were made"
+
+
 @needs_kernels
 def test_a_donated_sparse_step_updates_the_table_in_place():
     if not jaxembed.kernels.available():
@@ -430,6 +545,7 @@ def test_each_instruction_set_equals_the_reference(isa):
     script = """
 import jax, jax.numpy as jnp, numpy as np, jaxembed
 from jaxembed.kernels import _ffi
+from jaxembed.sparse import _lookup
 from jaxembed.core import _bag
 assert jaxembed.kernels.status() == ISA, jaxembed.kernels.status()
 rng = np.random.default_rng(0)

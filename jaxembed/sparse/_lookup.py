@@ -49,6 +49,33 @@ class SparseGrad(NamedTuple):
     values: jax.Array
 
 
+class _SpreadGrad(SparseGrad):
+    """A :class:`SparseGrad` of bags (:meth:`BagLookup.grad`): its values are each bag's gradient
+    spread over the bag's entries, and it keeps the parts they were made of (the core's
+    ``Spread``: ``(B, D)`` bag gradients, each entry's bag and factor) in ``spread``. A row-wise
+    optimizer that runs the CPU update kernel reads those instead of the ``(n, D)`` values, which
+    XLA then never makes (nothing uses them). Anything else reads the values: they are the same
+    numbers. ``_replace`` and friends return one without ``spread``, whose values are then used.
+    """
+
+    def __new__(cls, indices, values, spread=None):
+        self = super().__new__(cls, indices, values)
+        self.spread = spread
+        return self
+
+
+jax.tree_util.register_pytree_node(
+    _SpreadGrad,
+    lambda g: ((g.indices, g.values, getattr(g, "spread", None)), None),
+    lambda _, children: _SpreadGrad(*children),
+)
+
+
+def spread_of(grad: SparseGrad) -> _bag.Spread | None:
+    """The pooled gradient a :class:`SparseGrad` of bags was spread from, if it still is one."""
+    return getattr(grad, "spread", None) if isinstance(grad, _SpreadGrad) else None
+
+
 class SparseLookup(NamedTuple):
     """What :func:`lookup` keeps for the update: the table to update and where the rows came from.
 
@@ -225,7 +252,11 @@ class BagLookup:
 
     def grad(self, bag_grads: ArrayLike) -> SparseGrad:
         """The table's :class:`SparseGrad` from the gradient of the loss w.r.t. the bags
-        ``(B, D)``: each bag's gradient spread over its entries, as the dense gradient is."""
+        ``(B, D)``: each bag's gradient spread over its entries, as the dense gradient is.
+
+        It also keeps the bags' gradient it was spread from: on CPU, with the kernels
+        (:mod:`jaxembed.kernels`), a row-wise optimizer spreads that as it updates, so a jitted
+        step never makes the ``(n, D)`` values (the same numbers, bit for bit)."""
         weight = self.params["weight"]
         bag_grads = jnp.asarray(bag_grads)
         num_bags = (self.starts[0] if isinstance(self.starts, tuple) else self.starts).shape[0]
@@ -234,12 +265,14 @@ class BagLookup:
                 f"bag_grads must be the bags' shape {(num_bags, weight.shape[1])}, "
                 f"got {tuple(bag_grads.shape)}"
             )
-        values = _spread(bag_grads, self.keep, self.starts, self.scale, self.psw, self.pos,
-                         self.mode, self.width)  # fmt: skip
-        return SparseGrad(self.indices, values.astype(weight.dtype))
+        parts = _spread(bag_grads, self.keep, self.starts, self.scale, self.psw, self.pos,
+                        self.mode, self.width)  # fmt: skip
+        values = _spread_values(parts).astype(weight.dtype)
+        return _SpreadGrad(self.indices, values, parts)
 
 
-_spread = jax.jit(_bag.spread, static_argnames=("mode", "width"))
+_spread = jax.jit(_bag.spread_parts, static_argnames=("mode", "width"))
+_spread_values = jax.jit(_bag.spread_values)
 
 
 @functools.partial(jax.jit, static_argnames=("options", "mode", "width"))

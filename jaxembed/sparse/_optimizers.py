@@ -44,7 +44,7 @@ from jax.typing import ArrayLike
 from jaxembed.core import _layout, _validation
 from jaxembed.kernels import _ffi as _kernels
 from jaxembed.sparse import _update as _sparse_update
-from jaxembed.sparse._lookup import SparseGrad
+from jaxembed.sparse._lookup import SparseGrad, spread_of
 
 LearningRate = float | Callable[[jax.Array], ArrayLike]
 
@@ -189,14 +189,15 @@ def _check_weight_decay(name: str, weight_decay: Any) -> None:
 
 def _prepare(grad: SparseGrad, table: ArrayLike):
     """Checks the gradient against the table, then sums duplicates: ``(table, rows, values)``."""
-    table, indices, values = _checked(grad, table)
+    table, indices, values, _ = _checked(grad, table)
     rows, values = _sparse_update.coalesce(SparseGrad(indices, values), table.shape[0])
     return table, rows, values
 
 
 def _checked(grad: SparseGrad, table: ArrayLike):
-    """Checks the gradient against the table: ``(table, indices, values)``, the values in the
-    table's dtype."""
+    """Checks the gradient against the table: ``(table, indices, values, pooled)``, the values in
+    the table's dtype; ``pooled`` is the bags' gradient the values were spread from (the core's
+    ``Spread``) where it holds the same numbers in the table's dtype, else None."""
     table = _validation.check_table("table", table)
     if not isinstance(grad, SparseGrad):
         raise TypeError(f"grad must be a jaxembed.sparse.SparseGrad, got {type(grad).__name__}")
@@ -209,34 +210,45 @@ def _checked(grad: SparseGrad, table: ArrayLike):
         )
     if not jnp.issubdtype(values.dtype, jnp.floating):
         raise TypeError(f"grad.values must have a floating dtype, got {values.dtype}")
-    return table, indices, values.astype(table.dtype)
+    pooled = spread_of(grad)
+    if pooled is not None and pooled.cot.dtype != table.dtype:
+        pooled = None  # spread in another dtype, then cast: only the values hold those numbers
+    return table, indices, values.astype(table.dtype), pooled
 
 
-def _step(name, reference, table, states, indices, values, rate, lr_scale, rounding, **hyper):
+def _negated(values: jax.Array, pooled):
+    """``-values``, and the pooled gradient they came from negated alike (exact)."""
+    return -values, (None if pooled is None else pooled._replace(factor=-pooled.factor))
+
+
+def _step(
+    name, reference, table, states, indices, values, pooled, rate, lr_scale, rounding, **hyper
+):
     """One row-wise step: ``reference(table, states, rows, values) -> (table, states)`` on the
     coalesced entries (the pure-JAX path), or on CPU the update kernel of
     :mod:`jaxembed.kernels`, which sums each row's duplicates in their order and updates the
-    row in place, where it applies (a float32 / float64 table, no stochastic rounding)."""
+    row in place, where it applies (a float32 / float64 table, no stochastic rounding). Given
+    ``pooled`` (the bags' gradient ``values`` were spread from), the kernel spreads it as it
+    reads it, and the ``(n, D)`` values are never made."""
 
-    def pure(table, states, indices, values):
+    def pure(table, states, indices, values, pooled):
         rows, values = _sparse_update.coalesce(SparseGrad(indices, values), table.shape[0])
         return reference(table, states, rows, values)
 
+    operands = (table, tuple(states), indices, values, pooled)
     applies = _kernels.table_applies(table, _kernels.UPDATE_FLOATS) and rounding is None
     if not applies or indices.shape[0] > _kernels.MAX_ENTRIES or indices.shape[0] == 0:
-        return pure(table, states, indices, values)
+        return pure(*operands)
 
-    def native(table, states, indices, values):
+    def native(table, states, indices, values, pooled):
         row_rate = None if lr_scale is None else jnp.asarray(lr_scale(indices), table.dtype)
         table, s0, s1 = _kernels.sparse_update(
-            name, table, tuple(states) + (None,) * (2 - len(states)), indices, values,
-            rate, row_rate, **hyper,
+            name, table, tuple(states) + (None,) * (2 - len(states)), indices,
+            values if pooled is None else pooled, rate, row_rate, **hyper,
         )  # fmt: skip
         return table, (s0, s1)[: len(states)]
 
-    return jax.lax.platform_dependent(
-        table, tuple(states), indices, values, cpu=native, default=pure
-    )
+    return jax.lax.platform_dependent(*operands, cpu=native, default=pure)
 
 
 def _per_row(rate: jax.Array, r: jax.Array, lr_scale: Callable | None, dtype: Any) -> jax.Array:
@@ -329,10 +341,10 @@ def sgd(
         grad: SparseGrad, state: SgdState, table: ArrayLike, *, column_axis=None, lr_scale=None
     ):
         if not momentum:
-            table, indices, values = _checked(grad, table)
+            table, indices, values, pooled = _checked(grad, table)
             lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
             if maximize:
-                values = -values
+                values, pooled = _negated(values, pooled)
             rounding = _rounding(stochastic_rounding, seed, state.count, table)
 
             def rows_update(table, r, g):
@@ -349,7 +361,9 @@ def sgd(
             def reference(table, states, rows, values):
                 return _sparse_update.apply_rows(rows_update, rows, values, table), ()
 
-            table, _ = _step("sgd", reference, table, (), indices, values, lr, lr_scale, rounding)
+            table, _ = _step(
+                "sgd", reference, table, (), indices, values, pooled, lr, lr_scale, rounding
+            )
             return table, state._replace(count=state.count + 1)
         table, rows, values = _prepare(grad, table)
         lr = _rate(learning_rate, state.count, _scalar_dtype(table)).astype(table.dtype)
@@ -433,7 +447,7 @@ def adagrad(
     def update(
         grad: SparseGrad, state: AdagradState, table: ArrayLike, *, column_axis=None, lr_scale=None
     ):
-        table, indices, values = _checked(grad, table)
+        table, indices, values, pooled = _checked(grad, table)
         count = state.count.astype(_scalar_dtype(table))
         clr = _rate(learning_rate, state.count, count.dtype) / (1.0 + count * lr_decay)
         clr = clr.astype(table.dtype)
@@ -455,8 +469,8 @@ def adagrad(
             table, acc = _sparse_update.apply_rows(rows_update, rows, values, (table, *states))
             return table, (acc,)
 
-        table, (acc,) = _step("adagrad", reference, table, (state.sum,), indices, values, clr,
-                              lr_scale, rounding, eps=eps, maximize=maximize)  # fmt: skip
+        table, (acc,) = _step("adagrad", reference, table, (state.sum,), indices, values, pooled,
+                              clr, lr_scale, rounding, eps=eps, maximize=maximize)  # fmt: skip
         return table, AdagradState(state.count + 1, acc)
 
     return RowOptimizer(init, update)
@@ -528,7 +542,7 @@ def rowwise_adagrad(
         column_axis=None,
         lr_scale=None,
     ):
-        table, indices, values = _checked(grad, table)
+        table, indices, values, pooled = _checked(grad, table)
         cdt = _scalar_dtype(table)
         lr = _rate(learning_rate, state.count, cdt)
         rounding = _rounding(stochastic_rounding, seed, state.count, table)
@@ -556,7 +570,7 @@ def rowwise_adagrad(
             table, (acc,) = reference(table, (state.sum,), rows, values)
         else:
             table, (acc,) = _step("rowwise_adagrad", reference, table, (state.sum,), indices,
-                                  values, lr, lr_scale, rounding, eps=eps,
+                                  values, pooled, lr, lr_scale, rounding, eps=eps,
                                   weight_decay=weight_decay, maximize=maximize)  # fmt: skip
         return table, RowwiseAdagradState(state.count + 1, acc)
 
@@ -623,7 +637,7 @@ def lazy_adam(
     def update(
         grad: SparseGrad, state: LazyAdamState, table: ArrayLike, *, column_axis=None, lr_scale=None
     ):
-        table, indices, values = _checked(grad, table)
+        table, indices, values, pooled = _checked(grad, table)
         step = state.count + 1
         t = step.astype(_scalar_dtype(table))
         step_size = _rate(learning_rate, state.count, t.dtype) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
@@ -656,8 +670,8 @@ def lazy_adam(
             return table, (mu, nu)
 
         table, (mu, nu) = _step("lazy_adam", reference, table, (state.mu, state.nu), indices,
-                                values, step_size, lr_scale, rounding, eps=eps, b1=b1, b2=b2,
-                                maximize=maximize)  # fmt: skip
+                                values, pooled, step_size, lr_scale, rounding, eps=eps, b1=b1,
+                                b2=b2, maximize=maximize)  # fmt: skip
         return table, LazyAdamState(step, mu, nu)
 
     return RowOptimizer(init, update, applies_dense=False)
