@@ -83,7 +83,8 @@ struct UpdateArgs {
   int64_t n;
   // A pooled gradient, spread as the reference's spread (jaxembed/core/_bag.py) spreads it:
   // entry k's value is values[bag[k]] * factor[k] (0 * factor[k] for a bag outside [0, bags)),
-  // and with `pos` (a max bag) only in the columns d where pos[bag[k] * dim + d] == k.
+  // and with `pos` (a max bag) only in the columns d where pos[bag[k] * dim + d] == k. bag[k]
+  // is the last bag starting at or before k (the handler counts it from the bags' starts).
   const int32_t* bag;    // (n,) or null: the values are per entry
   const void* factor;    // (n,) in `dtype`
   const int32_t* pos;    // (bags, dim) or null
@@ -94,8 +95,9 @@ struct UpdateArgs {
   bool maximize;
   bool rounding;         // stochastic rounding of a bf16 / f16 table
   uint32_t rounding_key;
-  // the grouping, computed by the handler: `order` lists the kept entries by row (stable, so
-  // a row's entries stay in their order), `first[u]..first[u+1]` is distinct row u's run
+  // the grouping of a task's entries (the handler splits the rows into ranges, a task each):
+  // `order` lists its kept entries by row (stable, so a row's entries stay in their order),
+  // `first[u]..first[u+1]` is distinct row u's run, of `unique`
   const int32_t* order;
   const int64_t* first;
   int64_t unique;
@@ -116,44 +118,68 @@ struct Kernels {
 // The best kernels this CPU runs (dispatch.cc), and their instruction set's name.
 const Kernels& kernels();
 
-// Runs fn(begin, end) over [0, total) in `parts` ranges of about equal `weight` (a prefix sum
-// of the work of each unit, `cumulative[i]` the work before unit i, size total + 1; null:
-// equal units), on XLA's thread pool when the work is large enough, inline otherwise. Returns
-// an ffi::Future that XLA waits on: the handler never blocks a pool thread.
-template <typename Fn>
-ffi::Future run_split(ffi::ThreadPool& pool, int64_t total, int64_t work,
-                      const int64_t* cumulative, Fn fn) {
-  // about 2^17 element operations per task: below it a task costs more than it saves
+// How many tasks `work` element operations are worth on `pool`: about 2^17 operations each
+// (below it a task costs more than it saves), at most kTasksPerThread per thread. Many small
+// tasks rather than one a thread: a thread that loses its core (to another process, or to a
+// library's spinning OpenMP threads) then holds back a small part, the rest being taken by the
+// other threads (measured: with 2 tasks on 2 cores, a pooled step ran at half speed right after
+// an FBGEMM call).
+constexpr int64_t kTasksPerThread = 8;
+inline int64_t task_count(ffi::ThreadPool& pool, int64_t work) {
   constexpr int64_t kTaskWork = int64_t{1} << 17;
-  int64_t threads = pool.num_threads();
-  int64_t parts = std::min<int64_t>(std::max<int64_t>(work / kTaskWork, 1), 4 * threads);
-  parts = std::min<int64_t>(parts, std::max<int64_t>(total, 1));
-  if (parts <= 1 || threads <= 1) {
-    fn(0, total);
-    ffi::Promise promise;
-    promise.SetAvailable();
-    return ffi::Future(promise);
+  const int64_t threads = pool.num_threads();
+  if (threads <= 1) return 1;
+  return std::clamp<int64_t>(work / kTaskWork, 1, kTasksPerThread * threads);
+}
+
+// A future that is already available.
+inline ffi::Future ready() {
+  ffi::Promise promise;
+  promise.SetAvailable();
+  return ffi::Future(promise);
+}
+
+// Runs task(t) for t in [0, tasks) on XLA's thread pool (inline for a single task). Returns an
+// ffi::Future that XLA waits on: the handler never blocks a pool thread.
+template <typename Fn>
+ffi::Future run_tasks(ffi::ThreadPool& pool, int64_t tasks, Fn task) {
+  if (tasks <= 1) {
+    if (tasks == 1) task(int64_t{0});
+    return ready();
   }
-  std::vector<int64_t> cuts(parts + 1, total);
-  cuts[0] = 0;
-  for (int64_t p = 1; p < parts; ++p) {
-    if (cumulative == nullptr) {
-      cuts[p] = total * p / parts;
-    } else {  // the first unit whose prefix reaches p / parts of the work
-      int64_t target = cumulative[total] * p / parts;
-      cuts[p] = std::lower_bound(cumulative, cumulative + total + 1, target) - cumulative;
-      cuts[p] = std::clamp(cuts[p], cuts[p - 1], total);
-    }
-  }
-  ffi::CountDownPromise done(parts);
-  for (int64_t p = 0; p < parts; ++p) {
-    int64_t begin = cuts[p], end = cuts[p + 1];
-    pool.Schedule([fn, begin, end, done]() mutable {
-      if (begin < end) fn(begin, end);
+  ffi::CountDownPromise done(tasks);
+  for (int64_t t = 0; t < tasks; ++t) {
+    pool.Schedule([task, t, done]() mutable {
+      task(t);
       done.CountDown();
     });
   }
   return ffi::Future(done);
+}
+
+// Runs fn(begin, end) over [0, total) in ranges of about equal `weight` (a prefix sum of the
+// work of each unit, `cumulative[i]` the work before unit i, size total + 1; null: equal
+// units), as many as task_count says `work` is worth.
+template <typename Fn>
+ffi::Future run_split(ffi::ThreadPool& pool, int64_t total, int64_t work,
+                      const int64_t* cumulative, Fn fn) {
+  const int64_t parts = std::min<int64_t>(task_count(pool, work), std::max<int64_t>(total, 1));
+  auto cuts = std::make_shared<std::vector<int64_t>>(parts + 1, total);
+  (*cuts)[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    int64_t& cut = (*cuts)[p];
+    if (cumulative == nullptr) {
+      cut = total * p / parts;
+    } else {  // the first unit whose prefix reaches p / parts of the work
+      const int64_t target = cumulative[total] * p / parts;
+      cut = std::lower_bound(cumulative, cumulative + total + 1, target) - cumulative;
+      cut = std::clamp(cut, (*cuts)[p - 1], total);
+    }
+  }
+  return run_tasks(pool, parts, [fn, cuts](int64_t p) {
+    const int64_t begin = (*cuts)[p], end = (*cuts)[p + 1];
+    if (begin < end) fn(begin, end);
+  });
 }
 
 inline ffi::Error invalid(const std::string& what) {

@@ -349,34 +349,34 @@ def bags_of_table(table, safe, keep, psw, starts, mode, width, style):
 
 class Spread(NamedTuple):
     """The transpose of the bag reduction, before it is applied: entry ``j``'s gradient is
-    ``cot[bag[j]] * factor[j]`` (zero for a bag outside ``[0, B)``), and with ``pos`` (max bags)
-    only in the columns ``d`` where ``pos[bag[j], d] == j``. :func:`spread_values` makes the
+    ``cot[bag[j]] * factor[j]`` (zero for a bag outside ``[0, B)``), where ``bag[j]`` is the
+    last bag starting at or before ``j`` (:func:`_bag_ids`), and with ``pos`` (max bags) only
+    in the columns ``d`` where ``pos[bag[j], d] == j``. :func:`spread_values` makes the
     ``(n, D)`` values; a row-wise update kernel can read these parts instead.
 
     Attributes:
       cot: ``(B, D)`` each bag's cotangent, a mean's already divided by its count, in the
         accumulator's dtype.
-      bag: ``(n,)`` int32, each entry's bag.
+      starts: ``(B,)`` int32, where each bag starts (never decreasing).
       factor: ``(n,)`` each entry's factor, in the accumulator's dtype: kept (1 or 0), times
         ``scale_grad_by_freq``'s scale, times the per-sample weight.
       pos: ``(B, D)`` int32, the entry holding each max bag's column maximum; None otherwise.
     """
 
     cot: jax.Array
-    bag: jax.Array
+    starts: jax.Array
     factor: jax.Array
     pos: jax.Array | None
 
 
 def spread_parts(cot, keep, starts, grad_scale, psw, pos, mode, width) -> Spread:
     """:func:`spread`'s parts, for a kernel to apply without the ``(n, D)`` values."""
-    n = keep.shape[0]
     acc = _renorm.compute_dtype(cot.dtype)
     cot = cot.astype(acc)
     if width is not None:
-        bag = jnp.arange(n, dtype=jnp.int32) // max(width, 1)
+        first = jnp.arange(cot.shape[0], dtype=jnp.int32) * width
     else:
-        bag = _bag_ids(starts, n).astype(jnp.int32)
+        first = _bounds(starts, keep.shape[0])[0].astype(jnp.int32)
     factor = keep.astype(acc)
     if grad_scale is not None:
         factor = factor * grad_scale.astype(acc)
@@ -384,15 +384,16 @@ def spread_parts(cot, keep, starts, grad_scale, psw, pos, mode, width) -> Spread
         factor = factor * psw.astype(acc)
     if mode == "mean":
         cot = divide(cot, jnp.maximum(_bag_counts(keep, starts, acc), 1)[:, None])
-    return Spread(cot, bag, factor, pos if mode == "max" else None)
+    return Spread(cot, first, factor, pos if mode == "max" else None)
 
 
 def spread_values(parts: Spread) -> jax.Array:
     """The ``(n, D)`` entries' gradients :class:`Spread` describes."""
-    n = parts.bag.shape[0]
-    share = jnp.take(parts.cot, parts.bag, axis=0, mode="fill", fill_value=0)
+    n = parts.factor.shape[0]
+    bag = _bag_ids(parts.starts, n)
+    share = jnp.take(parts.cot, bag, axis=0, mode="fill", fill_value=0)
     if parts.pos is not None:  # only the entry holding each column's maximum
-        first = jnp.take(parts.pos, parts.bag, axis=0, mode="fill", fill_value=-1)
+        first = jnp.take(parts.pos, bag, axis=0, mode="fill", fill_value=-1)
         share = jnp.where(first == jnp.arange(n, dtype=first.dtype)[:, None], share, 0)
     return share * parts.factor[:, None]
 

@@ -254,8 +254,9 @@ def sparse_update(
     ``optimizer`` is ``"sgd"``, ``"adagrad"``, ``"rowwise_adagrad"`` or ``"lazy_adam"``;
     ``states`` its row states (None where it keeps none); ``ids`` ``(n,)`` and ``values``
     ``(n, D)`` the gradient's entries (ids outside the table are dropped, duplicates summed in
-    their order), or a pooled gradient (the core's ``Spread``: ``(B, D)`` bag gradients, each
-    entry's bag and factor, a max bag's positions) that the kernel spreads as it reads it;
+    their order), or a pooled gradient (the core's ``Spread``: ``(B, D)`` bag gradients, the
+    bags' starts, each entry's factor, a max bag's positions) that the kernel spreads as it
+    reads it;
     ``rate`` the step size, a scalar; ``row_rate`` each entry's factor on it. The outputs alias
     the table and states: donate them to update in place.
     """
@@ -265,14 +266,14 @@ def sparse_update(
     s0, s1 = (empty if s is None else s for s in states)
     row_rate = empty if row_rate is None else row_rate.astype(dtype)
     if isinstance(values, jax.Array | jax.core.Tracer):
-        values, bag, factor, pos = values.astype(dtype), none, empty, none
+        values, starts, factor, pos = values.astype(dtype), none, empty, none
     else:  # pooled: the spread's parts, in the table's type (the caller checked)
-        bag, factor = values.bag.astype(jnp.int32), values.factor
+        starts, factor = values.starts.astype(jnp.int32), values.factor
         pos = none if values.pos is None else values.pos.astype(jnp.int32)
         values = values.cot
     results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (table, s0, s1))
     table, s0, s1 = _call(
-        "jaxembed_sparse_update", results, table, s0, s1, _ids(ids), values, bag, factor, pos,
+        "jaxembed_sparse_update", results, table, s0, s1, _ids(ids), values, starts, factor, pos,
         row_rate, jnp.asarray(rate, dtype), aliases={0: 0, 1: 1, 2: 2},
         optimizer=np.int32(_OPTIMIZERS[optimizer]), eps=np.float64(eps), b1=np.float64(b1),
         b2=np.float64(b2), weight_decay=np.float64(weight_decay), maximize=np.bool_(maximize),
