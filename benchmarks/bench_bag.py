@@ -65,7 +65,7 @@ def main(argv=None):
 
     print(
         f"V={V} D={D} bags={B}x{N} float32, median of {R}, "
-        f"jax {jax.__version__} on {jax.devices()[0]}"
+        f"jax {jax.__version__} on {jax.devices()[0]}, {jaxembed.bench.kernels_path()}"
     )
     for name, ms in res.items():
         print(f"  {name:30s} {ms:8.2f} ms")

@@ -160,7 +160,8 @@ def main():
         rng.uniform(-(r**-0.5), r**-0.5, (r, D)).astype(np.float32) for r in rows
     ]  # TorchRec's init
     table_mb = sum(w.nbytes for w in tables_np) / 2**20
-    print(f"26 tables, {sum(rows):,} rows x {D} ({table_mb:.0f} MiB), batch {B}")
+    print(f"26 tables, {sum(rows):,} rows x {D} ({table_mb:.0f} MiB), batch {B}, "
+          f"{jaxembed.bench.kernels_path()}")  # fmt: skip
     tables = [jaxembed.EmbeddingBagConfig(n, D, r, [n]) for n, r in zip(names, rows, strict=True)]
     one = [jaxembed.EmbeddingBagConfig("all", D, sum(rows), ["all"])]
     offsets = np.concatenate([[0], np.cumsum(rows)[:-1]])

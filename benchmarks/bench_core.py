@@ -105,7 +105,8 @@ def main(argv=None):
                 lambda: F.embedding(next(tfresh), tw, max_norm=1.0), min(R, V // N - 1), sync
             )
 
-    print(f"V={V} D={D} N={N} float32, median of {R}, jax {jax.__version__} on {jax.devices()[0]}")
+    print(f"V={V} D={D} N={N} float32, median of {R}, jax {jax.__version__} on {jax.devices()[0]}"
+          f", {jaxembed.bench.kernels_path()}")  # fmt: skip
     for name, ms in res.items():
         print(f"  {name:34s} {ms:9.2f} ms")
     moved = 2 * N * D * 4  # a lookup reads N rows and writes N rows

@@ -76,13 +76,12 @@ def main(argv=None):
     for _ in range(args.rounds):  # interleaved: every case once per round
         for k, fn in cases.items():
             times[k].append(median_ms(fn, args.repeat))
-    # the byte roofline: the device's copy bandwidth (read + write), measured in this process
-    big = jnp.zeros((V, D + 8), jnp.uint8)
-    copy = jax.jit(lambda x: x + jnp.uint8(1))
-    copy_ms = median_ms(lambda: jax.block_until_ready(copy(big)), args.repeat)
-    bandwidth = 2 * big.size / (copy_ms * 1e-3)
+    # the byte roofline: the device's copy bandwidth (read + write), measured in this process in
+    # place (a copy into a fresh buffer measured its page faults: 1 GB/s here, not 46)
+    bandwidth = jaxembed.bench.copy_bandwidth(params["weight"], args.repeat)
     kind = jax.devices()[0].device_kind
-    print(f"{kind}; V={V:,} D={D} bags={B} x {N}; medians of {args.rounds} rounds")
+    print(f"{kind}; V={V:,} D={D} bags={B} x {N}; medians of {args.rounds} rounds; "
+          f"{jaxembed.bench.kernels_path()}")  # fmt: skip
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
     for dist in ids:
         f32 = statistics.median(times[(dist, "f32")])

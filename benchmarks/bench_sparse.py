@@ -136,7 +136,7 @@ def compare(args):
     table_np = None if args.no_torch else np.asarray(table)
     print(
         f"V={V:,} D={D} batch={N:,} float32, {jax.devices()[0].device_kind}, median of "
-        f"{args.repeat} interleaved rounds (ms)\n"
+        f"{args.repeat} interleaved rounds (ms), {bench.kernels_path()}\n"
     )
     floor = _time({"f": FloorRunner(table)}, {"f": jax_args}, args.repeat)["f"]
     print(f"lookup + loss + rows' gradient, no update (the floor of any step): {floor:.1f} ms\n")

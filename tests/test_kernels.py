@@ -43,7 +43,7 @@ from jaxembed.sparse import _lookup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-needs_kernels = pytest.mark.skipif(_ffi._native is None, reason=f"kernels {_ffi._WHY}")
+needs_kernels = pytest.mark.skipif(not _ffi.available(), reason=f"kernels {_ffi._WHY}")
 
 
 @contextlib.contextmanager

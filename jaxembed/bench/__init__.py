@@ -366,9 +366,30 @@ def _baseline(op: str) -> str:
 # --- one run -----------------------------------------------------------------------------------
 
 
-def _copy_bandwidth(table: jax.Array, repeat: int) -> float:
-    """Read + write of a large on-device buffer: the table, or 128 MiB if that is larger (small
-    copies measure launch overhead, not bandwidth)."""
+def kernels_path() -> str:
+    """Which path jaxembed's CPU ops run here, for a benchmark's header: the kernels and their
+    instruction set, or the pure-JAX path and why (:mod:`jaxembed.kernels`).
+
+    Example:
+      >>> import jaxembed
+      >>> jaxembed.bench.kernels_path().startswith(("CPU kernels", "pure-JAX path"))
+      True
+    """
+    if jaxembed.kernels.available():
+        return f"CPU kernels ({jaxembed.kernels.status()})"
+    return f"pure-JAX path ({jaxembed.kernels.status()})"
+
+
+def copy_bandwidth(table: jax.Array, repeat: int = 5) -> float:
+    """The device's copy bandwidth in bytes/s (read + write): a donated ``x + 1`` in place on a
+    buffer of ``table``'s dtype, as large as the table or 128 MiB, whichever is larger (small
+    copies measure launch overhead, not bandwidth; a fresh output would measure page faults).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> jaxembed.bench.copy_bandwidth(jnp.zeros((4, 2)), repeat=1) > 0
+      True
+    """
     n = max(table.size, 2**27 // table.dtype.itemsize)
     state = [jnp.zeros((n,), table.dtype)]
     copy = jax.jit(lambda w: w + 1, donate_argnums=0)  # in place: no fresh buffer to fault in
@@ -411,7 +432,7 @@ def run(config: dict[str, Any], ops: list[str], progress: Callable[[str], None] 
         ids, bags = jnp.asarray(ids_np), jnp.asarray(bags_np)
         cot, target = jnp.asarray(cot_np, dtype), jnp.asarray(cot_np)
         bag_target = jnp.asarray(bag_target_np)
-        copy_bw = _copy_bandwidth(table, config["repeat"])
+        copy_bw = copy_bandwidth(table, config["repeat"])
         table_np = np.asarray(table) if config["torch"] else None
         results, skipped = [], []
         for op in ops:
@@ -697,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"V={config['vocab']:,} D={config['dim']} batch={config['batch']:,} "
                     f"{config['dtype']}, {config['ids']} ids ({unique:,} unique) on "
                     f"{device.device_kind} ({device.platform}); measured copy bandwidth "
-                    f"{copy_bw / 1e9:.1f} GB/s",
+                    f"{copy_bw / 1e9:.1f} GB/s; {kernels_path()}",
                 )
             )
     for op, name, why in skipped:
@@ -718,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
                 python=platform.python_version(),
             ),
             allocator=_allocator.current(),
+            kernels=dict(available=jaxembed.kernels.available(), status=jaxembed.kernels.status()),
             config=dict(base, ops=ops, ids=id_specs, sweep=args.sweep),
             copy_bandwidth_gbps=[c / 1e9 for c in copies],
             results=all_results,

@@ -30,7 +30,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxembed.core import _index_policy, _layout, _options, _renorm
-from jaxembed.core._numerics import divide
+from jaxembed.core._numerics import at_run_time, divide
 from jaxembed.core._options import LookupOptions
 from jaxembed.core._packed import array_of
 from jaxembed.core._pipeline import Lookup, new_params
@@ -98,7 +98,12 @@ def _bag_ids(starts: Any, num_indices: int) -> jax.Array:
     # how many bags start at or before each position, as a running count of the starts: a
     # B-long scatter and an n-long cumsum (XLA's CPU sort-based searchsorted costs ~30x more)
     marks = jnp.zeros(num_indices + 1, jnp.int32).at[starts].add(1, mode="drop")
-    return (jnp.cumsum(marks[:num_indices], dtype=jnp.int32) - 1).astype(starts.dtype)
+    return (_running_count(marks[:num_indices]) - 1).astype(starts.dtype)
+
+
+def _running_count(x: jax.Array) -> jax.Array:
+    """``cumsum(x)`` in int32, computed when the step runs (:func:`at_run_time`)."""
+    return jnp.cumsum(at_run_time(x), dtype=jnp.int32)
 
 
 def _first_argmax(vals: jax.Array, keep: jax.Array, bag: jax.Array, num_bags: int) -> jax.Array:
@@ -138,9 +143,15 @@ def _segment_bags(table, safe, keep, psw, starts, mode, lookup):
     return total.astype(table.dtype), jnp.zeros(total.shape, jnp.int32)
 
 
-def _bag_counts(keep, starts, dtype):
-    """How many kept entries each bag holds: differences of a running count (exact, in int32)."""
-    running = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(keep, dtype=jnp.int32)])
+def _bag_counts(keep, starts, dtype, width=None):
+    """How many kept entries each bag holds: with 2-D indices (``width`` entries a bag) a sum
+    per row; else differences of a running count (exact, in int32)."""
+    if width is not None:
+        num_bags = _bounds(starts, 0)[0].shape[0]
+        if width == 0:
+            return jnp.zeros((num_bags,), dtype)
+        return keep.reshape(num_bags, width).sum(axis=1, dtype=jnp.int32).astype(dtype)
+    running = jnp.concatenate([jnp.zeros((1,), jnp.int32), _running_count(keep)])
     n = keep.shape[0]
     starts, ends = _bounds(starts, n)
     return (running[jnp.minimum(ends, n)] - running[jnp.minimum(starts, n)]).astype(dtype)
@@ -329,7 +340,8 @@ def _bags_jvp(mode, width, lookup, primals, tangents):
         rows = jnp.where(keep[:, None], rows, 0)
         out_dot = out_dot + reduce(rows * psw_dot.astype(acc)[:, None])
     if mode == "mean":
-        out_dot = divide(out_dot, jnp.maximum(_bag_counts(keep, starts, acc), 1)[:, None])
+        counts = _bag_counts(keep, starts, acc, width)
+        out_dot = divide(out_dot, jnp.maximum(counts, 1)[:, None])
     return out, out_dot.astype(out.dtype)
 
 
@@ -383,7 +395,7 @@ def spread_parts(cot, keep, starts, grad_scale, psw, pos, mode, width) -> Spread
     if psw is not None:
         factor = factor * psw.astype(acc)
     if mode == "mean":
-        cot = divide(cot, jnp.maximum(_bag_counts(keep, starts, acc), 1)[:, None])
+        cot = divide(cot, jnp.maximum(_bag_counts(keep, starts, acc, width), 1)[:, None])
     return Spread(cot, first, factor, pos if mode == "max" else None)
 
 

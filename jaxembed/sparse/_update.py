@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxembed.core._numerics import divide
+from jaxembed.core._numerics import at_run_time, divide
 from jaxembed.sparse._lookup import SparseGrad
 
 
@@ -78,7 +78,7 @@ def _add_duplicates_in_chunks(values: jax.Array, owners: jax.Array, extra: jax.A
     n = values.shape[0]
     chunk = min(_CHUNK, n)
     padded = -(-n // chunk) * chunk
-    positions = jnp.nonzero(extra, size=padded, fill_value=n)[0]
+    positions = jnp.nonzero(at_run_time(extra), size=padded, fill_value=n)[0]
     count = jnp.sum(extra, dtype=jnp.int32)
 
     def body(c, acc):
