@@ -19,6 +19,7 @@ if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", "
 # on one of them
 LONGEST_FIRST = (
     "tests/test_sharding.py::test_multidevice_suite_on_8_fake_cpu_devices",
+    "tests/test_sharding.py::test_multidevice_scale_tests_on_8_fake_cpu_devices",
     "tests/test_fuzz.py::test_float64_under_x64",
     "tests/test_bench.py::test_command_end_to_end_writes_json_and_png",
     "tests/test_readme.py::test_readme_blocks_run_in_order",
@@ -38,7 +39,7 @@ def rng():
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # `pytest` runs the quick profile (15 examples per property, sized to keep the README's test
-# command within 8 minutes on 2 cores); `--hypothesis-profile=ci` 300 and
+# command within 10 minutes on 2 cores); `--hypothesis-profile=ci` 300 and
 # `--hypothesis-profile=deep` 2,000.
 settings.register_profile(
     "default",

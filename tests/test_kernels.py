@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxembed
@@ -44,6 +44,11 @@ from jaxembed.sparse import _lookup
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 needs_kernels = pytest.mark.skipif(not _ffi.available(), reason=f"kernels {_ffi._WHY}")
+
+#: examples of the properties that compile a program a dtype and layout, per profile: fewer than
+#: the default profile's 15 by default (the README's command), as many as the profile's elsewhere
+_PROFILE = settings.get_current_profile_name()
+costly = settings(max_examples=10) if _PROFILE == "default" else settings()
 
 
 @contextlib.contextmanager
@@ -204,6 +209,7 @@ FORMATS = [(8, None), (4, None), (2, None), (8, "e4m3"), (8, "e5m2")]
 
 
 @needs_kernels
+@costly
 @given(
     bag_cases(),
     st.sampled_from(FORMATS),
@@ -325,6 +331,7 @@ OPTIMIZERS = {
 
 
 @needs_kernels
+@costly
 @given(update_cases())
 def test_row_wise_steps_equal_the_pure_jax_steps(case):
     rows, dim, ids, name, options, scaled, seed = case
@@ -438,6 +445,7 @@ def _pooled_step(case, seed):
 
 
 @needs_kernels
+@costly
 @given(pooled_cases(), st.integers(0, 2**31 - 1))
 def test_pooled_steps_read_the_bags_gradient_and_equal_the_spread_values(case, seed):
     """The update kernel reads a bag's gradient, spread entry by entry as it goes: the same
@@ -532,16 +540,17 @@ def test_vmap_of_a_bag_is_each_bag():
 
 
 def _isas():
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return ["generic"]
-    return ["generic", "avx2"]
+    """The builds below the one this process runs (the rest of the suite tests that one)."""
+    builds = ["generic", "avx2"] if platform.machine() in ("x86_64", "AMD64") else ["generic"]
+    return [isa for isa in builds if isa != _ffi.status()]
 
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
 def test_each_instruction_set_equals_the_reference(isa):
-    """The generic and AVX2 builds, picked on this CPU by JAXEMBED_KERNEL_ISA, on a bag, a
-    packed bag and a step (the best build runs everywhere else in the suite)."""
+    """Each build below the best one (generic, and AVX2 on an AVX-512 CPU), picked on this CPU
+    by JAXEMBED_KERNEL_ISA, on bags of float and packed tables and on two row-wise steps (the
+    best build runs everywhere else in the suite)."""
     script = """
 import jax, jax.numpy as jnp, numpy as np, jaxembed
 from jaxembed.kernels import _ffi
@@ -561,6 +570,14 @@ for t in (table, table.astype(jnp.bfloat16), table.astype(jnp.float16),
         ref = _bag._column_bags(t, ids, keep, None, starts, mode, 9, "gather")[0]
         _ffi._ON = True
         np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+grad = jaxembed.sparse.SparseGrad(ids % 300, jnp.asarray(rng.normal(size=(900, 37)), jnp.float32))
+for opt in (jaxembed.sparse.rowwise_adagrad(0.1), jaxembed.sparse.lazy_adam(0.01)):
+    ours = jax.jit(lambda t: opt.update(grad, opt.init(t), t))(table)
+    _ffi._ON = False
+    ref = jax.jit(lambda t: opt.update(grad, opt.init(t), t))(table)
+    _ffi._ON = True
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 print("ok", jaxembed.kernels.status())
 """.replace("ISA", repr(isa))
     env = {**os.environ, "JAXEMBED_KERNEL_ISA": isa, "JAXEMBED_KERNELS": "1"}

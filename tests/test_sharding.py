@@ -19,9 +19,9 @@ import jaxembed
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_multidevice_suite_on_8_fake_cpu_devices():
-    """``tests/multidevice`` with 8 fake CPU devices: XLA_FLAGS must be set before JAX starts,
-    so it runs in a fresh process."""
+def _multidevice(marks: str) -> None:
+    """``tests/multidevice`` with 8 fake CPU devices, the tests that ``marks`` selects:
+    XLA_FLAGS must be set before JAX starts, so it runs in a fresh process."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -31,7 +31,7 @@ def test_multidevice_suite_on_8_fake_cpu_devices():
     profile = f"--hypothesis-profile={settings.get_current_profile_name()}"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", profile]
-        + ["tests/multidevice"],
+        + ["-m", marks, "tests/multidevice"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -41,6 +41,16 @@ def test_multidevice_suite_on_8_fake_cpu_devices():
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+
+
+def test_multidevice_suite_on_8_fake_cpu_devices():
+    _multidevice("not slow")
+
+
+@pytest.mark.slow
+def test_multidevice_scale_tests_on_8_fake_cpu_devices():
+    """The 8-device tests at scale (``-m slow``: CI runs them, the README's command does not)."""
+    _multidevice("slow")
 
 
 def test_one_device_mesh_equals_unsharded():

@@ -226,12 +226,14 @@ def floor_step(pool: Callable) -> Callable:
 
 
 def sparse_bag_train_step(opt: sparse.RowOptimizer) -> Callable:
-    """``(table, state, bags, target) -> (table, state, loss)``: bags summed, then ``opt``."""
+    """``(table, state, bags, target) -> (table, state, loss)``: bags summed by
+    :func:`jaxembed.sparse.lookup_bags`, then ``opt`` on the bags' gradient (on CPU the update
+    kernel spreads it as it reads it)."""
 
     def step(table, state, bags, target):
-        rows, lk = sparse.lookup({"weight": table}, bags)
-        loss, row_grads = jax.value_and_grad(lambda r: train_loss(r.sum(1), target))(rows)
-        table, state = opt.update(lk.grad(row_grads), state, lk.params["weight"])
+        pooled, lk = sparse.lookup_bags({"weight": table}, bags, mode="sum")
+        loss, bag_grads = jax.value_and_grad(lambda b: train_loss(b, target))(pooled)
+        table, state = opt.update(lk.grad(bag_grads), state, lk.params["weight"])
         return table, state, loss
 
     return step

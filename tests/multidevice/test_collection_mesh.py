@@ -350,6 +350,7 @@ def test_the_sharded_step_does_not_retrace():
     assert len(traces) == 1
 
 
+@pytest.mark.slow  # test_placements_equal_the_unsharded_collection: each placement in float32
 def test_bfloat16_tables_on_every_placement():
     tables = [
         dataclasses.replace(t, param_dtype=jnp.bfloat16) for t in _tables() if t.pooling != "max"

@@ -56,6 +56,7 @@ def test_sharded_benchmark_memory_per_device():
                 assert row["temp_per_device_mib"] < bound, (layout, row)
 
 
+@pytest.mark.slow  # test_sharded_training_example and test_dlrm_tiny: the small ones
 def test_dlrm_on_8_devices_with_the_planners_layout(capsys):
     path = EXAMPLE.parent / "dlrm_sharded.py"
     spec = importlib.util.spec_from_file_location("dlrm_sharded", path)

@@ -40,7 +40,7 @@ OPTIMIZERS = {
     "lazy_adam": lambda: jaxembed.sparse.lazy_adam(0.05),
 }
 #: examples per property and profile: each example compiles four programs on the mesh
-EXAMPLES = {"default": 3, "ci": 40, "deep": 150}
+EXAMPLES = {"default": 2, "ci": 40, "deep": 150}
 
 
 def _examples() -> int:
@@ -215,6 +215,7 @@ def test_uneven_table_wise_groups_train_as_on_one_device(devices):
     check_against_one_device(tables, plan, lists, optimizers=tuple(OPTIMIZERS))
 
 
+@pytest.mark.slow  # test_uneven_table_wise_groups_train_as_on_one_device: the small cases
 def test_the_planner_uneven_spread_of_26_tables_trains_as_on_one_device():
     """The issue's case: 26 tables on 8 devices, nothing replicated, spread unevenly by the
     planner (once [2, 3, 3, 2, 2, 2, 2, 2] tables per device, 12 of which trained wrong)."""
