@@ -11,7 +11,7 @@ python=${PYTHON:-python}
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 include=$("$python" -c "import jax.ffi; print(jax.ffi.include_dir())")
-cmake -S csrc -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DJAXEMBED_SANITIZE=ON \
+cmake -S csrc -B "$build" -DCMAKE_BUILD_TYPE=Debug -DJAXEMBED_SANITIZE=ON \
   "-DPython_EXECUTABLE=$(command -v "$python")" "-DJAXEMBED_FFI_INCLUDE=$include" > "$build/log" \
   || { cat "$build/log"; exit 1; }
 cmake --build "$build" --parallel >> "$build/log" 2>&1 || { cat "$build/log"; exit 1; }
