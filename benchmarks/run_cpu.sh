@@ -4,7 +4,7 @@
 # of the time. Run it alone on the machine: torch's and FBGEMM's OpenMP threads, and XLA's,
 # slow several-fold when another process holds a core. Writes its logs under $OUT (./cpu-out).
 #
-#   bash benchmarks/run_cpu.sh              # about 40 minutes on 2 cores
+#   bash benchmarks/run_cpu.sh              # about 12 minutes on 2 cores
 #   QUICK=1 bash benchmarks/run_cpu.sh      # the kernel path only, fewer rounds
 set -u
 out=${OUT:-cpu-out}

@@ -471,8 +471,6 @@ def test_pooled_steps_read_the_bags_gradient_and_equal_the_spread_values(case, s
 def test_a_pooled_step_makes_no_per_entry_values():
     """Compiled, a donated ``lookup_bags`` + row-wise step hands the kernel the ``(B, D)`` bag
     gradients: no ``(n, D)`` buffer exists (XLA drops the spread values nothing reads)."""
-    if not jaxembed.kernels.available():
-        pytest.skip("the reference path")
     opt = jaxembed.sparse.rowwise_adagrad(0.1)
     table = jnp.ones((1000, 24))
     bags = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (64, 16)), jnp.int32)
@@ -490,8 +488,6 @@ def test_a_pooled_step_makes_no_per_entry_values():
 
 @needs_kernels
 def test_a_donated_sparse_step_updates_the_table_in_place():
-    if not jaxembed.kernels.available():
-        pytest.skip("the reference path")
     opt = jaxembed.sparse.rowwise_adagrad(0.1)
     table = jnp.asarray(np.random.default_rng(0).normal(size=(1000, 32)), jnp.float32)
     state = opt.init(table)
@@ -509,8 +505,6 @@ def test_a_donated_sparse_step_updates_the_table_in_place():
 
 @needs_kernels
 def test_the_compiled_steps_call_the_kernels():
-    if not jaxembed.kernels.available():
-        pytest.skip("the reference path")
     params = {"weight": jnp.ones((50, 8))}
     ids, offsets = jnp.array([1, 2, 3, 4]), jnp.array([0, 2])
 
@@ -554,7 +548,6 @@ def test_each_instruction_set_equals_the_reference(isa):
     script = """
 import jax, jax.numpy as jnp, numpy as np, jaxembed
 from jaxembed.kernels import _ffi
-from jaxembed.sparse import _lookup
 from jaxembed.core import _bag
 assert jaxembed.kernels.status() == ISA, jaxembed.kernels.status()
 rng = np.random.default_rng(0)
