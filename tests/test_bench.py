@@ -36,9 +36,9 @@ def test_bandwidth():
 
 
 def test_sweep_parsing_and_bad_arguments():
-    assert bench._parse_sweep("vocab=1e3,2000") == ("vocab", [1000, 2000])
+    assert bench._cli._parse_sweep("vocab=1e3,2000") == ("vocab", [1000, 2000])
     with pytest.raises(SystemExit):
-        bench._parse_sweep("width=1,2")
+        bench._cli._parse_sweep("width=1,2")
     with pytest.raises(SystemExit):
         bench.main(["--ops", "lookup,teleport"])
     with pytest.raises(SystemExit):
@@ -175,7 +175,7 @@ def test_a_missing_baseline_is_left_out_and_said(monkeypatch):
 
 
 def test_help_shows_every_default():
-    text = bench._parser().format_help()
+    text = bench._cli._parser().format_help()
     for option in ("--vocab", "--dim", "--batch", "--dtype", "--repeat", "--ids", "--allocator"):
         assert option in text
     assert text.count("(default:") >= 8
