@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``jaxembed-bench`` command: parses ``argv`` (``sys.argv[1:]`` when None), runs every
+    configuration it names, prints a table for each, writes ``--json`` and ``--plot``, and
+    returns the exit status (``--allocator`` re-runs the command under each allocator instead).
+    """
     ap = _parser()
     args = ap.parse_args(argv)
     ops = list(OPS) if args.ops == "all" else [o.strip() for o in args.ops.split(",") if o.strip()]

@@ -517,7 +517,7 @@ class CollectionLookup:
 
     @property
     def params(self) -> Params:
-        """The params to update: the stacks as given, or renormed (``max_norm``)."""
+        """The params to update, the stacks as given or renormed (``max_norm``)."""
         return {name: lk.params for name, lk in self.lookups.items()}
 
     def features_of(self, stack: Stack) -> tuple[str, ...]:

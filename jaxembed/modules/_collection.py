@@ -71,7 +71,8 @@ class _Collection(nnx.Module):
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        """Every feature, in the tables' order (the order of :meth:`concat`)."""
+        """Every feature, in the tables' order (in a bag collection, the order of
+        :meth:`EmbeddingBagCollection.concat`)."""
         return self.plan.feature_names
 
     def _names(self) -> list[str]:

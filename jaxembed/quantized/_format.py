@@ -394,7 +394,7 @@ def from_torch(source: Any) -> QuantizedTable:
         ``weight()``: a row-wise (``per_channel_affine_float_qparams``) quantized tensor.
 
     Returns:
-      The same rows in the prepack layout: torch's codes, ``scale`` and
+      The same rows in the prepack layout, torch's codes, ``scale`` and
       ``bias = -(zero_point * scale)`` (float32 at 8 bits, float16 at 4 and 2), so a row decodes
       to ``code * scale + bias``, the value torch's module returns.
 

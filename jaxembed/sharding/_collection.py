@@ -572,7 +572,7 @@ class ShardedLookup:
 
     def group(self, name: str) -> GroupLookup:
         """One group's share, whose ``grad`` takes the gradient of its features side by side
-        (:func:`group_features`' order): what the nnx module records for each group."""
+        (``group_features``' order): what the nnx module records for each group."""
         i = [g.name for g in self.plan.groups].index(name)
         return GroupLookup(self.plan, self.keys, name, self.weights[i], self.pieces[i])
 
@@ -586,7 +586,7 @@ def group_features(g: Group, keys: tuple[str, ...]) -> tuple[str, ...]:
 class GroupLookup:
     """One group's :class:`ShardedLookup`: ``params`` its table, ``grad(cot)`` its
     :class:`~jaxembed.sparse.SparseGrad` from the gradient of its features side by side,
-    ``(F * B, D)`` (:func:`group_features`' order)."""
+    ``(F * B, D)`` (``group_features``' order)."""
 
     def __init__(self, plan, keys, name, weight, piece):
         self.plan, self.keys, self.name, self.weight, self.piece = plan, keys, name, weight, piece

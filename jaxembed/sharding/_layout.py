@@ -125,7 +125,7 @@ class TableSharding(Layout):
         return P(*lead, *([None] * (ndim - 1)), self.dim)
 
     def available_mesh(self) -> Any:
-        """:attr:`mesh`, or the one set with ``jax.set_mesh``, or None when there is neither."""
+        """``mesh``, or the one set with ``jax.set_mesh``, or None when there is neither."""
         if self.mesh is not None:
             return self.mesh
         context = jax.sharding.get_abstract_mesh()
@@ -333,7 +333,7 @@ class TableSharding(Layout):
 
     def replicated(self, x: jax.Array) -> jax.Array:
         """``x`` replicated over the mesh (unchanged if it is on the mesh already, or if this
-        layout names no mesh yet): see :func:`replicate_onto`."""
+        layout names no mesh yet): see ``replicate_onto``."""
         if self.mesh is None and jax.sharding.get_mesh().empty:
             return x
         return replicate_onto(self._concrete_mesh(), x)

@@ -115,7 +115,8 @@ class Group:
       kind: the placement kind.
       stack: the stack of all the group's tables (its row offsets are the unsharded stack's).
       slots: ``table_wise``: each device's stack (None where it holds none); else ``()``.
-      rows, cols: each device's block of the array.
+      rows: each device's block of the array, its rows.
+      cols: and its columns.
       devices: the devices along the plan's axis.
     """
 
@@ -246,7 +247,7 @@ class ShardingPlan:
 
     def replicated(self, x: jax.Array) -> jax.Array:
         """``x`` replicated over the plan's mesh (what :class:`jaxembed.sparse.Optimizer` does to
-        a model's other arrays): see :func:`jaxembed.sharding._layout.replicate_onto`."""
+        a model's other arrays): see ``jaxembed.sharding._layout.replicate_onto``."""
         return replicate_onto(self.mesh, x)
 
     def placement(self, table: str) -> Placement:

@@ -355,9 +355,10 @@ def lookup_bags(
     divides by the count, and ``per_sample_weights`` stay differentiable.
 
     Args:
-      params, indices, offsets, mode, per_sample_weights, include_last_offset, padding_idx,
-        max_norm, norm_type, scale_grad_by_freq, lookup_style, num_valid: as
-        :func:`jaxembed.embedding_bag` (one device: no ``sharding``).
+      params: the table; it and every other argument are as in :func:`jaxembed.embedding_bag`
+        (one device: no ``sharding``): ``indices``, ``offsets``, ``mode``,
+        ``per_sample_weights``, ``include_last_offset``, ``padding_idx``, ``max_norm``,
+        ``norm_type``, ``scale_grad_by_freq``, ``lookup_style``, ``num_valid``.
 
     Returns:
       ``(bags, bag_lookup)``: ``bags`` is ``(B, D)``; a :class:`BagLookup`.
