@@ -24,8 +24,10 @@ def _lookup(path: str):
             continue
         try:
             for attr in parts[cut:]:
-                obj = obj.__dict__[attr] if isinstance(obj, type) and attr in obj.__dict__ else (
-                    getattr(obj, attr)
+                obj = (
+                    obj.__dict__[attr]
+                    if isinstance(obj, type) and attr in obj.__dict__
+                    else (getattr(obj, attr))
                 )
         except AttributeError:
             return None

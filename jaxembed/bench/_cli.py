@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     results,
                     f"V={config['vocab']:,} D={config['dim']} batch={config['batch']:,} "
                     f"{config['dtype']}, {config['ids']} ids ({unique:,} unique) on "
-                    f"{device.device_kind} ({device.platform}); measured copy bandwidth "
+                    f"{_report.machine(device)}; measured copy bandwidth "
                     f"{copy_bw / 1e9:.1f} GB/s; {_run.kernels_path()}",
                 )
             )
@@ -159,5 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     if args.plot:
-        _plot.plot(args.plot, all_results, key)
+        _plot.plot(
+            args.plot,
+            all_results,
+            key,
+            f"jaxembed-bench on {_report.machine(device)}, {_run.kernels_path()}, "
+            f"{_allocator.current()} malloc",
+        )
     return 0

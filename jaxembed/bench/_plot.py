@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-
 
 def _colors(n: int) -> list:
     """``n`` distinct colours (matplotlib's tab20, then evenly spaced hues past 20)."""
@@ -14,10 +12,10 @@ def _colors(n: int) -> list:
     return [matplotlib.colormaps["hsv"](k / n) for k in range(n)]
 
 
-def plot(path: str, results: list[dict], key: str | None):
+def plot(path: str, results: list[dict], key: str | None, title: str):
     """A PNG: with a sweep, time and share of copy bandwidth against the swept size, a line per
     (op, implementation); without one, horizontal bars, a group per op, a colour per
-    implementation."""
+    implementation; ``title`` names the machine and the path that ran."""
     try:
         import matplotlib
 
@@ -29,7 +27,7 @@ def plot(path: str, results: list[dict], key: str | None):
         _bars(plt, results)
     else:
         _lines(plt, results, key)
-    plt.gcf().suptitle(f"jaxembed-bench on {jax.devices()[0].device_kind}", y=1.02)
+    plt.gcf().suptitle(title, y=1.02)
     plt.gcf().savefig(path, dpi=110, bbox_inches="tight")
     plt.close("all")
 

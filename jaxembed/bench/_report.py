@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Any
 
@@ -46,6 +47,28 @@ def table(results: list[dict], title: str):
     return t
 
 
+def machine(device) -> str:
+    """The machine a run measures, for titles and the JSON: on CPU the processor's model and its
+    logical cores (``/proc/cpuinfo``, else ``platform.processor()``), else the device's kind.
+
+    Example:
+      >>> import jax
+      >>> from jaxembed.bench import _report
+      >>> isinstance(_report.machine(jax.devices()[0]), str)
+      True
+    """
+    if device.platform != "cpu":
+        return f"{device.device_kind} ({device.platform})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical cores"
+
+
 def json_doc(device, config: dict[str, Any], copies: list[float], results, skipped) -> dict:
     """The ``--json`` document: the device, the versions, the allocator, the kernels' path, the
     configuration, the copy bandwidths (GB/s, one per configuration) and every result."""
@@ -54,6 +77,7 @@ def json_doc(device, config: dict[str, Any], copies: list[float], results, skipp
     return dict(
         device=dict(
             kind=device.device_kind,
+            machine=machine(device),
             platform=device.platform,
             count=len(jax.devices(device.platform)),
         ),
