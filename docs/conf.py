@@ -53,3 +53,22 @@ nitpick_ignore_regex = [
     # Sphinx cannot parse a property's ``tuple[str, ...]`` annotation into a target
     (r"py:class", r"tuple\[.*"),
 ]
+
+# jax.typing.ArrayLike is a union; autodoc would print its eight members in every signature
+# (``autodoc_type_aliases`` cannot name it inside ``Mapping[str, ArrayLike]``)
+_ARRAY_LIKE = (
+    "~jax.jaxlib._jax.Array | ~numpy.ndarray | ~numpy.bool | ~numpy.number | bool | int | float | "
+    "complex"
+)
+
+
+def _array_like(app, what, name, obj, options, signature, return_annotation):
+    if signature is not None:
+        signature = signature.replace(_ARRAY_LIKE, "~jax.typing.ArrayLike")
+    if return_annotation is not None:
+        return_annotation = return_annotation.replace(_ARRAY_LIKE, "~jax.typing.ArrayLike")
+    return signature, return_annotation
+
+
+def setup(app):
+    app.connect("autodoc-process-signature", _array_like)
