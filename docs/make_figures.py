@@ -57,20 +57,23 @@ def _stamp(src: pathlib.Path, dst: pathlib.Path, note: str) -> None:
     plt.close(fig)
 
 
-def _run(cmd: list[str]) -> None:
+def _plotted(out: str, program: list[str], shown: str, args: list[str]) -> None:
+    """Runs ``program *args --plot TMP`` (without ``XLA_FLAGS``: one device) and saves its PNG as
+    ``out``, stamped with ``shown *args`` and the machine."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = pathlib.Path(tmp) / out
+        cmd = [sys.executable, *program, *args, "--plot", str(png)]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+        _stamp(png, OUT / out, f"{shown} {' '.join(args)}  |  {machine()}")
 
 
 def bench_sweep() -> None:
     """Lookup and bag-sum time and bandwidth against the vocabulary, with torch's beside."""
     args = ["--ops", "lookup,bag-sum", "--sweep", "vocab=1e3,1e4,1e5,1e6", "--dim", "64"]
     args += ["--batch", "16384", "--repeat", "15"]
-    with tempfile.TemporaryDirectory() as tmp:
-        png = pathlib.Path(tmp) / "sweep.png"
-        _run([sys.executable, "-m", "jaxembed.bench", *args, "--plot", str(png)])
-        _stamp(png, OUT / "bench_sweep.png", f"jaxembed-bench {' '.join(args)}  |  {machine()}")
+    _plotted("bench_sweep.png", ["-m", "jaxembed.bench"], "jaxembed-bench", args)
 
 
 def bench_bars() -> None:
@@ -79,29 +82,19 @@ def bench_bars() -> None:
     ops += ",train-bag-rowwise_adagrad"
     args = ["--ops", ops, "--vocab", "1000000", "--dim", "64", "--batch", "16384"]
     args += ["--ids", "uniform,zipf:1.15", "--repeat", "7"]
-    with tempfile.TemporaryDirectory() as tmp:
-        png = pathlib.Path(tmp) / "bars.png"
-        _run([sys.executable, "-m", "jaxembed.bench", *args, "--plot", str(png)])
-        _stamp(png, OUT / "bench_bars.png", f"jaxembed-bench {' '.join(args)}  |  {machine()}")
+    _plotted("bench_bars.png", ["-m", "jaxembed.bench"], "jaxembed-bench", args)
 
 
 def dlrm() -> None:
     """The DLRM example's loss and held-out AUC."""
     args = ["--steps", "400", "--cap", "50000", "--eval-every", "50"]
-    with tempfile.TemporaryDirectory() as tmp:
-        png = pathlib.Path(tmp) / "dlrm.png"
-        _run([sys.executable, "examples/dlrm.py", *args, "--plot", str(png)])
-        _stamp(
-            png, OUT / "dlrm_loss.png", f"python examples/dlrm.py {' '.join(args)}  |  {machine()}"
-        )
+    _plotted("dlrm_loss.png", ["examples/dlrm.py"], "python examples/dlrm.py", args)
 
 
 def skipgram() -> None:
     """The skip-gram example's loss."""
-    with tempfile.TemporaryDirectory() as tmp:
-        png = pathlib.Path(tmp) / "skipgram.png"
-        _run([sys.executable, "examples/train_skipgram.py", "--plot", str(png)])
-        _stamp(png, OUT / "skipgram_loss.png", f"python examples/train_skipgram.py  |  {machine()}")
+    shown = "python examples/train_skipgram.py"
+    _plotted("skipgram_loss.png", ["examples/train_skipgram.py"], shown, [])
 
 
 # the layers of jaxembed/, top to bottom, and what each may import (tests/test_package.py)
@@ -325,7 +318,7 @@ def main(argv: list[str]) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
         FIGURES[name]()
-        print("wrote", OUT / f"{name}.png" if name in ("pipeline", "placement") else name)
+        print("made", name)
     return 0
 
 
