@@ -103,6 +103,7 @@ LAYERS = [
         "entry points",
         [
             "modules: Embedding, EmbeddingBag,\ncollections (nnx, linen)",
+            "serving: export,\nArtifact, load",
             "bench: jaxembed-bench",
             "_interop: torch, safetensors",
         ],

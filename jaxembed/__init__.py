@@ -11,9 +11,11 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 * :mod:`jaxembed.quantized`: 8-, 4- and 2-bit row-wise tables in torch's and FBGEMM's bytes;
 * :mod:`jaxembed.modules`: the Flax modules (nnx here as :class:`Embedding` and
   :class:`EmbeddingBag`; linen as :mod:`jaxembed.linen`);
+* :mod:`jaxembed.serving`: a forward pass exported with ``jax.export``, its tables beside it;
 * :mod:`jaxembed.bench`: the ``jaxembed-bench`` command.
 
-``jaxembed.linen`` and ``jaxembed.bench`` are imported when first used, as ``flax.linen`` is.
+``jaxembed.linen``, ``jaxembed.serving`` and ``jaxembed.bench`` are imported when first used, as
+``flax.linen`` is.
 """
 
 import importlib as _importlib
@@ -89,12 +91,13 @@ __all__ = [
     "renorm",
     "safetensors_names",
     "save_safetensors",
+    "serving",
     "sharding",
     "sparse",
     "to_torch",
 ]
 
-_LAZY = ("linen", "bench")
+_LAZY = ("linen", "bench", "serving")
 
 
 def __getattr__(name: str):

@@ -33,6 +33,22 @@ _SAFETENSORS_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 _SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+# every array a serving artifact's tables hold (packed rows, ids, fp8 scales): the format's names
+_ARRAY_DTYPES = {
+    **_SAFETENSORS_DTYPES,
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_ARRAY_NAMES = {v: k for k, v in _ARRAY_DTYPES.items()}
 
 
 def _key(prefix: str, name: str | None) -> str:
@@ -260,17 +276,30 @@ def save_safetensors(
       Array([0., 1., 0.], dtype=float32)
     """
     weight = np.asarray(_validation.check_weight(params))
-    name = _SAFETENSORS_NAMES.get(weight.dtype)
-    if name is None:
+    if weight.dtype not in _SAFETENSORS_NAMES:
         raise TypeError(f"safetensors tables must be one of {sorted(_SAFETENSORS_DTYPES)}")
-    weight = np.ascontiguousarray(weight, dtype=_SAFETENSORS_DTYPES[name])  # little-endian
-    header: dict[str, Any] = {
-        _key(prefix, None): {
-            "dtype": name,
-            "shape": list(weight.shape),
-            "data_offsets": [0, weight.nbytes],
-        }
-    }
+    write_arrays(path, {_key(prefix, None): weight}, metadata)
+
+
+def write_arrays(
+    path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes named arrays of any dtype the format names (floats, ints, bool, fp8) as one
+    ``.safetensors`` file, beside ``path`` and renamed into place (a failed write leaves no
+    half file); ``TypeError`` names an array of another dtype."""
+    header: dict[str, Any] = {}
+    blobs, offset = [], 0
+    for key, value in arrays.items():
+        array = np.asarray(value)
+        name = _ARRAY_NAMES.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">"
+                                else array.dtype)  # fmt: skip
+        if name is None:
+            raise TypeError(f"{key!r}: safetensors holds no {array.dtype} arrays")
+        data = np.ascontiguousarray(array, dtype=_ARRAY_DTYPES[name]).tobytes()  # little-endian
+        header[key] = {"dtype": name, "shape": list(array.shape),
+                       "data_offsets": [offset, offset + len(data)]}  # fmt: skip
+        blobs.append(data)
+        offset += len(data)
     if metadata is not None:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -279,5 +308,32 @@ def save_safetensors(
     with open(tmp, "wb") as f:  # written aside and renamed: a failed save leaves no half file
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        f.write(weight.tobytes())
+        for data in blobs:
+            f.write(data)
     os.replace(tmp, path)
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of a ``.safetensors`` file, by name, as :func:`write_arrays` writes them;
+    ``ValueError`` names the file if it is not one, or is truncated."""
+    path = os.fspath(path)
+    out = {}
+    with open(path, "rb") as f:
+        header, data_start = _read_header(f, path)
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _ARRAY_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"{key!r} in {path} has dtype {entry.get('dtype')!r}")
+            shape = tuple(entry["shape"])
+            count = int(np.prod(shape, dtype=np.int64))
+            begin, end = entry["data_offsets"]
+            if end - begin != count * dtype.itemsize:
+                raise ValueError(f"{key!r} in {path}: data_offsets do not match shape {shape}")
+            f.seek(data_start + begin)
+            array = np.fromfile(f, dtype=dtype, count=count)
+            if array.size != count:
+                raise ValueError(f"{path} is truncated: {key!r} needs {count} values")
+            out[key] = array.reshape(shape)
+    return out

@@ -21,6 +21,7 @@ PUBLIC = [
     "jaxembed.modules",
     "jaxembed.linen",
     "jaxembed.kernels",
+    "jaxembed.serving",
     "jaxembed.bench",
 ]
 

@@ -20,7 +20,6 @@ The whole suite also runs on each path: ``python -m pytest`` (the kernels) and
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import pathlib
@@ -51,16 +50,11 @@ _PROFILE = settings.get_current_profile_name()
 costly = settings(max_examples=10) if _PROFILE == "default" else settings()
 
 
-@contextlib.contextmanager
 def reference_path():
-    """Trace the pure-JAX path: the kernels are chosen when a function is traced, so a fresh
-    ``jax.jit`` of a new function traced inside this block runs without them."""
-    on = _ffi._ON
-    _ffi._ON = False
-    try:
-        yield
-    finally:
-        _ffi._ON = on
+    """Trace the pure-JAX path: the kernels are chosen when a function is traced, and
+    :func:`jaxembed.kernels.pure_jax` clears JAX's caches on the way in and out, so no trace
+    made with the kernels (an inner ``jax.jit`` of the core's, say) is reused inside."""
+    return jaxembed.kernels.pure_jax()
 
 
 def test_the_kernels_are_built_where_a_compiler_is():

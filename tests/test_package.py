@@ -135,7 +135,17 @@ def test_each_folder_imports_only_the_layers_below(folder):
 
 @pytest.mark.parametrize(
     "folder",
-    ["kernels", "core", "sparse", "sharding", "collections", "quantized", "modules", "bench"],
+    [
+        "kernels",
+        "core",
+        "sparse",
+        "sharding",
+        "collections",
+        "quantized",
+        "modules",
+        "serving",
+        "bench",
+    ],
 )
 def test_each_folder_says_what_it_owns(folder):
     doc = ast.get_docstring(ast.parse((ROOT / folder / "__init__.py").read_text()))
@@ -181,9 +191,11 @@ def test_linen_and_bench_are_reached_from_the_package():
     code = (
         "import sys, jaxembed\n"
         "assert 'jaxembed.linen' not in sys.modules\n"
-        "print(jaxembed.linen.Embedding.__name__, jaxembed.bench.main.__name__)\n"
+        "assert 'jaxembed.serving' not in sys.modules\n"
+        "print(jaxembed.linen.Embedding.__name__, jaxembed.bench.main.__name__,\n"
+        "      jaxembed.serving.export.__name__)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
-    assert out.stdout.split() == ["Embedding", "main"]
+    assert out.stdout.split() == ["Embedding", "main", "export"]

@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 
 from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Plan, Stack
 from jaxembed.collections._jagged import KeyedJagged
-from jaxembed.core import _bag, _gradient, _layout, _validation
+from jaxembed.core import _bag, _gradient, _layout, _serialization, _validation
 from jaxembed.core._packed import is_packed
 from jaxembed.core._pipeline import Lookup
 from jaxembed.sparse._lookup import BagLookup, SparseGrad, SparseLookup
@@ -721,3 +721,6 @@ def named_optimizer(txs: Mapping[str, RowOptimizer], check: Any) -> CollectionOp
         return params, state
 
     return CollectionOptimizer(init_fn, update_fn)
+
+
+_serialization.register_namedtuple(Jagged, "collections.Jagged")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed.core import _index_policy
+from jaxembed.core import _index_policy, _serialization
 
 
 def _check_keys(keys: Any) -> tuple[str, ...]:
@@ -322,3 +322,6 @@ class KeyedJagged:
             k: [values[starts[f * b + i] : ends[f * b + i]] for i in range(b)]
             for f, k in enumerate(self.keys)
         }
+
+
+_serialization.register_node(KeyedJagged, "KeyedJagged", to_json=list, from_json=tuple)

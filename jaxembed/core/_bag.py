@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed.core import _index_policy, _layout, _options, _renorm
+from jaxembed.core import _index_policy, _layout, _options, _renorm, _serialization
 from jaxembed.core._numerics import at_run_time, divide
 from jaxembed.core._options import LookupOptions
 from jaxembed.core._packed import array_of
@@ -757,3 +757,6 @@ def _check_per_sample_weights(per_sample_weights: Any, mode: str, shape: tuple) 
             f"got {tuple(per_sample_weights.shape)}"
         )
     return per_sample_weights
+
+
+_serialization.register_namedtuple(Spread, "core.Spread")

@@ -8,7 +8,8 @@ so GPU and TPU programs, and any CPU without the built kernels, run the pure-JAX
 stays the reference the kernels are tested against.
 
 * :func:`available`: whether this process runs them (built, and not turned off);
-* :func:`status`: which instruction set they run with, or why they do not run.
+* :func:`status`: which instruction set they run with, or why they do not run;
+* :func:`pure_jax`: a block traced on the pure-JAX path (what an exported artifact holds).
 
 ``JAXEMBED_KERNELS=0`` in the environment, before jaxembed is imported, runs the pure-JAX path
 everywhere; ``JAXEMBED_KERNEL_ISA=generic`` or ``avx2`` picks a lower instruction set than the
@@ -28,6 +29,6 @@ Example:
   True
 """
 
-from jaxembed.kernels._ffi import available, status
+from jaxembed.kernels._ffi import available, pure_jax, status
 
-__all__ = ["available", "status"]
+__all__ = ["available", "pure_jax", "status"]

@@ -11,6 +11,8 @@ under ``vmap`` one call at a time (``vmap_method="sequential"``): correct, not f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -57,10 +59,40 @@ MAX_ENTRIES = 2**31 - 1
 _OPTIMIZERS = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "lazy_adam": 3}
 
 
+#: set inside :func:`pure_jax`: what is traced there runs the pure-JAX path
+_PURE = contextvars.ContextVar("jaxembed_pure_jax", default=False)
+
+
 def available() -> bool:
-    """Whether this process runs the CPU kernels: they were built, and ``JAXEMBED_KERNELS``
-    is not ``0``."""
-    return _ON
+    """Whether this process runs the CPU kernels: they were built, ``JAXEMBED_KERNELS`` is not
+    ``0``, and the caller is not inside :func:`pure_jax`."""
+    return _ON and not _PURE.get()
+
+
+@contextlib.contextmanager
+def pure_jax():
+    """Traces jaxembed on the pure-JAX path inside the block, kernels or not.
+
+    What is traced inside holds no call of the kernels' FFI targets: XLA's own ops only, which
+    any jax runs. :func:`jaxembed.serving.export` traces this way, since ``jax.export`` refuses a
+    custom call without a compatibility guarantee, and the process that loads an artifact need
+    not have jaxembed. JAX caches traces without knowing this switch, so the block clears the
+    caches on its way in and out (``jax.clear_caches()``): what was compiled before is compiled
+    again when next called, and nothing traced inside is reused outside.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxembed
+      >>> with jaxembed.kernels.pure_jax():
+      ...     jaxembed.kernels.available()
+      False
+    """
+    token = _PURE.set(True)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _PURE.reset(token)
+        jax.clear_caches()
 
 
 def status() -> str:
@@ -86,7 +118,7 @@ PACKED_OUT = (jnp.float32, jnp.bfloat16, jnp.float16)
 def table_applies(table: Any, dtypes=FLOATS) -> bool:
     """Whether a kernel reads ``table``: on, a plain 2-D array of a dtype in ``dtypes``."""
     return (
-        _ON
+        available()
         and isinstance(table, jax.Array | jax.core.Tracer)
         and getattr(table, "ndim", 0) == 2
         and any(table.dtype == d for d in dtypes)
@@ -101,7 +133,7 @@ def _format(table: Any) -> int | None:
     fmt = getattr(table, "native_format", None)
     stored = getattr(table, "stored", None)
     if (
-        _ON
+        available()
         and fmt in PACKED
         and isinstance(stored, jax.Array | jax.core.Tracer)
         and stored.dtype == jnp.uint8
@@ -117,8 +149,9 @@ def bags_apply(table: Any, num_entries: int, style: str) -> bool:
     up in ``style`` ("gather" or "auto": on CPU, "auto" gathers; "one_hot" keeps its matmul),
     at least one of them. ``table`` is a float array, or a packed table (the core's
     ``PackedTable``) whose ``native_format`` the kernels decode."""
-    fits = 0 < num_entries <= MAX_ENTRIES  # no ids: nothing to speed up
-    return _format(table) is not None and style != "one_hot" and fits
+    if _format(table) is None or style == "one_hot":
+        return False
+    return 0 < num_entries <= MAX_ENTRIES  # no ids: nothing to speed up
 
 
 def _source(table: Any) -> tuple[jax.Array, dict]:

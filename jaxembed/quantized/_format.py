@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed.core import _validation
+from jaxembed.core import _serialization, _validation
 from jaxembed.core._packed import PackedTable
 
 BITS = (8, 4, 2)
@@ -328,6 +328,19 @@ def _pack_n(x: jax.Array, top: jax.Array, bits: int) -> jax.Array:
     return jnp.concatenate([packed, tail], axis=1)
 
 
+def _little_endian(tail: jax.Array, dtype: Any) -> jax.Array:
+    """The values whose little-endian bytes are ``tail``'s last axis (4 bytes: float32, 2:
+    float16), ``tail.shape[:-1]``. The bytes are joined with shifts and then bitcast at the same
+    width: a bitcast that changes the width does not hold under ``jax.export``'s symbolic shapes
+    (StableHLO cannot refine it)."""
+    width = tail.shape[-1]
+    word_type = {4: jnp.uint32, 2: jnp.uint16}[width]
+    word = tail[..., 0].astype(word_type)
+    for k in range(1, width):
+        word = word | (tail[..., k].astype(word_type) << (8 * k))
+    return jax.lax.bitcast_convert_type(word, dtype)
+
+
 def unpack_rows(
     rows: jax.Array,
     bits: int,
@@ -340,12 +353,12 @@ def unpack_rows(
     if fp8 is not None:
         codes = jax.lax.bitcast_convert_type(rows[..., :embedding_dim], FP8[fp8][0])
         tail = rows[..., embedding_dim : embedding_dim + 4]
-        scale = jax.lax.bitcast_convert_type(tail, jnp.float32)[..., None]
+        scale = _little_endian(tail, jnp.float32)[..., None]
         return (codes.astype(jnp.float32) * scale).astype(dtype)
     if bits == 8:
         codes = rows[..., :embedding_dim].astype(jnp.float32)
         tail = rows[..., embedding_dim : embedding_dim + 8].reshape(*lead, 2, 4)
-        scale_bias = jax.lax.bitcast_convert_type(tail, jnp.float32)
+        scale_bias = _little_endian(tail, jnp.float32)
     else:
         per = 8 // bits
         width = embedding_dim // per
@@ -354,7 +367,7 @@ def unpack_rows(
         codes = (packed[..., :, None] >> shifts) & jnp.uint8((1 << bits) - 1)
         codes = codes.reshape(*lead, embedding_dim).astype(jnp.float32)
         tail = rows[..., width : width + 4].reshape(*lead, 2, 2)
-        scale_bias = jax.lax.bitcast_convert_type(tail, jnp.float16).astype(jnp.float32)
+        scale_bias = _little_endian(tail, jnp.float16).astype(jnp.float32)
     scale, bias = scale_bias[..., 0:1], scale_bias[..., 1:2]
     return (codes * scale + bias).astype(dtype)
 
@@ -434,3 +447,11 @@ def from_torch(source: Any) -> QuantizedTable:
         tail = np.stack([scale, bias], axis=1).astype(np.float16)
     data = np.concatenate([codes.astype(np.uint8), tail.view(np.uint8).reshape(rows, -1)], axis=1)
     return QuantizedTable.from_bytes(data, bits, dim)
+
+
+_serialization.register_node(
+    QuantizedTable,
+    "QuantizedTable",
+    to_json=lambda aux: [aux[0], aux[1], jnp.dtype(aux[2]).name, aux[3]],
+    from_json=lambda v: (v[0], v[1], jnp.dtype(v[2]), v[3]),
+)

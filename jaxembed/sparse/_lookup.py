@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed.core import _bag, _index_policy, _layout, _options, _validation
+from jaxembed.core import _bag, _index_policy, _layout, _options, _serialization, _validation
 from jaxembed.core._options import LookupOptions
 from jaxembed.core._pipeline import Lookup, new_params
 
@@ -427,3 +427,9 @@ def sum_grads(*grads: SparseGrad) -> SparseGrad:
         jnp.concatenate([g.indices.astype(dtype) for g in grads]),
         jnp.concatenate([g.values for g in grads]),
     )
+
+
+_serialization.register_namedtuple(SparseGrad, "sparse.SparseGrad")
+_serialization.register_node(_SpreadGrad, "sparse.SparseGrad.spread")
+_serialization.register_namedtuple(SparseLookup, "sparse.SparseLookup")
+_serialization.register_node(BagLookup, "sparse.BagLookup", to_json=list, from_json=tuple)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxembed.core import _layout, _validation
+from jaxembed.core import _layout, _serialization, _validation
 from jaxembed.kernels import _ffi as _kernels
 from jaxembed.sparse import _update as _sparse_update
 from jaxembed.sparse._lookup import SparseGrad, spread_of
@@ -715,3 +715,7 @@ def sharded(optimizer: RowOptimizer, sharding: Any) -> RowOptimizer:
     if layout is _layout.LOCAL:
         raise TypeError("sharding must be a jaxembed.TableSharding, got None")
     return layout.rowwise(optimizer)
+
+
+for _state in (SgdState, AdagradState, RowwiseAdagradState, LazyAdamState):
+    _serialization.register_namedtuple(_state, f"sparse.{_state.__name__}")
