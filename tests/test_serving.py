@@ -255,3 +255,57 @@ def test_public_pytrees_cross_an_exported_boundary(name):
     assert type(out) is type(obj)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(obj), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+needs_kernels = pytest.mark.skipif(
+    not jaxembed.kernels.available(), reason=f"kernels: {jaxembed.kernels.status()}"
+)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["float32", "8bit", "2bit"])
+def test_a_kernels_artifact_equals_the_live_kernels_bit_for_bit(kind, tmp_path):
+    params = _params(kind)
+    b, c = serving.symbolic_shape("b, c")
+    art = serving.export(
+        forward, params, jax.ShapeDtypeStruct((c,), jnp.int32),
+        jax.ShapeDtypeStruct((len(KEYS) * b,), jnp.int32), kernels=True,
+    )  # fmt: skip
+    assert art.kernels == ("jaxembed_bag_sum",)
+    art.save(tmp_path)
+    loaded = serving.load(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["kernels"] == ["jaxembed_bag_sum"]
+    live = jax.jit(forward)
+    for inputs in (batch(1, 0, capacity=64), batch(33, 2)):
+        np.testing.assert_array_equal(loaded(*inputs), live(params, *inputs))
+
+
+@needs_kernels
+def test_a_kernels_artifact_is_refused_where_the_kernels_do_not_run(tmp_path):
+    params = jaxembed.init(jax.random.key(0), 100, 4)
+    art = serving.export(
+        lambda p, ids: jaxembed.embedding_bag(p, ids, mode="sum")[0],
+        params,
+        jnp.zeros((2, 3), jnp.int32),
+        kernels=True,
+    )
+    art.save(tmp_path)
+    code = f"import jaxembed\njaxembed.serving.load({str(tmp_path)!r})\n"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "JAXEMBED_KERNELS": "0"},
+    )
+    assert result.returncode != 0
+    assert "calls jaxembed's CPU kernels ['jaxembed_bag_sum']" in result.stderr
+    assert "export with kernels=False" in result.stderr
+
+
+def test_kernels_true_needs_the_kernels():
+    params = jaxembed.init(jax.random.key(0), 100, 4)
+    with jaxembed.kernels.pure_jax(), pytest.raises(RuntimeError, match="runs no kernels"):
+        serving.export(
+            lambda p, i: jaxembed.embedding(p, i)[0], params, jnp.arange(3), kernels=True
+        )

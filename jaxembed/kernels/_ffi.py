@@ -101,6 +101,11 @@ def status() -> str:
     return _native.isa() if _ON else _WHY
 
 
+def targets() -> tuple[str, ...]:
+    """The kernels' FFI target names (``"jaxembed_bag_sum"``, ...); none where not built."""
+    return tuple(_native.registrations()) if _native is not None else ()
+
+
 @functools.cache
 def _registered() -> bool:
     for name, capsule in _native.registrations().items():

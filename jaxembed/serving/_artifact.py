@@ -73,6 +73,7 @@ def export(
     tables: Any,
     *inputs: Any,
     platforms: tuple[str, ...] | None = None,
+    kernels: bool = False,
 ) -> Artifact:
     """Exports ``fn(tables, *inputs)`` for serving: traced once, on the pure-JAX path.
 
@@ -81,11 +82,14 @@ def export(
     Float and quantized tables (:class:`jaxembed.QuantizedTable`) both work. ``inputs`` may
     have symbolic dimensions (:func:`symbolic_shape`): one artifact then serves every size.
 
-    The trace runs in :func:`jaxembed.kernels.pure_jax`: XLA's own ops only, which any jax
-    runs, since ``jax.export`` refuses the CPU kernels' custom calls, and the process that loads
-    the artifact need not have jaxembed. Its outputs equal the live function's on the pure-JAX
-    path bit for bit (on the kernels: as the kernels equal it, :doc:`/guides/cpu-kernels`). The
-    trace clears JAX's caches on its way in and out.
+    By default the trace runs in :func:`jaxembed.kernels.pure_jax`: XLA's own ops only, which
+    any jax runs, since ``jax.export`` refuses custom calls without a compatibility guarantee,
+    and the process that loads the artifact need not have jaxembed. Its outputs equal the live
+    function's on the pure-JAX path bit for bit (on the kernels: as the kernels equal it,
+    :doc:`/guides/cpu-kernels`). The trace clears JAX's caches on its way in and out. With
+    ``kernels=True`` the artifact calls jaxembed's CPU kernels instead, as the live function
+    does on CPU: faster, and only loadable where the same jaxembed, with its kernels, is
+    installed (:func:`load` checks).
 
     Args:
       fn: ``fn(tables, *inputs) -> outputs``: a pure function of arrays, e.g. a collection's
@@ -95,6 +99,7 @@ def export(
         quantized tables).
       *inputs: example inputs, arrays or ``jax.ShapeDtypeStruct`` (with symbolic dimensions).
       platforms: what the artifact runs on (``("cpu", "cuda")``); None: the default backend.
+      kernels: call the CPU kernels (see above); this process must run them.
 
     Returns:
       An :class:`Artifact` holding the export and the tables.
@@ -102,6 +107,7 @@ def export(
     Raises:
       ValueError: two table leaves would share a name.
       NotImplementedError: a table is placed on a mesh (more than one device).
+      RuntimeError: ``kernels=True`` where this process runs no kernels.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxembed
@@ -127,8 +133,16 @@ def export(
         return fn(jax.tree.unflatten(treedef, [named_tables[n] for n in names]), *args)
 
     avals = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in named.items()}
-    with _ffi.pure_jax():
-        exported = jax.export.export(jax.jit(forward), platforms=platforms)(avals, *inputs)
+    if kernels:
+        if not _ffi.available():
+            raise RuntimeError(f"kernels=True, but this process runs no kernels: {_ffi.status()}")
+        checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _ffi.targets()]
+        exported = jax.export.export(jax.jit(forward), platforms=platforms, disabled_checks=checks)(
+            avals, *inputs
+        )
+    else:
+        with _ffi.pure_jax():
+            exported = jax.export.export(jax.jit(forward), platforms=platforms)(avals, *inputs)
     return Artifact(exported, named)
 
 
@@ -142,10 +156,25 @@ class Artifact:
       exported: the ``jax.export.Exported``: its ``in_avals`` are the tables' (by name, sorted),
         then the inputs', with their symbolic dimensions.
       tables: ``{name: numpy array}``, the arguments the export takes first.
+      kernels: the jaxembed CPU kernels the export calls (``export(..., kernels=True)``), else
+        ``()``.
+
+    Raises:
+      RuntimeError: the export calls kernels this process does not run.
     """
 
     def __init__(self, exported: jax.export.Exported, tables: dict[str, np.ndarray]):
         self.exported, self.tables = exported, tables
+        self.kernels = tuple(sorted(set(re.findall(r"@(jaxembed_\w+)", exported.mlir_module()))))
+        if self.kernels:
+            missing = sorted(set(self.kernels) - set(_ffi.targets()))
+            if missing or not _ffi.available():
+                raise RuntimeError(
+                    f"this artifact calls jaxembed's CPU kernels {list(self.kernels)}, which this "
+                    f"process does not run ({_ffi.status()}; missing: {missing}): install "
+                    "jaxembed with its kernels, or export with kernels=False"
+                )
+            _ffi._registered()  # the FFI targets the compiled artifact calls
         self._call = jax.jit(exported.call)
         self._device_tables = None
 
@@ -164,6 +193,7 @@ class Artifact:
             "jax": jax.__version__,
             "jaxembed": jaxembed.__version__,
             "platforms": list(exp.platforms),
+            "kernels": list(self.kernels),
             "tables": {n: [str(a.dtype), list(a.shape)] for n, a in sorted(self.tables.items())},
             "inputs": [str(a) for a in exp.in_avals[len(self.tables) :]],
             "outputs": [str(a) for a in exp.out_avals],
