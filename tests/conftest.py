@@ -22,7 +22,7 @@ LONGEST_FIRST = (
     "tests/test_sharding.py::test_multidevice_scale_tests_on_8_fake_cpu_devices",
     "tests/test_fuzz.py::test_float64_under_x64",
     "tests/test_bench.py::test_command_end_to_end_writes_json_and_png",
-    "tests/test_readme.py::test_readme_blocks_run_in_order",
+    "tests/test_docs.py::test_page_blocks_run_in_order[guides/collections.md]",
 )
 
 

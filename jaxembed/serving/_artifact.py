@@ -75,7 +75,7 @@ def export(
     platforms: tuple[str, ...] | None = None,
     kernels: bool = False,
 ) -> Artifact:
-    """Exports ``fn(tables, *inputs)`` for serving: traced once, on the pure-JAX path.
+    """Exports ``fn(tables, *inputs)`` for serving, traced once (on the pure-JAX path by default).
 
     The tables travel as arguments beside the StableHLO, by name (their pytree paths,
     ``"users/weight"``), so the artifact holds no table and its size does not grow with them.
