@@ -1,7 +1,7 @@
 """Makes the site's figures under docs/_static/figures/, each stamped with its machine.
 
     pip install -e '.[docs,bench-baselines]'
-    python docs/make_figures.py              # all of them, about 5 minutes on 2 CPU cores
+    python docs/make_figures.py              # all of them, about 2 minutes on 2 CPU cores
     python docs/make_figures.py placement    # one of: bench_sweep, bench_bars, dlrm, skipgram,
                                              # pipeline, placement
 
