@@ -291,13 +291,16 @@ def write_arrays(
     blobs, offset = [], 0
     for key, value in arrays.items():
         array = np.asarray(value)
-        name = _ARRAY_NAMES.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">"
-                                else array.dtype)  # fmt: skip
+        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+        name = _ARRAY_NAMES.get(dtype)
         if name is None:
             raise TypeError(f"{key!r}: safetensors holds no {array.dtype} arrays")
         data = np.ascontiguousarray(array, dtype=_ARRAY_DTYPES[name]).tobytes()  # little-endian
-        header[key] = {"dtype": name, "shape": list(array.shape),
-                       "data_offsets": [offset, offset + len(data)]}  # fmt: skip
+        header[key] = {
+            "dtype": name,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     if metadata is not None:
