@@ -167,3 +167,37 @@ def test_nnx_module_from_a_checkpoint_table():
     mod = jaxembed.Embedding.from_pretrained(params["weight"], freeze=False, sparse=True)
     assert isinstance(mod.weight, jaxembed.sparse.SparseParam)
     assert isinstance(mod.weight, nnx.Param)
+
+
+def test_named_arrays_of_every_dtype_round_trip_with_the_reference(tmp_path):
+    """``write_arrays`` / ``read_arrays`` (a serving artifact's tables: packed uint8 rows, ids,
+    flags) against the ``safetensors`` package, both ways, big-endian input included."""
+    from safetensors.numpy import load_file, save_file
+
+    from jaxembed import _interop
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "rows/0": rng.integers(0, 256, (5, 12)).astype(np.uint8),
+        "ids": rng.integers(-(2**40), 2**40, 7).astype(np.int64),
+        "small": rng.integers(-100, 100, 3).astype(np.int8),
+        "flags": rng.random(4) < 0.5,
+        "scale": rng.normal(size=(2, 3)).astype(">f4"),
+        "half": rng.normal(size=3).astype(np.float16),
+        "counts": rng.integers(0, 2**31, 2).astype(np.int32),
+    }
+    ours = tmp_path / "ours.safetensors"
+    _interop.write_arrays(ours, arrays)
+    theirs = load_file(ours)
+    for name, array in arrays.items():
+        assert theirs[name].dtype == array.dtype.newbyteorder("=")
+        np.testing.assert_array_equal(theirs[name], array)
+    reference = tmp_path / "reference.safetensors"
+    save_file({k: np.ascontiguousarray(v, v.dtype.newbyteorder("=")) for k, v in arrays.items()},
+              reference)  # fmt: skip
+    back = _interop.read_arrays(reference)
+    assert back.keys() == arrays.keys()
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(back[name], array)
+    with pytest.raises(TypeError, match="'bad'"):
+        _interop.write_arrays(tmp_path / "bad.safetensors", {"bad": np.array(["text"])})
