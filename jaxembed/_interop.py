@@ -235,16 +235,23 @@ def load_safetensors(
                 f"{key!r} in {path} has dtype {entry['dtype']}; a table must be one of "
                 f"{sorted(_SAFETENSORS_DTYPES)}"
             )
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * np_dtype.itemsize:
-            raise ValueError(f"{key!r} in {path}: data_offsets do not match shape {shape}")
-        f.seek(data_start + begin)
-        array = np.fromfile(f, dtype=np_dtype, count=count)
-        if array.size != count:
-            raise ValueError(f"{path} is truncated: {key!r} needs {count} values")
-    return _table(f"{key!r} in {path}", array.reshape(shape), dtype)
+        array = _read_entry(f, path, key, entry, np_dtype, data_start)
+    return _table(f"{key!r} in {path}", array, dtype)
+
+
+def _read_entry(f: Any, path: str, key: str, entry: dict, dtype: Any, data_start: int):
+    """The array of one header ``entry``, read from the open file ``f``; ``ValueError`` where
+    its offsets do not match its shape, or the file ends before its data does."""
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    count = int(np.prod(shape, dtype=np.int64))
+    if end - begin != count * dtype.itemsize:
+        raise ValueError(f"{key!r} in {path}: data_offsets do not match shape {shape}")
+    f.seek(data_start + begin)
+    array = np.fromfile(f, dtype=dtype, count=count)
+    if array.size != count:
+        raise ValueError(f"{path} is truncated: {key!r} needs {count} values")
+    return array.reshape(shape)
 
 
 def save_safetensors(
@@ -329,14 +336,5 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
             dtype = _ARRAY_DTYPES.get(entry.get("dtype"))
             if dtype is None:
                 raise ValueError(f"{key!r} in {path} has dtype {entry.get('dtype')!r}")
-            shape = tuple(entry["shape"])
-            count = int(np.prod(shape, dtype=np.int64))
-            begin, end = entry["data_offsets"]
-            if end - begin != count * dtype.itemsize:
-                raise ValueError(f"{key!r} in {path}: data_offsets do not match shape {shape}")
-            f.seek(data_start + begin)
-            array = np.fromfile(f, dtype=dtype, count=count)
-            if array.size != count:
-                raise ValueError(f"{path} is truncated: {key!r} needs {count} values")
-            out[key] = array.reshape(shape)
+            out[key] = _read_entry(f, path, key, entry, dtype, data_start)
     return out
