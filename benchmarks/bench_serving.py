@@ -22,6 +22,8 @@ goes first); p50 and p99 are over the rounds. The ratio to live is what to quote
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 
@@ -31,8 +33,10 @@ import numpy as np
 
 import jaxembed
 
-CRITEO = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-          27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]  # fmt: skip
+# the 26 cardinalities the DLRM example trains on (benchmarks/bench_collection_mesh.py does the
+# same)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from dlrm import CRITEO
 
 
 def requests(rows, batch, n, rng):

@@ -225,15 +225,14 @@ make_figures._placement_in_process()
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-CRITEO = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-          27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]  # fmt: skip
-
-
 def _placement_in_process() -> None:
     import jax
     import numpy as np
 
     import jaxembed
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from dlrm import CRITEO  # the DLRM example's 26 cardinalities
 
     plt = _plt()
     tables = [
