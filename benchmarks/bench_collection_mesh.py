@@ -29,7 +29,9 @@ def main(argv=None):
     ap.add_argument("--cap", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--slack", type=float, default=1.25, help="capacity over the most seen")
     ap.add_argument("--by-kind", action="store_true", help="also time every table one kind")
+    ap.add_argument("--weak", action="store_true", help="also K = 1..8, per-device batch fixed")
     args = ap.parse_args(argv)
     if args.devices:
         flag = f"--xla_force_host_platform_device_count={args.devices}"
@@ -57,26 +59,41 @@ def main(argv=None):
           f"{args.dim}; batch {args.batch}")  # fmt: skip
     print(plan)
 
-    rng = np.random.default_rng(0)
     local = args.batch // k
-    lists = {}
-    for i, r in enumerate(rows):
-        lengths = np.minimum(rng.zipf(1.5, args.batch), 8)
-        ids = (rng.zipf(1.1, int(lengths.sum())) - 1) % r
-        lists[f"cat_{i}"] = np.split(ids, np.cumsum(lengths)[:-1])
-    capacity = max(sum(len(b) for v in lists.values() for b in v[d * local:(d + 1) * local])
-                   for d in range(k))  # fmt: skip
-    capacity = 1 << (capacity - 1).bit_length()
-    whole = jaxembed.KeyedJagged.from_lists({f: [list(b) for b in v] for f, v in lists.items()},
-                                            capacity=capacity * k)  # fmt: skip
-    blocks = [
-        jaxembed.KeyedJagged.from_lists(
-            {f: [list(b) for b in v[d * local : (d + 1) * local]] for f, v in lists.items()},
-            capacity=capacity,
-        )
-        for d in range(k)
-    ]
+
+    def batch(seed, capacity=None, k=k):
+        """The global batch of ``k * local`` samples, and each device's block of ``capacity``
+        ids (default: the fullest block's, to a power of two)."""
+        rng = np.random.default_rng(seed)
+        lists = {}
+        for i, r in enumerate(rows):
+            lengths = np.minimum(rng.zipf(1.5, k * local), 8)
+            ids = (rng.zipf(1.1, int(lengths.sum())) - 1) % r
+            lists[f"cat_{i}"] = [list(b) for b in np.split(ids, np.cumsum(lengths)[:-1])]
+        if capacity is None:
+            capacity = max(sum(len(b) for v in lists.values() for b in v[d * local:(d + 1) * local])
+                           for d in range(k))  # fmt: skip
+            capacity = 1 << (capacity - 1).bit_length()
+        whole = jaxembed.KeyedJagged.from_lists(lists, capacity=capacity * k)
+        blocks = [
+            jaxembed.KeyedJagged.from_lists(
+                {f: v[d * local : (d + 1) * local] for f, v in lists.items()}, capacity=capacity
+            )
+            for d in range(k)
+        ]
+        return whole, blocks, capacity
+
+    whole, blocks, capacity = batch(0)
     features = S.put_features(blocks, plan)
+    # the routed groups' capacity, from a stats pass over other batches of the same stream
+    samples = [S.put_features(batch(seed, capacity)[1], plan) for seed in (1, 2, 3)]
+
+    def routed(p, samples=samples):
+        return p.with_capacity(S.capacity_for(p, samples, slack=args.slack))
+
+    plan = routed(plan)
+    print(f"capacity per (device, owner) pair, slack {args.slack}: {dict(plan.capacity)}; each "
+          f"device holds {capacity} ids")  # fmt: skip
 
     # memory: each device's bytes of tables and state, against the plan's estimate
     params = S.init(jax.random.key(0), plan)
@@ -163,11 +180,12 @@ def main(argv=None):
         kinds = {
             "planned": plan,
             "data_parallel": S.by_hand(tables, mesh, {t.name: S.data_parallel() for t in tables}),
-            "row_wise": S.by_hand(tables, mesh, {t.name: S.row_wise() for t in tables}),
-            "table_wise": S.by_hand(
+            "row_wise": routed(S.by_hand(tables, mesh, {t.name: S.row_wise() for t in tables})),
+            "table_wise": routed(S.by_hand(
                 tables, mesh, {t.name: S.table_wise(i % k) for i, t in enumerate(by_size)}
-            ),
-        }
+            )),
+            "column_wise": S.by_hand(tables, mesh, {t.name: S.column_wise() for t in tables}),
+        }  # fmt: skip
         for name, p in kinds.items():
             f = S.put_features(blocks, p)
             o = S.optimizer(tx, p)
@@ -193,8 +211,59 @@ def main(argv=None):
                 t_step = median_ms(run_kind, args.repeat)
             print(f"  {name:14s} lookup {t_look:8.1f} ms  step {t_step:8.1f} ms  "
                   f"step / one device {t_step / np.median([t_single]):.2f}")  # fmt: skip
+    weak = weak_scaling(args, tables, tx, batch, routed, loss, median_ms) if args.weak else None
     return {"held": held, "estimate": estimate, "ratios": ratios, "stated": stated,
-            "seen": {"lookup": seen, "grad": grad_seen}}  # fmt: skip
+            "seen": {"lookup": seen, "grad": grad_seen}, "weak": weak}  # fmt: skip
+
+
+def weak_scaling(args, tables, tx, batch, routed, loss, median_ms):
+    """The planned step on K = 1, 2, 4, 8 devices with the per-device batch fixed: each device's
+    routed slots and bytes (off the compiled HLO, against ``step_bytes``), and the step time
+    over K (fake devices share the cores: flat when each device's work is)."""
+    import jax
+
+    import jaxembed
+    from jaxembed import sharding as S
+
+    print(f"weak scaling: {args.batch // args.devices} samples per device")
+    out = []
+    for k in (1, 2, 4, 8):
+        if k > args.devices:
+            break
+        mesh = jax.make_mesh((k,), ("x",), devices=jax.devices()[:k])
+        plan = jaxembed.plan(tables, mesh, optimizer=tx, batch_size=args.batch // args.devices * k,
+                             pooling_factors=4.0)  # fmt: skip
+        _, blocks, capacity = batch(0, k=k)
+        features = S.put_features(blocks, plan)
+        samples = [S.put_features(batch(seed, capacity, k=k)[1], plan) for seed in (1, 2, 3)]
+        plan = routed(plan, samples)
+        params = S.init(jax.random.key(0), plan)
+        opt = S.optimizer(tx, plan)
+        box = [params, opt.init(params)]
+
+        def step(p, st, f, plan=plan, opt=opt):
+            pooled, lk = S.lookup(p, f, plan)
+            return opt.update(lk.grad(jax.grad(loss)(pooled)), st, lk.params)
+
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        with jax.set_mesh(mesh):
+            hlo = jitted.lower(*box, features).compile().as_text()
+
+            def run(jitted=jitted, features=features, box=box, mesh=mesh):
+                with jax.set_mesh(mesh):
+                    box[:] = jitted(box[0], box[1], features)
+                jax.block_until_ready(box)
+
+            ms = median_ms(run, args.repeat)
+        seen = sum(S.collective_bytes(hlo).values())
+        stated = sum(sum(v.values()) for v in S.step_bytes(plan, features).values())
+        slots = sum(k * plan.capacity_of(g, capacity) for g in plan.groups if g.routed)
+        kinds = sorted({p.kind.value for _, p in plan.placements})
+        out.append({"k": k, "ms": ms, "bytes": seen, "stated": stated, "slots": slots})
+        print(f"  K={k}: {'+'.join(kinds):28s} routed slots per device {slots:7d}  bytes per "
+              f"device HLO {seen / 2**20:7.2f} MiB, model {stated / 2**20:7.2f} MiB  step "
+              f"{ms:7.1f} ms, / K {ms / k:6.1f} ms")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The DLRM of ``examples/dlrm.py`` on a mesh: 26 tables placed by ``jaxembed.plan``.
 
-Each device holds a slice of the batch and a share of the tables: the planner replicates the
-small tables, puts mid-sized ones whole on one device each and splits the largest by rows; it
-prints the layout. The tables train with sparse row-wise Adagrad (each device updates its own
-rows), the MLPs data-parallel with Adam, in one jitted step.
+Each device holds a slice of the batch and a share of the tables, as the planner places them
+(by its cost model, every table in one row-wise group: each id routed to the device owning its
+row); it prints the layout. The tables train with sparse row-wise Adagrad (each device updates
+its own rows), the MLPs data-parallel with Adam, in one jitted step.
 
     python examples/dlrm_sharded.py --devices 8    # 8 fake CPU devices (XLA_FLAGS is set here)
     python examples/dlrm_sharded.py --devices 0    # every real device (GPUs, TPUs)

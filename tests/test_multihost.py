@@ -63,4 +63,6 @@ def test_two_processes_train_a_sharded_collection(tmp_path):
         params, state = opt.update(lk.grad(cot), state, lk.params)
     result = np.load(out)
     for t in tables():
-        np.testing.assert_array_equal(result[t.name], np.asarray(params[t.name]["weight"]), t.name)
+        want = np.asarray(params[t.name]["weight"])
+        # a routed owner, and a small replica's psum, add each device's per-row sums: a few ulp
+        np.testing.assert_allclose(result[t.name], want, rtol=2e-6, atol=2e-7, err_msg=t.name)

@@ -39,8 +39,21 @@ def test_a_plan_refuses_what_it_cannot_run():
         S.by_hand(TABLES, mesh, {"a": S.row_wise()})
     with pytest.raises(ValueError, match="not in tables"):
         S.by_hand(TABLES, mesh, {"a": S.row_wise(), "b": S.data_parallel(), "z": S.row_wise()})
-    with pytest.raises(ValueError, match="pools by max"):
-        S.by_hand(TABLES, mesh, {"a": S.row_wise(), "b": S.row_wise()})
+    plan = S.by_hand(TABLES, mesh, {"a": S.row_wise(), "b": S.row_wise()})  # max pools too
+    (group,) = [g.name for g in plan.groups if g.stack.pooling == "max"]
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        plan.with_capacity(4, overflow="ignore")
+    with pytest.raises(ValueError, match="not a row_wise or table_wise group"):
+        plan.with_capacity({"data_parallel:a": 4})
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"capacity\[.*\] must be a positive int"):
+            plan.with_capacity({group: bad})
+    capped = plan.with_capacity(4, overflow="drop")
+    assert dict(capped.capacity) == {g.name: 4 for g in plan.groups}
+    assert capped != plan and capped.overflow == "drop"
+    assert capped.with_capacity(None, overflow="error") == plan
+    # a new placement keeps the capacity of the groups that still exist
+    assert capped.replace(a=S.data_parallel()).capacity == ((group, 4),)
     with pytest.raises(ValueError, match=r"device 3 is not on the axis"):
         S.by_hand(TABLES, mesh, {"a": S.table_wise(3), "b": S.data_parallel()})
     with pytest.raises(ValueError, match="not an axis of the mesh"):

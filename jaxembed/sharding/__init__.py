@@ -12,8 +12,11 @@ What this folder owns, module by module:
   tables that share one physical array;
 * ``_planner``: :func:`plan`, which chooses the placements from table sizes, device memory and
   a documented cost model, and :func:`collective_bytes`, what a compiled step moves;
+* ``_route``: ids routed to the device owning their rows at a static capacity per (device,
+  owner) pair (TorchRec's bucketized all-to-all), and what comes back through the same slots;
 * ``_collection``: a collection's lookups, sparse lookups and row-wise updates on the mesh
-  under ``jax.shard_map``, with TorchRec's communication.
+  under ``jax.shard_map``, row- and table-wise groups through ``_route``; the stats pass
+  :func:`capacity_for` and the overflow check :func:`check_stats`.
 
 It may import :mod:`jaxembed.core`, :mod:`jaxembed.sparse` and :mod:`jaxembed.collections`.
 Nothing below it imports it: the core and the sparse update reach it through the ``Layout``
@@ -21,7 +24,10 @@ interface.
 """
 
 from jaxembed.sharding._collection import (
+    CapacityError,
     ShardedLookup,
+    capacity_for,
+    check_stats,
     embedding_bag_collection,
     init,
     lookup,
@@ -47,6 +53,7 @@ from jaxembed.sharding._placement import (
 from jaxembed.sharding._planner import collective_bytes, plan
 
 __all__ = [
+    "CapacityError",
     "Group",
     "Kind",
     "Placement",
@@ -54,6 +61,8 @@ __all__ = [
     "ShardingPlan",
     "TableSharding",
     "by_hand",
+    "capacity_for",
+    "check_stats",
     "collective_bytes",
     "column_wise",
     "data_parallel",

@@ -2,34 +2,39 @@
 
 The batch is split over the plan's axis: each device holds its own samples' features, one
 :class:`~jaxembed.KeyedJagged` block (:func:`put_features`), and gets its samples' pooled
-features back. Each group of tables (:mod:`jaxembed.sharding._placement`) runs the core's one
-pipeline (:meth:`~jaxembed.core._pipeline.Lookup.start`, then the core's bag reduction) on each
-device under ``jax.shard_map``, with the communication TorchRec uses:
+features back. Each group of tables (:mod:`jaxembed.sharding._placement`) runs on each device
+under ``jax.shard_map``, with the core's pipeline (:meth:`~jaxembed.core._pipeline.Lookup.start`,
+then the core's bag reduction):
 
 ``data_parallel``
     no communication forward: each device pools its samples from its replica. The sparse
-    update gathers every device's entries, ``O(ids x D)``, and applies them everywhere alike.
-``table_wise``
-    an ``all_to_all`` of ids: each device sends each owner the ids of the owner's features (a
-    block of the local capacity per owner); the owner pools them for every sample; an
-    ``all_to_all`` of the pooled ``(features, B_local, D)`` blocks brings them back.
-``row_wise``
-    the ids are all-gathered; each device pools *partial* bags from the rows it holds (others
-    are zeros) and one ``psum_scatter`` of the ``(bags, D)`` partial sums gives each device
-    its samples' bags: ``(B, D)`` moves, never ``(ids, D)``. Sum and mean only.
+    update is the same on every device: the devices' per-row sums added by one ``psum`` of
+    ``(V, D)`` where the table has at most the batch's ids as rows (:func:`dense_replica`),
+    else every device's entries gathered, ``O(K x ids x D)``, in the unsharded order.
+``table_wise`` and ``row_wise``
+    routed (:mod:`jaxembed.sharding._route`): each device sends each of its distinct rows to
+    the device owning it (a table's device; row ``r`` of a row-wise stack on ``r % K``), at most
+    ``capacity`` per (device, owner) pair in one ``all_to_all``; each owner renorms and reads
+    the rows it was sent, and they come back slot by slot; each device pools its own bags from
+    them. The sparse gradient goes back through the same slots, one sum per (device, row), and
+    each owner applies only its own rows: ``O(K x capacity)`` per device.
 ``column_wise``
     the ids are all-gathered; each device pools every bag over its ``D / K`` columns and one
     ``all_to_all`` of ``(bags, D / K)`` gives each device its samples' full rows.
 
-Data-parallel, table-wise and column-wise bags equal the unsharded collection's bit for bit;
-row-wise bags add the devices' partial sums (a different order of the same sums: within an
-ulp per device). An id outside its table gives a NaN bag under ``jit`` on every placement.
+Bags and renormed tables equal the unsharded collection's bit for bit (a column-wise renorm
+sums a row's squares per device: within an ulp); a routed group's gradients add each device's
+sums (within a few ulp). An id outside its table gives a NaN bag under ``jit`` on every
+placement. A routed group whose ids overflow its capacity is refused (``error``: NaN bags, no
+update, :class:`CapacityError` on the host) or loses those ids (``drop``), counted in the stats.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,9 +46,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxembed.collections import _collection as _coll
 from jaxembed.collections._jagged import KeyedJagged
-from jaxembed.core import _bag, _layout, _renorm
-from jaxembed.core._numerics import divide
+from jaxembed.core import _bag, _gradient, _index_policy, _layout, _renorm
 from jaxembed.core._pipeline import Lookup
+from jaxembed.sharding import _route
 from jaxembed.sharding._layout import TableSharding, place
 from jaxembed.sharding._placement import Group, Kind, ShardingPlan
 from jaxembed.sparse._lookup import SparseGrad
@@ -55,36 +60,14 @@ Params = dict[str, dict[str, jax.Array]]
 # -- layouts of one group's block, for the core's pipeline ----------------------------------------
 
 
-class _RowBlock(_layout.Layout):
-    """A row-wise block: the (gathered) global rows map to this device's; another device's
-    rows, and the sentinel, map past its end (kept out of the partial bags)."""
-
-    def __init__(self, axis: str, num_embeddings: int):
-        self.axis, self.num_embeddings = axis, num_embeddings
-
-    def localizer(self, num_local: int):
-        offset = jax.lax.axis_index(self.axis) * num_local
-
-        def localize(safe):
-            local = safe - offset
-            mine = (safe < self.num_embeddings) & (local >= 0) & (local < num_local)
-            return jnp.where(mine, local, num_local)
-
-        return localize
-
-
 def _layout_of(g: Group, mesh: Any, axis: str) -> _layout.Layout:
-    """The device steps of the pipeline for a group's block. A replica's renorm and counts see
-    every device's ids (``TableSharding``'s ``batch``, gathered as one value on every device,
-    so the replicas stay alike); a column block's row norm sums over the devices (its ``dim``);
-    table-wise blocks receive every id of their tables, so run as one device."""
+    """The device steps of the pipeline for a replicated or column-split block. A replica's
+    renorm and counts see every device's ids (``TableSharding``'s ``batch``, gathered as one
+    value on every device, so the replicas stay alike); a column block's row norm sums over the
+    devices (its ``dim``)."""
     if g.kind is Kind.DATA_PARALLEL:
         return TableSharding(mesh, batch=axis)
-    if g.kind is Kind.ROW_WISE:
-        return _RowBlock(axis, g.stack.num_embeddings)
-    if g.kind is Kind.COLUMN_WISE:
-        return TableSharding(mesh, dim=axis)
-    return _layout.LOCAL
+    return TableSharding(mesh, dim=axis)
 
 
 def spec_of(g: Group, axis: str) -> P:
@@ -167,9 +150,7 @@ def shard_params(weights: Mapping[str, Any], sharding: ShardingPlan) -> Params:
     for g in plan.groups:
         full = np.zeros(g.global_shape, g.dtype)
         for t in g.stack.tables:
-            device, offset = g.where(t.name)
-            row = offset if device is None else device * g.rows + offset
-            full[row : row + t.num_embeddings] = host[t.name]
+            full[g.rows_of(t.name)] = host[t.name]
         params[g.name] = {"weight": _put(full, plan.mesh, spec_of(g, plan.axis))}
     return params
 
@@ -191,9 +172,7 @@ def tables_of(params: Mapping[str, Any], sharding: ShardingPlan) -> dict[str, np
     for g, w in zip(plan.groups, weights, strict=True):
         w = _host(w)
         for t in g.stack.tables:
-            device, offset = g.where(t.name)
-            row = offset if device is None else device * g.rows + offset
-            out[t.name] = w[row : row + t.num_embeddings]
+            out[t.name] = w[g.rows_of(t.name)]
     return out
 
 
@@ -304,14 +283,6 @@ def _block(features: KeyedJagged, block: int, k: int) -> KeyedJagged:
 # -- one group on one device ----------------------------------------------------------------------
 
 
-def _own_bags(s: _coll._StackIds, sentinel: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """This device's own bags: which hold an id outside its table (a kept entry at the
-    sentinel), and how many entries each keeps (a mean's divisor)."""
-    bounds = (s.starts, s.ends)
-    bad = _bag._bag_counts(s.keep & (s.ids == sentinel), bounds, jnp.int32) > 0
-    return bad, _bag._bag_counts(s.keep, bounds, dtype)
-
-
 def _gather(x, axis):
     return None if x is None else jax.lax.all_gather(x, axis, tiled=True)
 
@@ -325,119 +296,122 @@ def _gathered(s: _coll._StackIds, axis: str, capacity: int):
     return _gather(s.ids, axis), _gather(s.keep, axis), _gather(s.weights, axis), (starts, ends)
 
 
-class _Routed:
-    """A table-wise group's ids as the owner receives them: from each device, in order."""
-
-    def __init__(self, g: Group, keys, features, feat, axis):
-        k, capacity = g.devices, features.capacity
-        per = _width(g, keys) * features.batch_size
-        ids, keep, weights, starts, ends = [], [], [], [], []
-        for slot in g.slots:
-            if slot is None:
-                ids.append(jnp.full(capacity, g.rows, jnp.int32))
-                keep.append(jnp.zeros(capacity, bool))
-                weights.append(jnp.zeros(capacity, jnp.float32))
-                starts.append(jnp.zeros(per, jnp.int32))
-                ends.append(jnp.zeros(per, jnp.int32))
-                continue
-            s = _coll._stack_ids(slot, keys, features, feat)
-            # the slot's sentinel becomes the block's (its padding rows are never read)
-            ids.append(jnp.where(s.ids >= slot.num_embeddings, g.rows, s.ids))
-            keep.append(s.keep)
-            if features.weights is not None:
-                weights.append(s.weights)
-            # a slot of fewer features than the widest: empty bags at its last end. The bags'
-            # starts must never decrease (the backward's spread, ``_bag._bag_ids``, counts the
-            # starts at or before each entry), so they are not padded with zeros
-            pad = per - s.starts.shape[0]
-            last = s.ends[-1:]
-            starts.append(jnp.concatenate([s.starts, jnp.broadcast_to(last, (pad,))]))
-            ends.append(jnp.concatenate([s.ends, jnp.broadcast_to(last, (pad,))]))
-        if features.weights is not None:
-            dtype = features.weights.dtype
-            weights = [w.astype(dtype) for w in weights]
-
-        def route(parts):
-            return jax.lax.all_to_all(jnp.concatenate(parts), axis, 0, 0, tiled=True)
-
-        shift = (jnp.arange(k, dtype=jnp.int32) * capacity)[:, None]
-        self.ids, self.keep = route(ids), route(keep)
-        self.weights = route(weights) if features.weights is not None else None
-        self.bounds = tuple((route(b).reshape(k, -1) + shift).reshape(-1) for b in (starts, ends))
-
-    @staticmethod
-    def back(bags: jax.Array, axis: str) -> jax.Array:
-        """The owner's ``(K * width * B_local, D)`` bags to each sample's device."""
-        return jax.lax.all_to_all(bags, axis, 0, 0, tiled=True)
+def _owners(g: Group, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(owner, row in the owner's block)`` of each of the group's stacked rows ``ids``."""
+    if g.kind is Kind.ROW_WISE:  # row r on device r % K: hot (low) ids spread over devices
+        return ids % g.devices, ids // g.devices
+    firsts = np.asarray(g.stack.offsets, np.int32)
+    where = [g.where(t.name) for t in g.stack.tables]
+    device = np.asarray([d for d, _ in where], np.int32)
+    base = np.asarray([off for _, off in where], np.int32) - firsts
+    t = jnp.searchsorted(jnp.asarray(firsts), ids, side="right", method="compare_all") - 1
+    t = jnp.clip(t, 0, len(firsts) - 1)
+    return jnp.asarray(device)[t], ids + jnp.asarray(base)[t]
 
 
-def _group_entries(g: Group, keys, features, feat, axis):
-    """``(ids, keep, weights, bounds, own, sentinel)``: the entries this device pools for the
-    group, and the rows' sentinel for the pipeline. ``own`` (row-wise) is :func:`_own_bags`:
-    partial bags are sums that lose an out-of-range id's NaN, so it, and a mean's divisor, are
-    applied after the collective."""
-    if g.kind is Kind.TABLE_WISE:
-        r = _Routed(g, keys, features, feat, axis)
-        return r.ids, r.keep, r.weights, r.bounds, None, g.rows
+def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: int, *,
+            sparse: bool):  # fmt: skip
+    """A row- or table-wise group on one device (:mod:`jaxembed.sharding._route`): its
+    distinct rows go to their owners, each owner renorms and reads the rows it was sent, the
+    rows come back, and the device pools its own bags from them as one device does.
+
+    Returns ``(bags, new block, pieces, stats)``."""
+    options, k = g.stack.options, plan.num_devices
+    sentinel, size = g.stack.num_embeddings, k * capacity
+    valid = s.keep & (s.ids < sentinel)  # an id outside its table stays here: a NaN bag
+    owner, local = _owners(g, s.ids)
+    r = _route.route(owner, local, valid, axis=plan.axis, devices=k, rows=g.rows,
+                     capacity=capacity, counts=options.scale_grad_by_freq,
+                     refuse=plan.overflow == "error")  # fmt: skip
+    # the owner: its rows, renormed (``max_norm``) where any device reads them
+    if sparse:
+        weight = jax.lax.stop_gradient(weight)
+    lookup = Lookup.start(weight, r.keys, options, _layout.LOCAL, g.rows)
+    scale = None
+    if options.scale_grad_by_freq:  # 1 / the row's count in the whole batch
+        total = _route.totals(lookup.local, r.counts)
+        wide = jnp.promote_types(weight.dtype, jnp.float32)
+        scale = (1.0 / jnp.maximum(total, 1).astype(wide)).astype(weight.dtype)
+    rows = _index_policy.gather_rows(lookup.table, lookup.local, options.lookup_style, fill=0.0)
+    if not sparse:
+        rows = _gradient.with_table_gradient(rows, lookup.weight, lookup.local, scale)
+    # the source: its rows back, slot by slot, and its own bags
+    got = _route.back(rows, plan.axis)
+    at = jnp.where(r.served, r.slot, size)  # past the end: an out-of-range id's NaN
+    keep = s.keep & (r.served | ~valid)  # an id that overflowed leaves its bag
+    style, mode = options.lookup_style, g.stack.pooling
+    pieces = None
+    if sparse:
+        bags, pos = _bag.bags_of_table(got, at, keep, s.weights, (s.starts, s.ends), mode, None,
+                                       style)  # fmt: skip
+        pieces = dict(
+            indices=lookup.local,
+            slot=at,
+            keep=keep,
+            bounds=(s.starts, s.ends),
+            scale=scale,
+            weights=None if s.weights is None else jax.lax.stop_gradient(s.weights),
+            pos=pos,
+            refused=r.refused[None],
+        )
+    else:
+        bags = _bag._bags(got, jax.lax.stop_gradient(got), at, None, keep, s.weights,
+                          (s.starts, s.ends), mode, None, style)  # fmt: skip
+    bags = jnp.where(r.refused, jnp.nan, bags)  # the error policy: never a partial bag
+    stats = jnp.stack([r.needed, r.dropped])[None]
+    return bags, lookup.new_weight, pieces, stats
+
+
+class _RoutedGrad(SparseGrad):
+    """A routed group's :class:`~jaxembed.sparse.SparseGrad`, which also says whether the
+    step was refused (an overflow under the ``error`` policy): its entries are all dropped then,
+    and the group's optimizer leaves its step count as it was too."""
+
+    def __new__(cls, indices, values, refused=None):
+        self = super().__new__(cls, indices, values)
+        self.refused = refused
+        return self
+
+
+jax.tree_util.register_pytree_node(
+    _RoutedGrad,
+    lambda g: ((g.indices, g.values, getattr(g, "refused", None)), None),
+    lambda _, children: _RoutedGrad(*children),
+)
+
+
+def _routed_grad(g: Group, cot: jax.Array, p: dict, axis: str) -> SparseGrad:
+    """The owner's :class:`~jaxembed.sparse.SparseGrad` from the cotangent of the bags this
+    device pooled: each entry's share summed into its slot, sent back to the owner."""
+    values = _bag.spread(cot, p["keep"], p["bounds"], None, p["weights"], p["pos"],
+                         g.stack.pooling, None)  # fmt: skip
+    size = p["indices"].shape[0]
+    slots = jnp.zeros((size, values.shape[1]), values.dtype)
+    slots = slots.at[p["slot"]].add(values, mode="drop")
+    values = _route.back(slots.astype(g.dtype), axis)
+    if p["scale"] is not None:
+        values = (values * p["scale"][:, None]).astype(g.dtype)
+    return _RoutedGrad(p["indices"], values, p["refused"])
+
+
+def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bool):
+    """One group's pooled features on this device, its renormed block, what its update needs
+    (``sparse``) and its routing stats (``(1, 2)``: needed, dropped; zeros where not routed)."""
+    keys, axis, mesh = features.keys, plan.axis, plan.mesh
     s = _coll._stack_ids(g.stack, keys, features, feat)
-    if g.kind is Kind.DATA_PARALLEL:
-        return s.ids, s.keep, s.weights, (s.starts, s.ends), None, g.stack.num_embeddings
-    ids, keep, weights, bounds = _gathered(s, axis, features.capacity)
-    own = None
-    if g.kind is Kind.ROW_WISE:
-        own = _own_bags(s, g.stack.num_embeddings, _renorm.compute_dtype(g.dtype))
-    return ids, keep, weights, bounds, own, g.stack.num_embeddings
-
-
-def _pooling(g: Group) -> str:
-    """How the device pools its entries: row-wise partial bags are sums (a mean divides after
-    the collective)."""
-    return "sum" if g.kind is Kind.ROW_WISE else g.stack.pooling
-
-
-def _deliver(g: Group, bags: jax.Array, own, axis: str) -> jax.Array:
-    """The pooled bags this device pooled, delivered to the devices whose samples they are."""
-    if g.kind is Kind.ROW_WISE:
-        bad, counts = own
-        out = jax.lax.psum_scatter(bags, axis, scatter_dimension=0, tiled=True)
-        if g.stack.pooling == "mean":
-            out = divide(out, jnp.maximum(counts, 1)[:, None]).astype(out.dtype)
-        return jnp.where(bad[:, None], jnp.nan, out)
+    if g.routed:
+        capacity = plan.capacity_of(g, features.capacity)
+        bags, new_weight, pieces, stats = _routed(g, weight, s, plan, capacity, sparse=sparse)
+        return _split(g, bags, keys, features), new_weight, pieces, stats
+    stats = jnp.zeros((1, 2), jnp.int32)
+    ids, keep, psw, bounds = s.ids, s.keep, s.weights, (s.starts, s.ends)
     if g.kind is Kind.COLUMN_WISE:
-        return jax.lax.all_to_all(bags, axis, 0, 1, tiled=True)
-    if g.kind is Kind.TABLE_WISE:
-        return _Routed.back(bags, axis)
-    return bags
-
-
-def _split(g: Group, out: jax.Array, keys, features: KeyedJagged) -> dict[str, jax.Array]:
-    """``{feature: (B_local, D)}`` from the delivered bags."""
-    b = features.batch_size
-    if g.kind is not Kind.TABLE_WISE:
-        js = g.stack.positions_in(keys)
-        per = out.reshape(len(js), b, out.shape[-1])
-        return {keys[j]: per[i] for i, j in enumerate(js)}
-    per = out.reshape(g.devices, _width(g, keys), b, out.shape[-1])
-    result = {}
-    for d, slot in enumerate(g.slots):
-        if slot is not None:
-            for i, j in enumerate(slot.positions_in(keys)):
-                result[keys[j]] = per[d, i]
-    return result
-
-
-def _forward(g: Group, weight, features, feat, mesh, axis, *, sparse: bool):
-    """One group's pooled features on this device, its renormed block, and (``sparse``) what
-    its update needs."""
-    keys = features.keys
-    ids, keep, psw, bounds, own, sentinel = _group_entries(g, keys, features, feat, axis)
+        ids, keep, psw, bounds = _gathered(s, axis, features.capacity)
     layout = _layout_of(g, mesh, axis)
     if sparse:
         weight = jax.lax.stop_gradient(weight)
-    lookup = Lookup.start(weight, ids, g.stack.options, layout, sentinel)
+    lookup = Lookup.start(weight, ids, g.stack.options, layout, g.stack.num_embeddings)
     rows = weight.shape[0]
-    if g.kind is Kind.ROW_WISE:  # a partial bag sums the entries of this device's rows
-        keep = keep & (lookup.local < rows)
     if g.kind is Kind.DATA_PARALLEL:
         # the replica as this device's copy: the bag loops' carries vary as the ids do, and the
         # gradient of the copy is summed over the devices (the transpose of the cast)
@@ -446,7 +420,7 @@ def _forward(g: Group, weight, features, feat, mesh, axis, *, sparse: bool):
             weight=jax.lax.pcast(lookup.weight, axis, to="varying"),
             table=jax.lax.pcast(lookup.table, axis, to="varying"),
         )
-    style, mode = g.stack.options.lookup_style, _pooling(g)
+    style, mode = g.stack.options.lookup_style, g.stack.pooling
     pieces = None
     if sparse:
         bags, pos = _bag.bags_of_table(lookup.table, lookup.local, keep, psw, bounds, mode, None,
@@ -458,15 +432,22 @@ def _forward(g: Group, weight, features, feat, mesh, axis, *, sparse: bool):
             scale=lookup.scale(padding=False),
             weights=None if psw is None else jax.lax.stop_gradient(psw),
             pos=pos,
-            counts=None if own is None or g.stack.pooling != "mean" else own[1],
         )
     else:
         bags = _bag._bags(
             lookup.weight, lookup.table, lookup.local, lookup.scale(), keep, psw, bounds, mode,
             None, style,
         )  # fmt: skip
-    out = _split(g, _deliver(g, bags, own, axis), keys, features)
-    return out, lookup.new_weight, pieces
+    if g.kind is Kind.COLUMN_WISE:  # each device's column slice of every bag, to its samples
+        bags = jax.lax.all_to_all(bags, axis, 0, 1, tiled=True)
+    return _split(g, bags, keys, features), lookup.new_weight, pieces, stats
+
+
+def _split(g: Group, out: jax.Array, keys, features: KeyedJagged) -> dict[str, jax.Array]:
+    """``{feature: (B_local, D)}`` from the group's bags on this device."""
+    js = g.stack.positions_in(keys)
+    per = out.reshape(len(js), features.batch_size, out.shape[-1])
+    return {keys[j]: per[i] for i, j in enumerate(js)}
 
 
 # -- the forward ----------------------------------------------------------------------------------
@@ -484,16 +465,19 @@ def _collection(weights, features, *, plan: ShardingPlan, sparse: bool = False):
 
     def body(weights, features):
         feat = _coll._feature_of(features)
-        pooled, new, pieces = {}, [], []
+        pooled, new, pieces, stats = {}, [], [], {}
         for g, w in zip(plan.groups, weights, strict=True):
-            out, new_w, piece = _forward(g, w, features, feat, plan.mesh, axis, sparse=sparse)
+            out, new_w, piece, stat = _forward(g, w, features, feat, plan, sparse=sparse)
             pooled.update(out)
             new.append(new_w)
             pieces.append(piece)
-        return pooled, tuple(new), tuple(pieces)
+            if g.routed:
+                stats[g.name] = stat
+        return pooled, tuple(new), tuple(pieces), stats
 
-    return _run(body, plan.mesh, (specs, feature_specs), (P(axis), specs, P(axis)), weights,
-                features, check_vma=True)  # fmt: skip
+    out_specs = (P(axis), specs, P(axis), P(axis))
+    return _run(body, plan.mesh, (specs, feature_specs), out_specs, weights, features,
+                check_vma=True)  # fmt: skip
 
 
 def embedding_bag_collection(
@@ -514,12 +498,16 @@ def embedding_bag_collection(
       features' weights.
 
     Raises:
-      As :func:`jaxembed.embedding_bag_collection`, per device block.
+      As :func:`jaxembed.embedding_bag_collection`, per device block; and
+      :class:`CapacityError`, called eagerly, where a routed group overflowed its capacity under
+      the ``error`` policy (:meth:`ShardingPlan.with_capacity`; under ``jit`` that group's
+      bags are NaN instead, and its tables get no gradient).
     """
     plan = _check_plan(sharding)
     weights = _check_params(params, plan)
     features = _check_features(features, plan)
-    pooled, new, _ = _collection(weights, features, plan=plan)
+    pooled, new, _, stats = _collection(weights, features, plan=plan)
+    check_stats(stats, plan, features)
     if all(g.stack.options.max_norm is None for g in plan.groups):
         return pooled, params
     out = dict(params)
@@ -539,13 +527,17 @@ class ShardedLookup:
 
     Attributes:
       params: ``{group: {"weight": table}}``, the tables to update.
+      stats: ``{group: (K, 2) int32}`` for each row- and table-wise group, per device: the most
+        distinct rows it sent one owner (the capacity it needed), and its ids that overflowed
+        the capacity (:func:`check_stats` reads them).
     """
 
-    def __init__(self, plan: ShardingPlan, keys: tuple[str, ...], weights, pieces):
+    def __init__(self, plan: ShardingPlan, keys: tuple[str, ...], weights, pieces, stats):
         self.plan, self.keys, self.weights, self.pieces = plan, keys, weights, pieces
+        self.stats = stats
 
     def tree_flatten(self):
-        return (self.weights, self.pieces), (self.plan, self.keys)
+        return (self.weights, self.pieces, self.stats), (self.plan, self.keys)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -612,29 +604,14 @@ class GroupLookup:
         return out[self.name]
 
 
-def _cotangent(g: Group, cots: Mapping[str, jax.Array], keys, axis, counts) -> jax.Array:
-    """The cotangent of the bags this device pooled for the group (the transpose of
-    :func:`_deliver`)."""
-    if g.kind is not Kind.TABLE_WISE:
-        js = g.stack.positions_in(keys)
-        cot = jnp.concatenate([cots[keys[j]] for j in js])
-        if g.kind is Kind.ROW_WISE:
-            if counts is not None:  # the mean's division, transposed
-                acc = _renorm.compute_dtype(g.dtype)
-                cot = divide(cot.astype(acc), jnp.maximum(counts, 1)[:, None])
-            return jax.lax.all_gather(cot, axis, tiled=True)
-        if g.kind is Kind.COLUMN_WISE:
-            return jax.lax.all_to_all(cot, axis, 1, 0, tiled=True)
-        return cot
-    width = _width(g, keys)
-    parts = []
-    for slot in g.slots:
-        js = () if slot is None else slot.positions_in(keys)
-        mine = [cots[keys[j]] for j in js]
-        b = next(iter(cots.values())).shape[0]
-        mine += [jnp.zeros((b, g.cols), g.dtype)] * (width - len(mine))
-        parts.append(jnp.concatenate(mine))
-    return _Routed.back(jnp.concatenate(parts), axis)
+def _cotangent(g: Group, cots: Mapping[str, jax.Array], keys, axis) -> jax.Array:
+    """The cotangent of the bags this device pooled for the group (the transpose of the
+    column-wise ``all_to_all``)."""
+    js = g.stack.positions_in(keys)
+    cot = jnp.concatenate([cots[keys[j]] for j in js])
+    if g.kind is Kind.COLUMN_WISE:
+        return jax.lax.all_to_all(cot, axis, 1, 0, tiled=True)
+    return cot
 
 
 def _feature_major(indices, values, bounds, k: int, f: int, sentinel: int):
@@ -656,11 +633,23 @@ def _feature_major(indices, values, bounds, k: int, f: int, sentinel: int):
     return indices, jnp.take(values, src, axis=0, mode="fill", fill_value=0)
 
 
-def _width(g: Group, keys) -> int:
-    """The features of the group's bags per device block: a table-wise slot's most."""
-    if g.kind is Kind.TABLE_WISE:
-        return max(len(slot.positions_in(keys)) for slot in g.slots if slot is not None)
-    return len(g.stack.positions_in(keys))
+def dense_replica(g: Group, ids: int, k: int) -> bool:
+    """Whether a replica's sparse gradient is summed densely (one ``psum`` of ``(V, D)``) rather
+    than every device's ``ids`` entries gathered onto every device (``(K * ids, D)``): the
+    smaller, so dense when ``V <= K * ids``."""
+    return g.rows <= k * ids
+
+
+def _replica_grad(g: Group, indices, values, axis: str) -> SparseGrad:
+    """A small replica's gradient, the same on every device: each device sums its entries per
+    row, and one ``psum`` adds the devices' sums (with how many entries each row had, so that
+    a row is updated exactly where some device looked it up)."""
+    v = g.rows
+    dense = jnp.zeros((v, values.shape[1]), values.dtype).at[indices].add(values, mode="drop")
+    seen = jnp.zeros((v,), jnp.int32).at[indices].add(1, mode="drop")
+    dense, seen = jax.lax.psum((dense, seen), axis)
+    rows = jnp.arange(v, dtype=jnp.int32)
+    return SparseGrad(jnp.where(seen > 0, rows, v), dense.astype(g.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "keys", "names"))
@@ -673,21 +662,27 @@ def _grads(cots, pieces, *, plan: ShardingPlan, keys, names=None):
     def body(cots, pieces):
         out = {}
         for g, p in zip(groups, pieces, strict=True):
-            cot = _cotangent(g, cots, keys, axis, p["counts"])
+            cot = _cotangent(g, cots, keys, axis)
+            if g.routed:
+                out[g.name] = _routed_grad(g, cot, p, axis)
+                continue
             values = _bag.spread(
-                cot, p["keep"], p["bounds"], p["scale"], p["weights"], p["pos"], _pooling(g),
+                cot, p["keep"], p["bounds"], p["scale"], p["weights"], p["pos"], g.stack.pooling,
                 None,
-            ).astype(g.dtype)  # fmt: skip
+            )  # fmt: skip
             indices, bounds = p["indices"], p["bounds"]
+            if g.kind is Kind.DATA_PARALLEL and dense_replica(g, indices.shape[0], k):
+                out[g.name] = _replica_grad(g, indices, values, axis)
+                continue
+            values = values.astype(g.dtype)
             if g.kind is Kind.DATA_PARALLEL:  # every replica applies every device's entries
                 c = indices.shape[0]
                 shift = (jnp.arange(k, dtype=jnp.int32) * c)[:, None]
                 bounds = tuple((_gather(b, axis).reshape(k, -1) + shift).reshape(-1)
                                for b in bounds)  # fmt: skip
                 indices, values = _gather(indices, axis), _gather(values, axis)
-            sentinel = g.rows
-            indices, values = _feature_major(indices, values, bounds, k, _width(g, keys),
-                                             sentinel)  # fmt: skip
+            f = len(g.stack.positions_in(keys))
+            indices, values = _feature_major(indices, values, bounds, k, f, g.rows)
             out[g.name] = SparseGrad(indices, values)
         return out
 
@@ -707,18 +702,113 @@ def lookup(
 
     with ``opt = jaxembed.sharding.optimizer(jaxembed.sparse.rowwise_adagrad(0.1), plan)``.
     Every device updates only the rows of its own block; a replica's update applies every
-    device's entries, alike on every device.
+    device's entries, alike on every device. A row- or table-wise group's entries reach their
+    owner as one sum per (device, row): the order of a row's sums differs from one device's.
 
     Returns:
       ``(pooled, lookup)``: as :func:`embedding_bag_collection`'s pooled features, and a
       :class:`ShardedLookup`.
+
+    Raises:
+      As :func:`embedding_bag_collection` (a :class:`CapacityError` when called eagerly).
     """
     plan = _check_plan(sharding)
     weights = _check_params(params, plan)
     features = _check_features(features, plan)
-    pooled, new, pieces = _collection(weights, features, plan=plan, sparse=True)
+    pooled, new, pieces, stats = _collection(weights, features, plan=plan, sparse=True)
+    check_stats(stats, plan, features)
     tables = tuple(w if n is None else n for w, n in zip(weights, new, strict=True))
-    return pooled, ShardedLookup(plan, features.keys, tables, pieces)
+    return pooled, ShardedLookup(plan, features.keys, tables, pieces, stats)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _needed(features, *, plan: ShardingPlan):
+    """``{group: (K,)}``: the capacity each device needs for each routed group."""
+
+    def body(features):
+        feat = _coll._feature_of(features)
+        out = {}
+        for g in plan.groups:
+            if g.routed:
+                s = _coll._stack_ids(g.stack, features.keys, features, feat)
+                owner, local = _owners(g, s.ids)
+                send = s.keep & (s.ids < g.stack.num_embeddings)
+                k = plan.num_devices
+                out[g.name] = _route.needed(owner, local, send, devices=k, rows=g.rows)[None]
+        return out
+
+    return _run(body, plan.mesh, (P(plan.axis),), P(plan.axis), features)
+
+
+def capacity_for(
+    sharding: ShardingPlan, batches: Sequence[KeyedJagged], *, slack: float = 1.25
+) -> dict[str, int]:
+    """A stats pass: each row- and table-wise group's capacity for batches like these.
+
+    It routes each batch's ids (nothing else moves) and takes, per group, the most distinct
+    rows any device had for any one owner, times ``slack``, rounded up. Pass the result to
+    :meth:`ShardingPlan.with_capacity`.
+
+    Args:
+      sharding: the plan.
+      batches: sample batches, as :func:`put_features` places them.
+      slack: the margin over the most seen (>= 1).
+
+    Returns:
+      ``{group name: capacity}``.
+
+    Raises:
+      ValueError: no batches, or ``slack`` below 1.
+    """
+    plan = _check_plan(sharding)
+    if not (isinstance(slack, (int, float)) and slack >= 1):
+        raise ValueError(f"slack must be a number >= 1, got {slack!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one batch")
+    most: dict[str, int] = {}
+    for features in batches:
+        features = _check_features(features, plan)
+        for name, n in _needed(features, plan=plan).items():
+            most[name] = max(most.get(name, 0), int(_host(n).max()))
+    return {name: max(1, math.ceil(n * slack)) for name, n in most.items()}
+
+
+class CapacityError(ValueError):
+    """A routed group had more distinct rows for one owner than its capacity, under the
+    ``error`` policy: the step served none of the group's ids, so it changes nothing."""
+
+
+def check_stats(stats: Mapping[str, Any], sharding: ShardingPlan, features: Any = None) -> None:
+    """Raises :class:`CapacityError` (``error`` policy) or warns (``drop``) where a group's ids
+    overflowed its capacity, from a step's routing stats (:attr:`ShardedLookup.stats`; a
+    traced call's are checked where they come out of ``jit``). A no-op on traced stats.
+
+    Args:
+      stats: ``{group: (K, 2)}`` per device: the capacity needed, the ids that overflowed.
+      sharding: the plan.
+      features: the batch, for the capacity its blocks were given (optional).
+    """
+    plan = _check_plan(sharding)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(stats)):
+        return
+    k = plan.num_devices
+    ids = None if features is None else features.capacity // k
+    for name, stat in stats.items():
+        stat = _host(stat).reshape(-1, 2)
+        needed, dropped = int(stat[:, 0].max()), int(stat[:, 1].sum())
+        if not dropped:
+            continue
+        g = next(g for g in plan.groups if g.name == name)
+        capacity = dict(plan.capacity).get(name) if ids is None else plan.capacity_of(g, ids)
+        what = (
+            f"group {name!r}: {dropped} ids overflowed its capacity of {capacity} distinct rows "
+            f"per (device, owner) pair; this batch needs {needed}. Raise it with "
+            "ShardingPlan.with_capacity (jaxembed.sharding.capacity_for measures batches)"
+        )
+        if plan.overflow == "error":
+            raise CapacityError(what + "; nothing was updated")
+        warnings.warn(what + "; those ids got no value and no gradient", stacklevel=3)
 
 
 def _state_spec(g: Group, leaf: Any, axis: str) -> P:
@@ -748,6 +838,8 @@ def _row_scale(g: Group, axis: str):
         scale = _coll.RowScale(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
     else:
         scale = _coll.RowScale(g.stack.offsets, tuple(t.lr_scale for t in g.stack.tables))
+    if g.kind is Kind.ROW_WISE:  # local row l of device k holds stacked row l * K + k
+        return lambda rows: scale(rows * g.devices + jax.lax.axis_index(axis))
     if not g.split_rows:
         return scale
     return lambda rows: scale(rows + jax.lax.axis_index(axis) * g.rows)
@@ -798,20 +890,33 @@ def group_optimizers(tx: RowOptimizer, plan: ShardingPlan) -> dict[str, RowOptim
 def _update(g: Group, tx, grad, state, table, axis, mesh, state_specs):
     scale = _row_scale(g, axis)
 
-    def body(indices, values, state, table):
+    refused = getattr(grad, "refused", None)
+
+    def body(indices, values, refused, state, table):
         kwargs = {}
         if g.kind is Kind.COLUMN_WISE:
             kwargs["column_axis"] = axis
         if scale is not None:
             kwargs["lr_scale"] = scale
-        return tx.update(SparseGrad(indices, values), state, table, **kwargs)
+        new_table, new_state = tx.update(SparseGrad(indices, values), state, table, **kwargs)
+        if refused is not None:  # a refused step drops every entry; the step count stays too
+            new_state = jax.tree.map(
+                lambda new, old: jnp.where(refused[0], old, new) if new.ndim == 0 else new,
+                new_state,
+                state,
+            )
+        return new_table, new_state
 
     spec = spec_of(g, axis)
-    return _run(body, mesh, (P(axis), P(axis), state_specs, spec), (spec, state_specs),
-                grad.indices, grad.values, state, table)  # fmt: skip
+    return _run(body, mesh, (P(axis), P(axis), P(axis), state_specs, spec), (spec, state_specs),
+                grad.indices, grad.values, refused, state, table)  # fmt: skip
 
 
 # -- what a step moves ----------------------------------------------------------------------------
+
+
+def _acc_bytes(dtype) -> int:
+    return np.dtype(_renorm.compute_dtype(dtype)).itemsize
 
 
 def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[str, int]]:
@@ -821,23 +926,27 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
     quantity off a compiled program: each collective's larger buffer).
 
     For a group of ``F`` features and ``D`` columns of ``s`` bytes, over ``K`` devices each
-    holding ``C`` ids and ``B`` samples (``W``: the most features one device owns):
+    holding ``C`` ids and ``B`` samples, a row- or table-wise group of capacity ``c`` per
+    (device, owner) pair (:meth:`ShardingPlan.capacity_of`):
 
     ==============  =========================================  ==========================
     kind            lookup                                     grad
     ==============  =========================================  ==========================
-    data_parallel   ``4KC`` (all-reduce) with ``max_norm`` or  ``KC (4 + D s) + 8KFB``
-                    ``scale_grad_by_freq``, else nothing       (all-gather)
-    table_wise      ``KC (5 + w) + 8KWB`` and ``KWB D s``      ``KWB D s`` (all-to-all)
-                    (all-to-all)
-    row_wise        ``KC (5 + w) + 8KFB`` (all-gather) and     ``KFB D s`` (all-gather)
-                    ``KFB D s`` (reduce-scatter)
+    data_parallel   ``4KC`` (all-reduce) with ``max_norm`` or  ``V (4 + D a)`` (all-reduce)
+                    ``scale_grad_by_freq``, else nothing       where ``V <= KC``, else
+                                                               ``KC (4 + D s) + 8KFB``
+                                                               (all-gather)
+    row_wise,       ``Kc (4 + D s)``, and ``4Kc`` more with    ``Kc D s`` (all-to-all)
+    table_wise      ``scale_grad_by_freq`` (all-to-all);
+                    ``4`` (all-reduce) under ``error``
     column_wise     ``KC (5 + w) + 8KFB`` (all-gather),        ``FB D s`` (all-to-all)
                     ``FB D s`` (all-to-all) and, with
                     ``max_norm``, ``4KC`` (all-reduce)
     ==============  =========================================  ==========================
 
-    ``w`` is the weights' bytes per id (0 unweighted).
+    ``w`` is the weights' bytes per id (0 unweighted); ``a`` the accumulator's (4: float32
+    for 16-bit tables). A routed group's bytes do not depend on
+    ``C``: with ``c`` about ``C / K`` they are flat in ``K``.
     """
     plan = _check_plan(sharding)
     k = plan.num_devices
@@ -853,28 +962,24 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
     for g in plan.groups:
         s = np.dtype(g.dtype).itemsize
         d = g.cols * (k if g.kind is Kind.COLUMN_WISE else 1)
+        f = len(g.stack.positions_in(features.keys))
+        options = g.stack.options
         if g.kind is Kind.DATA_PARALLEL:
-            options = g.stack.options
             if options.max_norm is not None or options.scale_grad_by_freq:
                 add(look, "all-reduce", 4 * k * c)
-            f = len(g.stack.positions_in(features.keys))
-            add(grad, "all-gather", k * c * (4 + d * s) + 8 * k * f * b)
-            continue
-        ids = k * c * (5 + w)
-        if g.kind is Kind.TABLE_WISE:
-            width = _width(g, features.keys)
-            add(look, "all-to-all", ids + 8 * k * width * b + k * width * b * d * s)
-            add(grad, "all-to-all", k * width * b * d * s)
-            continue
-        f = len(g.stack.positions_in(features.keys))
-        add(look, "all-gather", ids + 8 * k * f * b)
-        if g.kind is Kind.COLUMN_WISE and g.stack.options.max_norm is not None:
-            add(look, "all-reduce", 4 * k * c)  # the referenced rows' norms over the columns
-        if g.kind is Kind.ROW_WISE:
-            add(look, "reduce-scatter", k * f * b * d * s)
-            cot = 4 if g.stack.pooling == "mean" else s
-            add(grad, "all-gather", k * f * b * d * cot)
+            if dense_replica(g, c, k):
+                add(grad, "all-reduce", g.rows * (d * _acc_bytes(g.dtype) + 4))
+            else:
+                add(grad, "all-gather", k * c * (4 + d * s) + 8 * k * f * b)
+        elif g.routed:
+            slots = k * plan.capacity_of(g, c)
+            add(look, "all-to-all", slots * (4 + d * s + 4 * options.scale_grad_by_freq))
+            add(look, "all-reduce", 4 * (plan.overflow == "error"))
+            add(grad, "all-to-all", slots * d * s)
         else:
+            add(look, "all-gather", k * c * (5 + w) + 8 * k * f * b)
+            if options.max_norm is not None:
+                add(look, "all-reduce", 4 * k * c)  # the referenced rows' norms over the columns
             add(look, "all-to-all", f * b * d * s)
             add(grad, "all-to-all", f * b * d * s)
     return {"lookup": look, "grad": grad}

@@ -13,7 +13,9 @@ kind                  the group's array    each device holds
 ``table_wise``        ``(K * R, D)``       block ``k``: the tables placed on device ``k``,
                                            stacked, padded with zero rows to ``R``, the
                                            fullest block's rows
-``row_wise``          ``(K * ceil(V/K), D)``  a contiguous ``1/K`` of the stack's rows
+``row_wise``          ``(K * R, D)``       block ``k``: the stack's rows ``r`` with
+                                           ``r % K == k``, as row ``r // K``; ``R`` is
+                                           ``ceil(V / K)``
 ``column_wise``       ``(V, D)``           ``D / K`` of every row's columns
 ====================  ===================  ==================================================
 
@@ -35,6 +37,8 @@ import numpy as np
 
 from jaxembed.collections._config import EmbeddingBagConfig, Plan, Stack, _stack_key
 from jaxembed.sharding._layout import replicate_onto
+
+OVERFLOW = ("error", "drop")
 
 
 class Kind(enum.Enum):
@@ -142,9 +146,25 @@ class Group:
         return self.stack.dtype
 
     @property
+    def routed(self) -> bool:
+        """Whether each id is sent to the one device owning its row (row- and table-wise)."""
+        return self.kind in (Kind.ROW_WISE, Kind.TABLE_WISE)
+
+    @property
     def split_rows(self) -> bool:
         """Whether each device's block holds other rows (row- and table-wise)."""
         return self.kind in (Kind.ROW_WISE, Kind.TABLE_WISE)
+
+    def rows_of(self, table: str) -> np.ndarray:
+        """The rows of the group's whole array that hold ``table``'s rows, in order: a
+        row-wise stack's row ``r`` is row ``r // K`` of device ``r % K``'s block (so a table's
+        low, often hot, ids spread over the devices)."""
+        device, offset = self.where(table)
+        n = next(t.num_embeddings for t in self.stack.tables if t.name == table)
+        rows = offset + np.arange(n)
+        if self.kind is Kind.ROW_WISE:
+            return (rows % self.devices) * self.rows + rows // self.devices
+        return rows if device is None else device * self.rows + rows
 
     def where(self, table: str) -> tuple[int | None, int]:
         """``(device, row offset in its block)`` of a table (device None: every device)."""
@@ -180,6 +200,13 @@ class ShardingPlan:
       axis: the mesh axis the batch and the tables spread over; every other axis of the mesh
         must have size 1.
       estimates: the planner's per-device estimates ``(memory bytes, step cost)``, or ``()``.
+      capacity: ``((group name, capacity), ...)``: for the ``row_wise`` and ``table_wise``
+        groups named, the distinct rows one device may send one owner per step (see
+        :meth:`with_capacity`); a group not named gets the device's whole id capacity, which
+        never overflows and moves ``K`` times the ids.
+      overflow: what a step does when a device has more distinct rows for an owner than the
+        capacity: ``"error"`` (nothing is served, the step changes nothing and raises on the
+        host) or ``"drop"`` (the ids past the capacity get no value and no gradient, counted).
 
     Example:
       >>> import jax, jaxembed
@@ -195,6 +222,8 @@ class ShardingPlan:
     mesh: Any
     axis: str
     estimates: tuple = dataclasses.field(default=(), compare=False)
+    capacity: tuple[tuple[str, int], ...] = ()
+    overflow: str = "error"
 
     def __post_init__(self):
         tables = Plan.of(self.tables, EmbeddingBagConfig).tables
@@ -234,12 +263,21 @@ class ShardingPlan:
                     f"table {t.name!r}: column_wise splits embedding_dim={t.embedding_dim} over "
                     f"{k} devices; it must be a multiple of {k}"
                 )
-            if p.kind is Kind.ROW_WISE and t.pooling == "max":
-                raise ValueError(
-                    f"table {t.name!r} pools by max, which partial bags of split rows cannot "
-                    "give; place it table_wise, column_wise or data_parallel"
-                )
         object.__setattr__(self, "placements", tuple((n, placements[n]) for n in names))
+        if self.overflow not in OVERFLOW:
+            raise ValueError(f"overflow must be one of {OVERFLOW}, got {self.overflow!r}")
+        routed = {g.name for g in self.groups if g.routed}
+        capacity = dict(self.capacity)
+        for name, c in capacity.items():
+            if name not in routed:
+                raise ValueError(
+                    f"capacity names {name!r}, which is not a row_wise or table_wise group of "
+                    f"this plan ({sorted(routed)})"
+                )
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+                raise ValueError(f"capacity[{name!r}] must be a positive int, got {c!r}")
+        capacity = tuple(sorted((n, int(c)) for n, c in capacity.items()))
+        object.__setattr__(self, "capacity", capacity)
 
     @property
     def num_devices(self) -> int:
@@ -261,7 +299,44 @@ class ShardingPlan:
         if unknown:
             raise ValueError(f"no tables named {unknown} in this plan")
         new.update(placements)
-        return ShardingPlan(self.tables, tuple(new.items()), self.mesh, self.axis)
+        plan = ShardingPlan(self.tables, tuple(new.items()), self.mesh, self.axis)
+        kept = {g.name for g in plan.groups} & dict(self.capacity).keys()
+        return plan.with_capacity({n: c for n, c in self.capacity if n in kept}, self.overflow)
+
+    def with_capacity(self, capacity: Any, overflow: str | None = None) -> ShardingPlan:
+        """The plan with a static capacity for its ``row_wise`` and ``table_wise`` groups.
+
+        Each step routes a device's distinct rows of a group to their owners in a ``(K,
+        capacity)`` buffer: its bytes and the owners' work are ``O(K * capacity)`` per device.
+        :func:`jaxembed.sharding.capacity_for` measures what sample batches need. A changed
+        capacity (or policy) is a new plan: the step compiles anew.
+
+        Args:
+          capacity: an int for every such group, or ``{group name: int}``; None: none (each
+            device's whole id capacity).
+          overflow: ``"error"`` or ``"drop"`` (see the class); None keeps the plan's.
+
+        Example:
+          >>> import jax, jaxembed
+          >>> from jaxembed import sharding as S
+          >>> tables = [jaxembed.EmbeddingBagConfig("t", 8, 100, ["f"])]
+          >>> plan = S.by_hand(tables, jax.make_mesh((1,), ("x",)), {"t": S.row_wise()})
+          >>> plan.with_capacity(64).capacity
+          (('row_wise:t', 64),)
+        """
+        if capacity is None:
+            capacity = {}
+        elif not isinstance(capacity, Mapping):
+            capacity = {g.name: capacity for g in self.groups if g.routed}
+        return dataclasses.replace(
+            self,
+            capacity=tuple(capacity.items()),
+            overflow=self.overflow if overflow is None else overflow,
+        )
+
+    def capacity_of(self, group: Group, ids: int) -> int:
+        """The group's capacity per (source, owner) pair, for ``ids`` ids per device."""
+        return max(1, min(dict(self.capacity).get(group.name, ids), ids))
 
     @functools.cached_property
     def groups(self) -> tuple[Group, ...]:

@@ -1,33 +1,41 @@
 """The planner: :func:`plan` places each table of a collection on a mesh.
 
 It is TorchRec's planner in miniature: a greedy pass over the tables (pinned ones, then the
-largest first, the small ones to replicate last) that puts
-each where a simple cost model says the step is cheapest while every device stays within its
-memory. The model, per device and step (the constants are module attributes):
+largest first, the small ones last) that puts each where a simple cost model says the step is
+cheapest while every device stays within its memory. The model, per device and step (the
+constants are module attributes):
 
 * **memory**: the blocks the plan's groups put on the device, padding included, and the
   optimizer's state shaped like them (:meth:`ShardingPlan.memory`: exact, not estimated);
-* **time**: ``bytes read / READ_BYTES_PER_S + bytes moved / LINK_BYTES_PER_S``, where a table of
-  ``F`` features, ``N = batch_size * pooling factors`` ids and ``D`` columns of ``s`` bytes costs
+* **time**: ``bytes read / READ_BYTES_PER_S + bytes moved / link``, where ``link`` is
+  ``LINK_BYTES_PER_S`` between accelerators and the read speed between CPU devices (one host's
+  memory: :func:`link_bytes_per_s`), and a table of ``F`` features, ``N = batch_size * pooling
+  factors`` ids and ``D`` columns of ``s`` bytes costs
 
   =============  =========================  ==============================================
   placement      bytes read                 bytes moved
   =============  =========================  ==============================================
-  data_parallel  ``N D s / K`` on each      ``N (4 D + 4)`` on each (the update's entries)
-  table_wise     ``N D s`` on the owner     ``N 4 / K + 2 F B D 4 / K`` on each, and
-                                            ``N 4 + 2 F B D 4`` more on the owner
-  row_wise       ``N D s`` on each          ``N 4 + 2 F B D 4`` on each
-                 (each pools every id)
+  data_parallel  ``N D s / K`` on each      ``min(V, N) (4 D + 4)`` on each (the update: a
+                                            ``psum`` of ``(V, D)``, or every entry gathered)
+  table_wise     ``N D s`` on the owner     ``N (4 + 2 D s) / K`` on each (its ids routed to
+                                            the owner, their rows and gradients back)
+  row_wise       ``N D s / K`` on each      ``N (4 + 2 D s) / K`` on each (routed alike)
   column_wise    ``N D s / K`` on each      ``N 4 + 2 F B D 4 / K`` on each
   =============  =========================  ==============================================
 
-A table (with its state) of at most ``replicate_below`` bytes is replicated (``data_parallel``)
-where that fits.
-The candidates for the others: ``table_wise`` on each device; ``row_wise`` unless it pools by
-max; ``column_wise`` when each device keeps at least ``MIN_COLUMNS`` columns. A candidate's score
-is the largest plus the mean device time (the step's critical path, and the work every device
-does), over the time of every table on one device, plus the largest device memory over all
-tables' memory: balanced plans that do not make every device pay for one table score low.
+  (a routed placement at a capacity of about its ids over ``K`` per (device, owner) pair:
+  :meth:`ShardingPlan.with_capacity`), plus, for each group of the plan (one array: the tables
+  of one kind that stack), ``2 C D s`` bytes read on each device, where ``C`` is the device's
+  ids of every table: a group's pass over the device's whole static capacity, whatever its
+  share of the ids. So fewer groups cost less, and a placement joins an existing group where
+  the rest is a draw.
+
+The candidates: ``table_wise`` on each device; ``row_wise``; ``column_wise`` when each device
+keeps at least ``MIN_COLUMNS`` columns; and ``data_parallel`` for a table (with its state) of at
+most ``replicate_below`` bytes. A candidate's score is the largest plus the mean device time
+(the step's critical path, and the work every device does), over the time of every table on
+one device, plus the largest device memory over all tables' memory: balanced plans that do not
+make every device pay for one table score low.
 """
 
 from __future__ import annotations
@@ -51,7 +59,25 @@ LINK_BYTES_PER_S = 1.0e11
 MIN_COLUMNS = 32
 
 
-def _step_cost(t: EmbeddingBagConfig, p: Placement, k: int, batch: int, pooling: float):
+def link_bytes_per_s(mesh: Any) -> float:
+    """The model's collective bandwidth on ``mesh``'s devices: :data:`LINK_BYTES_PER_S` between
+    accelerators; on CPU devices (one host's memory: a collective is a copy) the read speed."""
+    platform = mesh.devices.reshape(-1)[0].platform
+    return READ_BYTES_PER_S if platform == "cpu" else LINK_BYTES_PER_S
+
+
+def _group_passes(trial: ShardingPlan, ids: float) -> float:
+    """Seconds of the model each device spends per step on the groups of ``trial`` whatever
+    their tables' share of the ids: each group reads and spreads the device's ``ids`` entries
+    (its static capacity) at its width, forward and back."""
+    return sum(2 * ids * g.cols * np.dtype(g.dtype).itemsize for g in trial.groups) / (
+        READ_BYTES_PER_S
+    )
+
+
+def _step_cost(
+    t: EmbeddingBagConfig, p: Placement, k: int, batch: int, pooling: float, link: float
+):
     """``(K,)`` seconds of the model for table ``t`` placed as ``p``."""
     f = len(t.feature_names)
     n = batch * pooling * f
@@ -59,27 +85,25 @@ def _step_cost(t: EmbeddingBagConfig, p: Placement, k: int, batch: int, pooling:
     pooled = 2 * f * batch * d * 4
     read = np.zeros(k)
     moved = np.zeros(k)
-    if p.kind is Kind.DATA_PARALLEL:
+    if p.kind is Kind.DATA_PARALLEL:  # the update: a psum of (V, D), or every entry gathered
         read += n * d * s / k
-        moved += n * (4 * d + 4)
+        moved += min(t.num_embeddings, n) * (4 * d + 4)
     elif p.kind is Kind.TABLE_WISE:
         read[p.device] += n * d * s
-        moved += n * 4 / k + pooled / k
-        moved[p.device] += n * 4 + pooled
-    elif p.kind is Kind.ROW_WISE:  # every device pools every id (its own rows' share)
-        read += n * d * s
-        moved += n * 4 + pooled
+        moved += n * (4 + 2 * d * s) / k
+    elif p.kind is Kind.ROW_WISE:
+        read += n * d * s / k
+        moved += n * (4 + 2 * d * s) / k
     else:
         read += n * d * s / k
         moved += n * 4 + pooled / k
-    return read / READ_BYTES_PER_S + moved / LINK_BYTES_PER_S
+    return read / READ_BYTES_PER_S + moved / link
 
 
 def _candidates(t: EmbeddingBagConfig, k: int):
     for d in range(k):
         yield Placement(Kind.TABLE_WISE, d)
-    if t.pooling != "max":
-        yield Placement(Kind.ROW_WISE)
+    yield Placement(Kind.ROW_WISE)
     if t.embedding_dim % k == 0 and t.embedding_dim // k >= MIN_COLUMNS:
         yield Placement(Kind.COLUMN_WISE)
 
@@ -159,6 +183,7 @@ def plan(
             f"the tables need {total_memory} bytes (with optimizer state), past the {k} devices' "
             f"{k * memory_per_device}; the largest, {largest.name!r}, needs {alone[largest.name]}"
         )
+    link = link_bytes_per_s(mesh)
     one_device = 0.0  # every table on one device: the time the scores are relative to
     costs = {}
     for t in tables:
@@ -166,9 +191,10 @@ def plan(
         every = [Placement(Kind.DATA_PARALLEL), *_candidates(t, k), pinned.get(t.name)]
         for p in every:
             if p is not None:
-                costs[t.name][p] = _step_cost(t, p, k, batch_size, pooling_of(t))
-        alone_cost = _step_cost(t, Placement(Kind.TABLE_WISE, 0), k, batch_size, pooling_of(t))
-        one_device += float(alone_cost[0])
+                costs[t.name][p] = _step_cost(t, p, k, batch_size, pooling_of(t), link)
+        on_one = Placement(Kind.TABLE_WISE, 0)
+        one_device += float(_step_cost(t, on_one, k, batch_size, pooling_of(t), link)[0])
+    ids = batch_size * sum(pooling_of(t) * len(t.feature_names) for t in tables) / k
     time_scale = max(one_device, 1e-30)
 
     placed: dict[str, Placement] = {}
@@ -180,10 +206,10 @@ def plan(
     for t in order:
         if t.name in pinned:
             tries = [[pinned[t.name]]]
-        else:  # a small table is replicated where it fits; else (and any other) placed by cost
+        else:  # a small table may also be replicated; each placed by cost where it fits
             others = list(_candidates(t, k))
             small = alone[t.name] <= replicate_below
-            tries = [[Placement(Kind.DATA_PARALLEL)], others] if small else [others]
+            tries = [[Placement(Kind.DATA_PARALLEL), *others]] if small else [others]
         best, tried = None, {}
         for options in tries:
             for p in options:
@@ -192,7 +218,7 @@ def plan(
                 tried[p] = int(mem.max())
                 if memory_per_device is not None and mem.max() > memory_per_device:
                     continue
-                c = cost + costs[t.name][p]
+                c = cost + costs[t.name][p] + _group_passes(trial, ids)
                 score = (c.max() + c.mean()) / time_scale + mem.max() / max(total_memory, 1)
                 if best is None or score < best[0]:
                     best = (score, p, c)
@@ -201,8 +227,9 @@ def plan(
         if best is None:
             raise ValueError(_fits_nowhere(t, tried, k, memory_per_device, alone, largest))
         placed[t.name] = best[1]
-        cost = best[2]
+        cost = best[2] - _group_passes(_partial(tables, placed, mesh, axis), ids)
     result = ShardingPlan(tables, tuple((t.name, placed[t.name]) for t in tables), mesh, axis)
+    cost = cost + _group_passes(result, ids)
     estimates = (tuple(int(m) for m in result.memory(optimizer)), tuple(float(c) for c in cost))
     return dataclasses.replace(result, estimates=estimates)
 
@@ -219,8 +246,6 @@ def _fits_nowhere(t, tried, k, memory_per_device, alone, largest) -> str:
         m = tried.get(Placement(kind))
         if m is not None:
             reasons.append(f"{kind.value}: the fullest device would hold {m}")
-        elif kind is Kind.ROW_WISE and t.pooling == "max":
-            reasons.append("row_wise: not possible, the table pools by max")
         elif kind is Kind.COLUMN_WISE:
             reasons.append(
                 f"column_wise: not possible, embedding_dim={t.embedding_dim} does not split "

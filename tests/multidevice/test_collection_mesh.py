@@ -164,20 +164,18 @@ def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
     tables = _tables(weighted)
     mesh = _mesh(explicit)
     plan = _plan(name, tables, mesh)
-    kinds = {p.kind for _, p in plan.placements}
     _, blocks = _batch(tables, weighted=weighted)
     features = S.put_features(blocks, plan)
     sharded = S.init(jax.random.key(0), plan)
     cot = _cotangents(tables)
     ref, ref_new, g_ref, stepped = _unsharded(weighted)
     with jax.set_mesh(mesh):
-        # the forward and the renorm: bit for bit but for row-wise partial sums, and weighted
-        # bags (XLA may contract a weight's product and the sum into one FMA in one program
-        # and not in the other)
+        # the forward and the renorm: bit for bit (every device pools its own bags from its
+        # rows, as one device does), but weighted bags (XLA may contract a weight's product
+        # and the sum into one FMA in one program and not in the other)
         out, new = S.embedding_bag_collection(sharded, features, plan)
         for f in ref:
-            row_wise = plan.placement(whole_table(tables, f)).kind is S.Kind.ROW_WISE
-            _same(out[f], ref[f], not (row_wise or weighted), f"pooled {f}")
+            _same(out[f], ref[f], not weighted, f"pooled {f}")
         for t, w in S.tables_of(new, plan).items():
             _same(w, ref_new[t]["weight"], True, f"renormed {t}")
 
@@ -190,8 +188,10 @@ def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
         for t, w in S.tables_of(g, plan).items():
             _same(w, g_ref[t]["weight"], False, f"gradient {t}")
 
-        # three sparse steps: bit for bit (the entries are reordered as the unsharded ones),
-        # but column-wise, whose row-wise statistic is a sum over devices
+        # three sparse steps: bit for bit where a replica gathers every device's entries (in
+        # the unsharded order); within a few ulp where a routed group's owner, or a small
+        # replica's psum, adds each device's per-row sums (another order of the same sums),
+        # and column-wise, whose row-wise statistic is a sum over devices
         tx = jaxembed.sparse.rowwise_adagrad(0.1)
         sharded_opt = S.optimizer(tx, plan)
         sharded_state = sharded_opt.init(sharded)
@@ -203,14 +203,22 @@ def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
 
         for _ in range(3):
             sharded, sharded_state = step(sharded, sharded_state, features)
-        exact = S.Kind.COLUMN_WISE not in kinds and not weighted
         for t, w in S.tables_of(sharded, plan).items():
+            exact = in_order(plan, t, CAPACITY) and not weighted
             _same(w, stepped[t]["weight"], exact, f"sparse steps {t}")
         # the state is laid out as its table
         for g_ in plan.groups:
             spec = S.spec_of(g_, "x")
             leaf = jax.tree.leaves(sharded_state[g_.name])[-1]
             assert leaf.sharding.spec[: leaf.ndim] == spec[: leaf.ndim] or leaf.ndim == 1
+
+
+def in_order(plan, table, ids):
+    """Whether ``table``'s sparse update sums its entries in the unsharded order: a replica
+    that gathers every device's entries (:func:`jaxembed.sharding._collection.dense_replica`)."""
+    g = plan.group_of(table)
+    dense = S._collection.dense_replica(g, ids, plan.num_devices)
+    return g.kind is S.Kind.DATA_PARALLEL and not dense
 
 
 def whole_table(tables, feature):
@@ -240,37 +248,173 @@ def _compiled(plan, params, features, sparse=True):
     return lowered.compile().as_text()
 
 
-def test_no_table_is_gathered_and_row_wise_moves_bags_not_entries():
-    # tables of many rows: no block's shape is a bag array's by chance
-    tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * 40)
-              for t in _tables() if t.pooling != "max"]  # fmt: skip
+def test_no_table_is_gathered_and_a_routed_group_moves_k_times_its_capacity():
+    # tables of many rows: no block's shape is a routed buffer's by chance
+    tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * 40) for t in _tables()]
     mesh = _mesh()
-    plan = S.by_hand(tables, mesh, {t.name: S.row_wise() for t in tables})
+    kinds = [S.row_wise(), S.table_wise(2)]
+    plan = S.by_hand(tables, mesh, {t.name: kinds[i % 2] for i, t in enumerate(tables)})
     _, blocks = _batch(tables)
     features = S.put_features(blocks, plan)
+    capacity = S.capacity_for(plan, [features], slack=1.0)
+    assert set(capacity) == {g.name for g in plan.groups}
+    assert all(1 <= c < CAPACITY for c in capacity.values())
+    plan = plan.with_capacity(capacity)
     params = S.init(jax.random.key(0), plan)
     hlo = _compiled(plan, params, features)
-    shapes = re.findall(r"= (\S+) (?:all-gather|reduce-scatter|all-to-all|all-reduce)\(", hlo)
+    shapes = re.findall(r"(\w+)\[(\d+)(?:,(\d+))?\]\{", " ".join(
+        line.split("=", 1)[1].split("all-to-all(")[0]
+        for line in hlo.splitlines() if " all-to-all(" in line
+    ))  # fmt: skip
     assert shapes
     for g in plan.groups:  # no collective carries a table, whole or a block of it
         for rows, cols in (g.global_shape, (g.rows, g.cols)):
-            assert not any(f"[{rows},{cols}]" in s for s in shapes), g.name
-    # each group's reduce-scatter gives each device its (F * B_local, D) bags from (K * F *
-    # B_local, D) partial bags: never (K * ids, D) entries
-    scatters = re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} reduce-scatter\(", hlo)
-    bags = sorted(len(g.stack.positions_in(features.keys)) * B_LOCAL for g in plan.groups)
-    assert sorted(int(n) for n, _ in scatters) == bags
-    assert S.collective_bytes(hlo)["reduce-scatter"] == sum(
-        K * len(g.stack.positions_in(features.keys)) * B_LOCAL * g.cols * 4 for g in plan.groups
-    )
+            assert (f"{rows}", f"{cols}") not in {(r, c) for _, r, c in shapes}, g.name
+    # each all-to-all moves K blocks of one group's capacity: its rows (K, c, D) and ids (K, c)
+    sizes = {int(r) for _, r, _ in shapes}
+    assert sizes <= set(capacity.values())
+    with jax.set_mesh(mesh):
+        ref = S.embedding_bag_collection(S.init(jax.random.key(0), plan.with_capacity(None)),
+                                         features, plan.with_capacity(None))[0]  # fmt: skip
+        out = S.embedding_bag_collection(params, features, plan)[0]
+    for f in ref:  # the capacity each device needed is enough: nothing overflows
+        _same(out[f], ref[f], True, f)
+
+
+def _zipf_batch(tables, seed=0, length=12):
+    """Skewed ids: hot rows repeated across every device's samples."""
+    rng = np.random.default_rng(seed)
+    rows = {f: t.num_embeddings for t in tables for f in t.feature_names}
+    lists = {
+        f: [list(np.minimum(rng.zipf(1.3, rng.integers(0, length)), n) - 1) for _ in
+            range(K * B_LOCAL)]
+        for f, n in rows.items()
+    }  # fmt: skip
+    blocks = [
+        jaxembed.KeyedJagged.from_lists(
+            {f: v[k * B_LOCAL : (k + 1) * B_LOCAL] for f, v in lists.items()},
+            capacity=CAPACITY * 2,
+        )
+        for k in range(K)
+    ]
+    return lists, blocks
+
+
+def _owner_of(g, t, i):
+    """``(owner, row in its block)`` of row ``i`` of table ``t`` in group ``g``."""
+    if g.kind is S.Kind.ROW_WISE:  # row r on device r % K
+        row = g.stack.offsets[[x.name for x in g.stack.tables].index(t.name)] + i
+        return row % K, row // K
+    owner, offset = g.where(t.name)
+    return owner, offset + i
+
+
+def _served(lists, plan, capacity):
+    """A numpy model of the routing: per device and owner, the ``capacity[group]`` lowest
+    distinct rows are served. Returns the lists without the other ids, and how many they were."""
+    served, dropped = {f: [list(b) for b in v] for f, v in lists.items()}, 0
     for g in plan.groups:
-        assert not any(f"[{K * CAPACITY},{g.cols}]" in s for s in shapes)
+        routed = [(t, f) for t in g.stack.tables for f in t.feature_names]
+        pairs = {}
+        for t, f in routed:
+            for b, ids in enumerate(lists[f]):
+                for i in ids:
+                    if i != t.padding_idx:
+                        owner, local = _owner_of(g, t, i)
+                        pairs.setdefault((b // B_LOCAL, owner), set()).add(local)
+        ok = {key: sorted(v)[: capacity[g.name]] for key, v in pairs.items()}
+        for t, f in routed:
+            for b, ids in enumerate(lists[f]):
+                keep = [
+                    i
+                    for i in ids
+                    if i == t.padding_idx
+                    or _owner_of(g, t, i)[1] in ok[(b // B_LOCAL, _owner_of(g, t, i)[0])]
+                ]
+                dropped += len(ids) - len(keep)
+                served[f][b] = keep
+    return served, dropped
 
 
-# "mixed" holds every kind; the table-wise and row-wise plans stack several tables per group
-@pytest.mark.parametrize("name", ["table_wise", "row_wise", "mixed"])
-def test_the_bytes_a_step_moves_are_those_the_plan_states(name):
-    tables = _tables()
+@pytest.mark.parametrize("kind", ["row_wise", "table_wise"])
+def test_an_overflow_raises_and_changes_nothing_or_is_dropped_and_counted(kind):
+    tables = [t for t in _tables() if t.name in ("a", "b", "c")]
+    mesh = _mesh()
+    place = S.row_wise() if kind == "row_wise" else S.table_wise(5)
+    plan = S.by_hand(tables, mesh, {t.name: place for t in tables})
+    lists, blocks = _zipf_batch(tables)
+    features = S.put_features(blocks, plan)
+    need = S.capacity_for(plan, [features], slack=1.0)
+    assert len(need) == 3  # a, b and c cannot stack: a group each
+    small = {name: max(1, n - 3) for name, n in need.items()}
+    strict = plan.with_capacity(small)
+    params = S.init(jax.random.key(0), plan)
+    tx = jaxembed.sparse.rowwise_adagrad(0.1)
+    opt = S.optimizer(tx, strict)
+    state = opt.init(params)
+    before = S.tables_of(params, plan)
+    cot = {f: jnp.ones((K * B_LOCAL, 16)) for f in features.keys}
+
+    with jax.set_mesh(mesh):
+        # eagerly: the error names the group, the capacity and what the batch needs
+        name = strict.groups[0].name
+        message = f"group '{name}': \\d+ ids overflowed its capacity of {small[name]} .* "
+        message += f"needs {need[name]}"
+        with pytest.raises(S.CapacityError, match=message):
+            S.lookup(params, features, strict)
+        with pytest.raises(S.CapacityError, match=message):
+            S.embedding_bag_collection(params, features, strict)
+
+        # under jit: the group's bags are NaN, and the step leaves tables and state as they were
+        @jax.jit
+        def step(p, st, x):
+            pooled, lk = S.lookup(p, x, strict)
+            new_p, new_st = opt.update(lk.grad(cot), st, lk.params)
+            return pooled, new_p, new_st, lk.stats
+
+        pooled, new_params, new_state, stats = step(params, state, features)
+        with pytest.raises(S.CapacityError, match=message):
+            S.check_stats(stats, strict, features)
+        assert all(np.isnan(np.asarray(v)).all() for v in pooled.values())
+        for t, w in S.tables_of(new_params, plan).items():
+            np.testing.assert_array_equal(w, before[t], err_msg=t)
+        for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+        # drop: the count is exact, and the dropped ids get no value and no gradient
+        loose = plan.with_capacity(small, overflow="drop")
+        served, dropped = _served(lists, loose, small)
+        assert dropped > 0
+        with pytest.warns(UserWarning, match="ids overflowed"):
+            out, lk = S.lookup(params, features, loose)
+        assert sum(int(np.asarray(v)[:, 1].sum()) for v in lk.stats.values()) == dropped
+        assert {n: int(np.asarray(v)[:, 0].max()) for n, v in lk.stats.items()} == need
+        kept = jaxembed.KeyedJagged.from_lists(served, capacity=K * CAPACITY * 2)
+        unsharded = jaxembed.collections.init(jax.random.key(0), tables, stack=False)
+        ref = jaxembed.embedding_bag_collection(unsharded, kept, tables, stack=False)[0]
+        for f in ref:
+            _same(out[f], ref[f], True, f)
+
+        def loss(p, x, pl):
+            pooled = S.embedding_bag_collection(p, x, pl)[0]
+            return sum((pooled[f] * cot[f]).sum() for f in pooled)
+
+        def ref_loss(p):
+            pooled = jaxembed.embedding_bag_collection(p, kept, tables, stack=False)[0]
+            return sum((pooled[f] * cot[f]).sum() for f in pooled)
+
+        g = jax.jit(jax.grad(loss), static_argnums=2)(params, features, loose)
+        g_ref = jax.grad(ref_loss)(unsharded)
+        for t, w in S.tables_of(g, plan).items():
+            _same(w, g_ref[t]["weight"], False, f"gradient {t}")
+
+
+# "mixed" holds every kind; the table-wise and row-wise plans stack several tables per group;
+# replicas of more rows than the batch's ids gather the entries, the others sum densely
+@pytest.mark.parametrize("name", ["table_wise", "row_wise", "mixed", "data_parallel"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_the_bytes_a_step_moves_are_those_the_plan_states(name, rows):
+    tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * rows) for t in _tables()]
     mesh = _mesh()
     plan = _plan(name, tables, mesh)
     _, blocks = _batch(tables)
@@ -304,12 +448,15 @@ def test_the_planned_memory_is_what_the_devices_hold():
     total = sum(S._placement.block_bytes(t.num_embeddings, t.embedding_dim, t.param_dtype, tx)
                 for t in tables)  # fmt: skip
     bound = int(total / K * 1.1)
+    pinned = {"tiny": S.data_parallel(), "t0": S.table_wise(3), "t1": S.table_wise(5)}
     plan = jaxembed.plan(tables, mesh, optimizer=tx, memory_per_device=bound, batch_size=512,
-                         replicate_below=4000)  # fmt: skip
-    # small tables replicated, mid-sized ones whole on a device, the huge one split by rows
-    assert plan.placement("tiny").kind is S.Kind.DATA_PARALLEL
+                         replicate_below=4000, pinned=pinned)  # fmt: skip
+    # the pinned tables as pinned; the planner's own join their groups or one row-wise group
+    # (routed, balanced, and each group a pass over the ids: its cost model's cheapest)
+    assert {t: plan.placement(t) for t in pinned} == pinned
+    assert sorted(g.kind.value for g in plan.groups) == ["data_parallel", "row_wise",
+                                                         "table_wise"]  # fmt: skip
     assert plan.placement("big").kind is S.Kind.ROW_WISE
-    assert S.Kind.TABLE_WISE in {p.kind for _, p in plan.placements}
     params = S.init(jax.random.key(0), plan)
     state = S.optimizer(tx, plan).init(params)
     held = _device_bytes((params, state))
@@ -388,18 +535,17 @@ def test_bfloat16_tables_on_every_placement():
         for _ in range(2):
             params, state = ref_step(params, state)
             sharded, sharded_state = step(sharded, sharded_state, features)
-    for f in ref:
+    for f in ref:  # every device pools its own bags, in float32, as one device does
         assert out[f].dtype == jnp.bfloat16
         a, b = np.asarray(out[f], np.float32), np.asarray(ref[f], np.float32)
-        if plan.placement(whole_table(tables, f)).kind is S.Kind.ROW_WISE:
-            # each device's partial bag is rounded to bfloat16 before the devices' sum
-            np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-9, err_msg=f)
-        else:
-            np.testing.assert_array_equal(a, b, err_msg=f)
+        np.testing.assert_array_equal(a, b, err_msg=f)
     for t, w in S.tables_of(sharded, plan).items():
         assert w.dtype == jnp.bfloat16
-        exact = plan.placement(t).kind is not S.Kind.COLUMN_WISE
-        _same(w.astype(np.float32), np.asarray(params[t]["weight"], np.float32), exact, t)
+        a, b = w.astype(np.float32), np.asarray(params[t]["weight"], np.float32)
+        if in_order(plan, t, CAPACITY):
+            np.testing.assert_array_equal(a, b, err_msg=t)
+        else:  # each device's per-row sums, rounded to bfloat16, then summed
+            np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-9, err_msg=t)
 
 
 def test_the_nnx_collection_trains_on_the_plan():
@@ -437,9 +583,9 @@ def test_the_nnx_collection_trains_on_the_plan():
         single = jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0), sparse=True, stack=False)
         np.testing.assert_allclose(train(sharded), train(single), rtol=1e-5)
         for t, w in sharded.tables().items():
-            # the loss's gradient is the pooled features': row-wise partial sums round apart
-            exact = plan.placement(t).kind not in (S.Kind.COLUMN_WISE, S.Kind.ROW_WISE)
-            _same(w, single.tables()[t], exact, t)
+            # the loss's gradient is the pooled features': a routed owner's sums of each
+            # device's sums, and column-wise statistics, round apart
+            _same(w, single.tables()[t], in_order(plan, t, CAPACITY), t)
         with pytest.raises(ValueError, match="looked up once per loss"):
             jaxembed.sparse.value_and_grad(lambda m: loss(m, features) + loss(m, features))(sharded)
     with pytest.raises(ValueError, match="ShardingPlan of these tables"):

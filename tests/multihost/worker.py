@@ -35,6 +35,10 @@ def main(process_id: int, port: str, out: str) -> None:
     # this process's devices along the axis, in the mesh's order: their blocks are its own data
     mine = [i for i, d in enumerate(mesh.devices.reshape(-1)) if d.process_index == process_id]
     features = S.put_features([blocks[i] for i in mine], plan)
+    # the routed groups at the capacity this batch needs: a stats pass over both processes
+    plan = plan.with_capacity(S.capacity_for(plan, [features], slack=1.0))
+    if process_id == 0:
+        print("capacity", dict(plan.capacity), flush=True)
     params = S.init(jax.random.key(0), plan)
     opt = S.optimizer(jaxembed.sparse.rowwise_adagrad(0.1), plan)
     cot = cotangents()
