@@ -944,7 +944,8 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
                     ``max_norm``, ``4KC`` (all-reduce)
     ==============  =========================================  ==========================
 
-    ``w`` is the weights' bytes per id (0 unweighted); ``a`` the accumulator's (4: float32
+    On one device nothing moves. ``w`` is the weights' bytes per id (0 unweighted); ``a`` the
+    accumulator's (4: float32
     for 16-bit tables). A routed group's bytes do not depend on
     ``C``: with ``c`` about ``C / K`` they are flat in ``K``.
     """
@@ -954,6 +955,8 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
     w = 0 if features.weights is None else np.dtype(features.weights.dtype).itemsize
     look: dict[str, int] = {}
     grad: dict[str, int] = {}
+    if k == 1:  # one device: every collective is the identity, and XLA leaves none
+        return {"lookup": look, "grad": grad}
 
     def add(d, op, n):
         if n:

@@ -25,10 +25,10 @@ constants are module attributes):
 
   (a routed placement at a capacity of about its ids over ``K`` per (device, owner) pair:
   :meth:`ShardingPlan.with_capacity`), plus, for each group of the plan (one array: the tables
-  of one kind that stack), ``2 C D s`` bytes read on each device, where ``C`` is the device's
-  ids of every table: a group's pass over the device's whole static capacity, whatever its
-  share of the ids. So fewer groups cost less, and a placement joins an existing group where
-  the rest is a draw.
+  of one kind that stack), ``C (2 D s + INDEX_BYTES)`` bytes read on each device, where ``C``
+  is the device's ids of every table (``K`` times that for a column-wise group, which gathers
+  them): a group's pass over its entries, whatever its share of the ids. So fewer groups cost
+  less, and a placement joins an existing group where the rest is a draw.
 
 The candidates: ``table_wise`` on each device; ``row_wise``; ``column_wise`` when each device
 keeps at least ``MIN_COLUMNS`` columns; and ``data_parallel`` for a table (with its state) of at
@@ -55,6 +55,8 @@ from jaxembed.sharding._placement import Kind, Placement, ShardingPlan, block_by
 READ_BYTES_PER_S = 1.0e12
 #: a device's collective bandwidth in the model
 LINK_BYTES_PER_S = 1.0e11
+#: a group's bytes of index work (sorts, scans, masks) per entry it holds
+INDEX_BYTES = 64
 #: the least columns a column_wise table keeps per device
 MIN_COLUMNS = 32
 
@@ -68,11 +70,14 @@ def link_bytes_per_s(mesh: Any) -> float:
 
 def _group_passes(trial: ShardingPlan, ids: float) -> float:
     """Seconds of the model each device spends per step on the groups of ``trial`` whatever
-    their tables' share of the ids: each group reads and spreads the device's ``ids`` entries
-    (its static capacity) at its width, forward and back."""
-    return sum(2 * ids * g.cols * np.dtype(g.dtype).itemsize for g in trial.groups) / (
-        READ_BYTES_PER_S
-    )
+    their tables' share of the ids: each group reads and spreads the entries it holds (the
+    device's ``ids``, its static capacity; a column-wise group gathers every device's) at its
+    width, forward and back, and sorts and scans them (:data:`INDEX_BYTES` an entry)."""
+    total = 0.0
+    for g in trial.groups:
+        entries = ids * (g.devices if g.kind is Kind.COLUMN_WISE else 1)
+        total += entries * (2 * g.cols * np.dtype(g.dtype).itemsize + INDEX_BYTES)
+    return total / READ_BYTES_PER_S
 
 
 def _step_cost(
