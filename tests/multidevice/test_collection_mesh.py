@@ -336,7 +336,9 @@ def _served(lists, plan, capacity):
     return served, dropped
 
 
-@pytest.mark.parametrize("kind", ["row_wise", "table_wise"])
+@pytest.mark.parametrize(
+    "kind", ["row_wise", pytest.param("table_wise", marks=pytest.mark.slow)]
+)  # the same routing: the second owner mapping in the scale run
 def test_an_overflow_raises_and_changes_nothing_or_is_dropped_and_counted(kind):
     tables = [t for t in _tables() if t.name in ("a", "b", "c")]
     mesh = _mesh()
@@ -409,10 +411,21 @@ def test_an_overflow_raises_and_changes_nothing_or_is_dropped_and_counted(kind):
             _same(w, g_ref[t]["weight"], False, f"gradient {t}")
 
 
-# "mixed" holds every kind; the table-wise and row-wise plans stack several tables per group;
-# replicas of more rows than the batch's ids gather the entries, the others sum densely
-@pytest.mark.parametrize("name", ["table_wise", "row_wise", "mixed", "data_parallel"])
-@pytest.mark.parametrize("rows", [1, 40])
+def _quick(*cases):
+    """``pytest.param`` each case, marked slow but those ``(name, rows)`` in ``QUICK_BYTES``."""
+    return [c if c in QUICK_BYTES else pytest.param(*c, marks=pytest.mark.slow) for c in cases]
+
+
+# the default run's cases: "mixed" holds every kind (a small replica sums densely); a replica
+# of more rows than the batch's ids gathers the entries
+QUICK_BYTES = (("mixed", 1), ("data_parallel", 40))
+
+
+# the table-wise and row-wise plans stack several tables per group
+KINDS = ("table_wise", "row_wise", "mixed", "data_parallel")
+
+
+@pytest.mark.parametrize("name,rows", _quick(*[(n, r) for n in KINDS for r in (1, 40)]))
 def test_the_bytes_a_step_moves_are_those_the_plan_states(name, rows):
     tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * rows) for t in _tables()]
     mesh = _mesh()
