@@ -781,8 +781,9 @@ class CapacityError(ValueError):
 
 def check_stats(stats: Mapping[str, Any], sharding: ShardingPlan, features: Any = None) -> None:
     """Raises :class:`CapacityError` (``error`` policy) or warns (``drop``) where a group's ids
-    overflowed its capacity, from a step's routing stats (:attr:`ShardedLookup.stats`; a
-    traced call's are checked where they come out of ``jit``). A no-op on traced stats.
+    overflowed its capacity, from a step's routing stats (the ``stats`` of a
+    :class:`ShardedLookup`; a traced call's, once they come out of ``jit``). A no-op on traced
+    stats.
 
     Args:
       stats: ``{group: (K, 2)}`` per device: the capacity needed, the ids that overflowed.
