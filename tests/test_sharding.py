@@ -100,3 +100,29 @@ def test_bad_table_shardings():
         )
     with pytest.raises(TypeError, match="optimizer must be a jaxembed"):
         jaxembed.sparse.sharded(object(), jaxembed.TableSharding(mesh, vocab="model"))
+
+
+@pytest.mark.parametrize("kind", ["row_wise", "table_wise", "data_parallel", "column_wise"])
+def test_the_bytes_stated_for_one_device_are_the_compiled_ones(kind):
+    # one device: XLA drops the all-to-alls, and keeps the all-reduces and all-gathers
+    from jaxembed import sharding as S
+
+    e = jaxembed.EmbeddingBagConfig
+    tables = [e("a", 16, 40, ["fa"]), e("b", 16, 50, ["fb"], max_norm=1.0),
+              e("c", 16, 30, ["fc"], scale_grad_by_freq=True)]  # fmt: skip
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    place = {"row_wise": S.row_wise(), "table_wise": S.table_wise(0),
+             "data_parallel": S.data_parallel(), "column_wise": S.column_wise()}[kind]  # fmt: skip
+    plan = S.by_hand(tables, mesh, {t.name: place for t in tables})
+    block = {"fa": [[1, 2], [3]], "fb": [[4], [5, 6]], "fc": [[1], [1]]}
+    features = S.put_features([jaxembed.KeyedJagged.from_lists(block, capacity=16)], plan)
+    params = S.init(jax.random.key(0), plan)
+    weights = tuple(params[g.name]["weight"] for g in plan.groups)
+    lowered = S._collection._collection.lower(weights, features, plan=plan, sparse=True)
+    _, lk = S.lookup(params, features, plan)
+    cot = {f: jnp.ones((2, 16)) for f in features.keys}
+    grad = S._collection._grads.lower(cot, lk.pieces, plan=plan, keys=features.keys)
+    stated = S.step_bytes(plan, features)
+    assert S.collective_bytes(lowered.compile().as_text()) == stated["lookup"]
+    assert S.collective_bytes(grad.compile().as_text()) == stated["grad"]
+    assert "all-to-all" not in stated["lookup"]

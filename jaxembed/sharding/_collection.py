@@ -945,8 +945,8 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
                     ``max_norm``, ``4KC`` (all-reduce)
     ==============  =========================================  ==========================
 
-    On one device nothing moves. ``w`` is the weights' bytes per id (0 unweighted); ``a`` the
-    accumulator's (4: float32
+    On one device XLA leaves out the all-to-alls. ``w`` is the weights' bytes per id (0
+    unweighted); ``a`` the accumulator's (4: float32
     for 16-bit tables). A routed group's bytes do not depend on
     ``C``: with ``c`` about ``C / K`` they are flat in ``K``.
     """
@@ -956,8 +956,6 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
     w = 0 if features.weights is None else np.dtype(features.weights.dtype).itemsize
     look: dict[str, int] = {}
     grad: dict[str, int] = {}
-    if k == 1:  # one device: every collective is the identity, and XLA leaves none
-        return {"lookup": look, "grad": grad}
 
     def add(d, op, n):
         if n:
@@ -986,4 +984,7 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
                 add(look, "all-reduce", 4 * k * c)  # the referenced rows' norms over the columns
             add(look, "all-to-all", f * b * d * s)
             add(grad, "all-to-all", f * b * d * s)
+    if k == 1:  # XLA drops an all-to-all over one device (its other collectives stay)
+        look.pop("all-to-all", None)
+        grad.pop("all-to-all", None)
     return {"lookup": look, "grad": grad}

@@ -30,12 +30,12 @@ constants are module attributes):
   them): a group's pass over its entries, whatever its share of the ids. So fewer groups cost
   less, and a placement joins an existing group where the rest is a draw.
 
-The candidates: ``table_wise`` on each device; ``row_wise``; ``column_wise`` when each device
-keeps at least ``MIN_COLUMNS`` columns; and ``data_parallel`` for a table (with its state) of at
-most ``replicate_below`` bytes. A candidate's score is the largest plus the mean device time
-(the step's critical path, and the work every device does), over the time of every table on
-one device, plus the largest device memory over all tables' memory: balanced plans that do not
-make every device pay for one table score low.
+The candidates: ``table_wise`` on each device; ``row_wise``; ``column_wise`` when there are
+several devices and each keeps at least ``MIN_COLUMNS`` columns; and ``data_parallel`` for a
+table (with its state) of at most ``replicate_below`` bytes. A candidate's score is the
+largest plus the mean device time (the step's critical path, and the work every device does),
+over the time of every table on one device, plus the largest device memory over all tables'
+memory: balanced plans that do not make every device pay for one table score low.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _candidates(t: EmbeddingBagConfig, k: int):
     for d in range(k):
         yield Placement(Kind.TABLE_WISE, d)
     yield Placement(Kind.ROW_WISE)
-    if t.embedding_dim % k == 0 and t.embedding_dim // k >= MIN_COLUMNS:
+    if k > 1 and t.embedding_dim % k == 0 and t.embedding_dim // k >= MIN_COLUMNS:
         yield Placement(Kind.COLUMN_WISE)
 
 
