@@ -309,6 +309,13 @@ def _owners(g: Group, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(device)[t], ids + jnp.asarray(base)[t]
 
 
+def _to_route(g: Group, s: _coll._StackIds):
+    """``(owner, local, send)`` of the device's entries of a routed group: an id outside its
+    table is not sent (it stays here, a NaN bag)."""
+    owner, local = _owners(g, s.ids)
+    return owner, local, s.keep & (s.ids < g.stack.num_embeddings)
+
+
 def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: int, *,
             sparse: bool):  # fmt: skip
     """A row- or table-wise group on one device (:mod:`jaxembed.sharding._route`): its
@@ -317,9 +324,8 @@ def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: 
 
     Returns ``(bags, new block, pieces, stats)``."""
     options, k = g.stack.options, plan.num_devices
-    sentinel, size = g.stack.num_embeddings, k * capacity
-    valid = s.keep & (s.ids < sentinel)  # an id outside its table stays here: a NaN bag
-    owner, local = _owners(g, s.ids)
+    size = k * capacity
+    owner, local, valid = _to_route(g, s)
     r = _route.route(owner, local, valid, axis=plan.axis, devices=k, rows=g.rows,
                      capacity=capacity, counts=options.scale_grad_by_freq,
                      refuse=plan.overflow == "error")  # fmt: skip
@@ -731,8 +737,7 @@ def _needed(features, *, plan: ShardingPlan):
         for g in plan.groups:
             if g.routed:
                 s = _coll._stack_ids(g.stack, features.keys, features, feat)
-                owner, local = _owners(g, s.ids)
-                send = s.keep & (s.ids < g.stack.num_embeddings)
+                owner, local, send = _to_route(g, s)
                 k = plan.num_devices
                 out[g.name] = _route.needed(owner, local, send, devices=k, rows=g.rows)[None]
         return out
