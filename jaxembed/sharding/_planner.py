@@ -223,8 +223,11 @@ def plan(
                 tried[p] = int(mem.max())
                 if memory_per_device is not None and mem.max() > memory_per_device:
                     continue
-                c = cost + costs[t.name][p] + _group_passes(trial, ids)
-                score = (c.max() + c.mean()) / time_scale + mem.max() / max(total_memory, 1)
+                c = cost + costs[t.name][p]  # the tables' time; the groups' passes on top
+                with_passes = c + _group_passes(trial, ids)
+                score = (with_passes.max() + with_passes.mean()) / time_scale + mem.max() / max(
+                    total_memory, 1
+                )
                 if best is None or score < best[0]:
                     best = (score, p, c)
             if best is not None:
@@ -232,7 +235,7 @@ def plan(
         if best is None:
             raise ValueError(_fits_nowhere(t, tried, k, memory_per_device, alone, largest))
         placed[t.name] = best[1]
-        cost = best[2] - _group_passes(_partial(tables, placed, mesh, axis), ids)
+        cost = best[2]
     result = ShardingPlan(tables, tuple((t.name, placed[t.name]) for t in tables), mesh, axis)
     cost = cost + _group_passes(result, ids)
     estimates = (tuple(int(m) for m in result.memory(optimizer)), tuple(float(c) for c in cost))
