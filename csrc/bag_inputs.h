@@ -103,13 +103,6 @@ inline ffi::Error bag_inputs(ffi::AnyBuffer table, ffi::AnyBuffer ids,
   return ffi::Error::Success();
 }
 
-// A future that has already failed with `error`.
-inline ffi::Future failed(ffi::Error error) {
-  ffi::Promise promise;
-  promise.SetError(std::move(error));
-  return ffi::Future(promise);
-}
-
 // Runs a bag body over the bags on the pool, split by entries (prefix sums of bag lengths).
 inline ffi::Future run_bags(ffi::ThreadPool& pool, const BagArgs& a, BagFn body) {
   auto cumulative = std::make_shared<std::vector<int64_t>>(a.bags + 1, 0);

@@ -1,11 +1,11 @@
 // jaxembed's CPU kernels: what every kernel file shares.
 //
 // The kernels are reached through the XLA FFI (one handler a file: bag_sum.cc, bag_max.cc,
-// gather.cc, sparse_update.cc). Each handler checks its buffers, fills one of the argument
-// structs below, and runs a kernel body (kernels.h) over ranges of its work on XLA's own
-// intra-op thread pool. The bodies are compiled once per instruction set (isa.cc: generic,
-// AVX2, AVX-512) and picked at run time (dispatch.cc); nothing is compiled for the build
-// machine's CPU alone.
+// gather.cc, sparse_update.cc; search.cc and argsort.cc for managed collisions). Each handler
+// checks its buffers, fills one of the argument structs below (or its own), and runs a kernel
+// body over ranges of its work on XLA's own intra-op thread pool. The bag and update bodies
+// (kernels.h) are compiled once per instruction set (isa.cc: generic, AVX2, AVX-512) and picked
+// at run time (dispatch.cc); nothing is compiled for the build machine's CPU alone.
 //
 // Reading and writing stay inside the buffers: every id is compared against the table's rows
 // (one unsigned compare) before its row is touched, and bag bounds are clamped to the entries.
@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -184,6 +185,13 @@ ffi::Future run_split(ffi::ThreadPool& pool, int64_t total, int64_t work,
 
 inline ffi::Error invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("jaxembed kernel: " + what);
+}
+
+// A future that has already failed with `error`.
+inline ffi::Future failed(ffi::Error error) {
+  ffi::Promise promise;
+  promise.SetError(std::move(error));
+  return ffi::Future(promise);
 }
 
 }  // namespace jaxembed

@@ -6,6 +6,8 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
   :func:`renorm`, :func:`init`, and the one lookup pipeline under all of them;
 * :mod:`jaxembed.sparse`: sparse training of large tables (row-wise optimizers);
 * :mod:`jaxembed.collections`: many tables over jagged keyed features (TorchRec's names);
+* :mod:`jaxembed.collisions`: managed collisions: raw 64-bit ids mapped onto a fixed table,
+  with eviction (TorchRec's ``MCHManagedCollisionModule``), as an explicit state update;
 * :mod:`jaxembed.sharding`: :class:`TableSharding`, tables split over a JAX mesh, and
   :func:`plan`, a collection's tables placed on one;
 * :mod:`jaxembed.quantized`: 8-, 4- and 2-bit row-wise tables in torch's and FBGEMM's bytes;
@@ -20,7 +22,7 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 
 import importlib as _importlib
 
-from jaxembed import collections, quantized, sharding, sparse
+from jaxembed import collections, collisions, quantized, sharding, sparse
 from jaxembed._interop import (
     from_torch,
     load_safetensors,
@@ -35,6 +37,7 @@ from jaxembed.collections import (
     embedding_bag_collection,
     embedding_collection,
 )
+from jaxembed.collisions import ManagedCollision
 from jaxembed.core import (
     LookupStyle,
     default_embedding_init,
@@ -69,11 +72,13 @@ __all__ = [
     "FrozenWeight",
     "KeyedJagged",
     "LookupStyle",
+    "ManagedCollision",
     "QuantizedTable",
     "QuantizedWeight",
     "ShardingPlan",
     "TableSharding",
     "collections",
+    "collisions",
     "default_embedding_init",
     "dequantize",
     "embedding",

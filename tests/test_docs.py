@@ -16,6 +16,7 @@ PUBLIC = [
     "jaxembed.core",
     "jaxembed.sparse",
     "jaxembed.collections",
+    "jaxembed.collisions",
     "jaxembed.sharding",
     "jaxembed.quantized",
     "jaxembed.modules",

@@ -59,3 +59,19 @@ def test_dlrm_tiny(tmp_path):
     assert [step for step, _ in result["aucs"]] == [20, 40]
     assert all(0 <= a <= 1 for _, a in result["aucs"])
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_drifting_ids_tiny(tmp_path):
+    plot = tmp_path / "drift.png"
+    history = _load("drifting_ids").main(
+        ["--steps", "60", "--batch", "256", "--slots", "512", "--universe", "20000",
+         "--interval", "5", "--drift", "2", "--plot", str(plot)]
+    )  # fmt: skip
+    assert len(history["managed"]) == 60 and np.isfinite(history["managed"]).all()
+    assert all(0 <= h <= 1 for h in history["hit"])
+    evicting = [k for k, n in enumerate(history["evicted"]) if n]
+    assert evicting and all(k % 5 == 4 for k in evicting)  # every 5th call evicts
+    assert np.mean(history["managed"][-20:]) < np.mean(history["managed"][:5])
+    # held ids keep rows of their own, where id % V shares them (fixed seeds)
+    assert np.mean(history["managed"][-20:]) < np.mean(history["hashed"][-20:])
+    assert plot.read_bytes()[:4] == b"\x89PNG"

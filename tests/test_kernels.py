@@ -615,3 +615,73 @@ def test_an_install_without_a_compiler_skips_the_kernels_and_succeeds(tmp_path):
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "installing without the CPU kernels" in out.stderr, out.stderr
+
+
+# -- managed collisions' remap -------------------------------------------------------------------
+
+
+@st.composite
+def remap_cases(draw):
+    """Held ids (sorted, empties last) and queries: hits, misses, duplicates, extremes, masked."""
+    from jaxembed.collisions import ManagedCollision, raw_ids
+
+    size = draw(st.integers(2, 300))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    held = int(draw(st.integers(0, size - 1)))
+    spread = draw(st.sampled_from([2**8, 2**31, 2**63 - 1]))
+    pool = np.unique(np.concatenate([rng.integers(0, spread, size=held + 4, dtype=np.int64),
+                                     [0, 2**63 - 1]]))  # fmt: skip
+    ids = np.sort(rng.choice(pool, size=min(held, pool.size), replace=False))
+    state = ManagedCollision("lfu", 1).init(size, 1)
+    pairs = raw_ids(ids)
+    state = state._replace(
+        hi=state.hi.at[: ids.size].set(pairs.hi),
+        lo=state.lo.at[: ids.size].set(pairs.lo),
+        slot=jnp.asarray(rng.permutation(size).astype(np.int32)),
+    )
+    n = draw(st.integers(0, 400))
+    queries = rng.choice(pool, size=n) if draw(st.booleans()) else rng.zipf(1.3, n) % 300
+    q = raw_ids(queries.astype(np.int64))
+    ok = rng.random(n) < draw(st.sampled_from([1.0, 0.7, 0.0]))
+    if n and draw(st.booleans()):  # a bad id under trace: top bit set
+        q = q._replace(hi=q.hi.at[0].set(np.uint32(0xFFFFFFFF)))
+        ok[0] = True
+    return state, q, jnp.asarray(ok)
+
+
+@needs_kernels
+@costly
+@given(remap_cases())
+def test_search_kernel_equals_the_lower_bound(case):
+    """The held ids' search (managed collisions' remap) against the pure-JAX lower bound."""
+    from jaxembed.collisions import _ids
+
+    state, q, ok = case
+    ok = ok & _ids.valid(q)
+    size = state.hi.shape[0]
+
+    def reference(hi, lo, q_hi, q_lo, ok):
+        return jnp.where(ok, _ids.lower_bound(hi, lo, size - 1, q_hi, q_lo), size - 1)
+
+    args = (state.hi, state.lo, q.hi, q.lo, ok)
+    ours = jax.jit(_ffi.search)(*args)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.jit(reference)(*args)))
+
+
+@needs_kernels
+@costly
+@given(st.integers(0, 3000), st.sampled_from([1, 2**8, 2**31, 2**64 - 1]), st.integers(0, 2**31))
+def test_argsort_kernel_is_a_stable_sort(n, spread, seed):
+    """Equal keys (hot ids, padding) keep their input order, as the reference's sort does."""
+    from jaxembed.collisions import _ids
+
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, spread, size=n, dtype=np.uint64)
+    keys[rng.random(n) < 0.3] = keys[0] if n else 0  # many duplicates
+    hi = jnp.asarray((keys >> np.uint64(32)).astype(np.uint32))
+    lo = jnp.asarray((keys & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    ours = jax.jit(_ffi.argsort)(hi, lo)
+    with reference_path():
+        ref = jax.jit(_ids.argsort)(hi, lo)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(ours), np.argsort(keys, kind="stable"))

@@ -102,6 +102,7 @@ ALLOWED = {
         "jaxembed.sharding",
     ),
     "jaxembed.collections": ("jaxembed.core", "jaxembed.sparse", "jaxembed.collections"),
+    "jaxembed.collisions": ("jaxembed.kernels", "jaxembed.core", "jaxembed.collisions"),
     "jaxembed.modules": (
         "jaxembed.core",
         "jaxembed.sparse",
@@ -141,6 +142,7 @@ def test_each_folder_imports_only_the_layers_below(folder):
         "sparse",
         "sharding",
         "collections",
+        "collisions",
         "quantized",
         "modules",
         "serving",

@@ -317,3 +317,20 @@ def sparse_update(
         b2=np.float64(b2), weight_decay=np.float64(weight_decay), maximize=np.bool_(maximize),
     )  # fmt: skip
     return table, (None if states[0] is None else s0), (None if states[1] is None else s1)
+
+
+def search(
+    hi: jax.Array, lo: jax.Array, q_hi: jax.Array, q_lo: jax.Array, ok: jax.Array
+) -> jax.Array:
+    """Managed collisions' search: each query's lower bound among the first ``S - 1`` of the
+    sorted pairs ``(hi, lo)``, in ``[0, S - 1]`` (``S - 1`` where ``ok`` is false), as
+    ``jaxembed.collisions._ids.lower_bound`` computes it."""
+    out = jax.ShapeDtypeStruct(q_hi.shape, jnp.int32)
+    return _call("jaxembed_search", out, hi, lo, q_hi, q_lo, ok)
+
+
+def argsort(hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """The stable order of the 64-bit keys ``hi * 2**32 + lo`` (uint32 halves): ``(n,)``
+    int32, as ``jaxembed.collisions._ids.argsort`` computes it."""
+    out = jax.ShapeDtypeStruct(hi.shape, jnp.int32)
+    return _call("jaxembed_argsort", out, hi, lo)

@@ -1,0 +1,49 @@
+"""Managed collisions: unbounded raw ids (64-bit hashes) mapped onto a fixed table, inside jit.
+
+TorchRec's managed-collision modules (``MCHManagedCollisionModule``) the JAX way: the remap
+table is a pytree, and a call is ``(state, raw_ids) -> (rows, new_state, evicted)``, so it runs
+in a jitted training step beside the table and its optimizer.
+
+* :class:`ManagedCollision`: the policy (LFU, LRU, distance-LFU) and its interval; ``init`` and
+  ``remap``;
+* :class:`CollisionState`, :class:`Remapped`: the state and a call's result;
+* :class:`RawIds`, :func:`raw_ids`, :func:`to_int64`: 64-bit ids as two 32-bit halves, so no
+  ``jax_enable_x64`` is needed;
+* :func:`reset_rows`, :func:`reset_state`: the evicted rows, and their optimizer state, back to
+  the table's init;
+* :func:`to_torchrec`, :func:`from_torchrec`: TorchRec's managed-collision state dict.
+
+What this folder owns, module by module:
+
+* ``_ids``: the raw ids' pairs, their order and binary search;
+* ``_remap``: the config, the state and a call;
+* ``_reset``: evicted rows and optimizer state reset;
+* ``_torchrec``: TorchRec's state dict in and out.
+
+It may import :mod:`jaxembed.core` and :mod:`jaxembed.kernels` (the remap's CPU kernel),
+and nothing else of jaxembed.
+"""
+
+from jaxembed.collisions._ids import RawIds, raw_ids, to_int64
+from jaxembed.collisions._remap import (
+    CollisionState,
+    ManagedCollision,
+    Remapped,
+    held_ids,
+)
+from jaxembed.collisions._reset import reset_rows, reset_state
+from jaxembed.collisions._torchrec import from_torchrec, to_torchrec
+
+__all__ = [
+    "CollisionState",
+    "ManagedCollision",
+    "RawIds",
+    "Remapped",
+    "from_torchrec",
+    "held_ids",
+    "raw_ids",
+    "reset_rows",
+    "reset_state",
+    "to_int64",
+    "to_torchrec",
+]
