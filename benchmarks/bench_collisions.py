@@ -77,11 +77,13 @@ def main(argv=None):
         q = raw_ids(draw(kind, held, B))
         idx = remap(state, q.hi, q.lo)
         times = {"remap": [], "lookup": []}
-        for _ in range(args.rounds):
-            times["remap"].append(median_ms(
-                lambda: remap(state, q.hi, q.lo).block_until_ready(), args.repeat))  # fmt: skip
-            times["lookup"].append(median_ms(
-                lambda: lookup(table, idx).block_until_ready(), args.repeat))  # fmt: skip
+        calls = {
+            "remap": lambda q=q: remap(state, q.hi, q.lo).block_until_ready(),
+            "lookup": lambda idx=idx: lookup(table, idx).block_until_ready(),
+        }
+        for _ in range(args.rounds):  # interleaved
+            for name, call in calls.items():
+                times[name].append(median_ms(call, args.repeat))
         r, k = statistics.median(times["remap"]), statistics.median(times["lookup"])
         print(f"  {kind:8s} remap {r:7.2f} ms  lookup {k:7.2f} ms  ratio {r / k:5.2f}")
 
@@ -110,7 +112,7 @@ def main(argv=None):
         for kind in ("uniform", "zipf"):
             stream = [draw(kind, universe, B) for _ in range(calls)]
             mc = ManagedCollision(args.eviction, interval)
-            step = jax.jit(lambda s, h, l: mc.remap(s, RawIds(h, l)), donate_argnums=0)  # noqa: E741
+            step = jax.jit(lambda s, h, l, mc=mc: mc.remap(s, RawIds(h, l)), donate_argnums=0)  # noqa: E741
             jstream = [raw_ids(ids) for ids in stream]
             ours, theirs = [], []
             for _ in range(max(1, args.rounds // 2)):
@@ -142,8 +144,6 @@ def main(argv=None):
 
 def state_for(mc, S, B, held):
     """A full state: ``held`` (sorted, S - 1 ids) in slots 0.. in order, counts 1, call 0."""
-    import jax.numpy as jnp
-
     from jaxembed.collisions import raw_ids
 
     s = mc.init(S, B)
