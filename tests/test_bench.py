@@ -26,6 +26,7 @@ def test_op_bytes():
     assert bench.op_bytes("train-sparse-rowwise_adagrad", V, D, N, b) == 5 * rows + 12 * N
     # bfloat16 halves the bytes of every row
     assert bench.op_bytes("lookup", V, D, N, 2) == rows + 4 * N
+    assert bench.op_bytes("remap", V, D, N, b) == 24 * N  # ids in, held entries read, rows out
     with pytest.raises(ValueError, match="unknown op"):
         bench.op_bytes("lookup+nothing", V, D, N, b)
 
@@ -85,6 +86,8 @@ def test_command_end_to_end_writes_json_and_png(tmp_path):
     assert {r["op"] for r in results} == set(bench.OPS)
     impls = {(r["op"], r["impl"]) for r in results}
     assert {("lookup", "jnp.take"), ("lookup", "jaxembed:one_hot"), ("lookup", "torch")} <= impls
+    remaps = {("remap", "jaxembed.collisions"), ("remap", "lookup"), ("remap", "torchrec MCH")}
+    assert remaps <= impls
     for r in results:
         assert r["ms"] > 0 and r["bytes"] > 0
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] / 1e3) / 1e9)

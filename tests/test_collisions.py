@@ -438,3 +438,17 @@ def test_training_with_resets_matches_torchrec_with_a_reset_hook():
         np.testing.assert_allclose(np.asarray(table), weight.numpy(), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(np.asarray(opt_state.sum), acc.numpy(), rtol=1e-6, atol=1e-7)
     assert resets > 0
+
+
+def test_the_bench_remap_op_remaps_as_torchrec():
+    """jaxembed-bench's ``remap`` op: a full table of hashed ids, TorchRec's buffers the same."""
+    from jaxembed.bench import _baselines, _cases
+
+    ids = np.random.default_rng(0).integers(0, 50, size=64).astype(np.int32)
+    table = jnp.zeros((50, 4))
+    ours = _cases.remap_cases(table, jnp.asarray(ids))["jaxembed.collisions"]
+    slots = np.asarray(jax.jit(ours.fn)(*ours.args))
+    want = np.where(ids == 49, 49, ids)  # id k's hash is held in slot k; 49 is the miss slot
+    np.testing.assert_array_equal(slots, want)
+    theirs = _baselines._torchrec_remap(torch, 50, ids)
+    np.testing.assert_array_equal(theirs().numpy(), want)

@@ -50,6 +50,11 @@ def cases(
     # torch's sparse optimizers build COO tensors unchecked and say so on every step
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     found.update(_torch(op, torch, table_np, ids_np, bags_np, cot_np, bag_target_np, device, lr))
+    if op == "remap":
+        try:
+            found["torchrec MCH"] = _torchrec_remap(torch, table_np.shape[0], ids_np)
+        except ImportError:
+            missing["torchrec MCH"] = "torchrec is not installed (pip install --no-deps torchrec)"
     if op in FBGEMM_OPS:
         if device != "cpu":
             missing["fbgemm TBE"] = "only FBGEMM's CPU build is wired in"
@@ -154,3 +159,26 @@ def _fbgemm(op, torch, table_np, ids_np, bags_np, cot_np, bag_target_np, lr):
         (0.5 * ((out - target) ** 2).mean()).backward()
 
     return TorchCase(step, None)
+
+
+def _torchrec_remap(torch, num_slots: int, ids_np: np.ndarray) -> TorchCase:
+    """TorchRec's ``MCHManagedCollisionModule`` remap in eval mode, over the same full table of
+    hashed ids as the ``remap`` op's (:func:`jaxembed.bench._cases.remap_state`)."""
+    from torchrec.modules.mc_modules import LFU_EvictionPolicy, MCHManagedCollisionModule
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from jaxembed.bench._cases import hashed_ids, remap_state
+    from jaxembed.collisions import to_torchrec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = MCHManagedCollisionModule(
+            zch_size=num_slots, device=torch.device("cpu"), eviction_policy=LFU_EvictionPolicy(),
+            eviction_interval=1,
+        )  # fmt: skip
+    mc, state = remap_state(num_slots, ids_np.shape[0])
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in to_torchrec(mc, state).items()})
+    module.eval()
+    values = torch.from_numpy(hashed_ids(ids_np.astype(np.int64)))
+    features = {"f": JaggedTensor(values=values, lengths=torch.tensor([values.numel()]))}
+    return TorchCase(lambda: module(features)["f"].values(), None)

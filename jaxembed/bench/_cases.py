@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import jaxembed
@@ -25,6 +26,7 @@ OPS = (
     "train-dense",
     *(f"train-sparse-{name}" for name in SPARSE_OPTIMIZERS),
     "train-bag-rowwise_adagrad",
+    "remap",
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LR = 0.01
@@ -172,6 +174,8 @@ def _all_jax_cases(op: str, table, ids, bags, cot, target, bag_target) -> dict[s
             ),
             FLOOR: Case(floor_step(lambda rows: rows), (table, ids, target)),
         }
+    if op == "remap":
+        return remap_cases(table, ids)
     if op == "train-bag-rowwise_adagrad":
         opt = sparse.rowwise_adagrad(LR)
         return {
@@ -186,8 +190,48 @@ def _all_jax_cases(op: str, table, ids, bags, cot, target, bag_target) -> dict[s
     raise ValueError(f"unknown op {op!r}; one of {OPS}")
 
 
+def hashed_ids(ids: np.ndarray) -> np.ndarray:
+    """Ids in ``[0, V)`` as distinct raw 63-bit ids: a multiplicative hash (odd, so one to one
+    modulo 2**64), its top 63 bits."""
+    return ((ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(1)).astype(
+        np.int64
+    )
+
+
+def remap_state(num_slots: int, ids_per_call: int):
+    """``(mc, state)``: LFU managed collisions over ``num_slots`` slots, full: the hashed ids of
+    ``0 .. num_slots - 2`` held, id ``k``'s hash in slot ``k``."""
+    from jaxembed.collisions import ManagedCollision, raw_ids
+
+    mc = ManagedCollision("lfu", 1)
+    state = mc.init(num_slots, ids_per_call)
+    held = hashed_ids(np.arange(num_slots - 1))
+    order = np.argsort(held)
+    pairs = raw_ids(held[order])
+    return mc, state._replace(
+        hi=state.hi.at[: num_slots - 1].set(pairs.hi),
+        lo=state.lo.at[: num_slots - 1].set(pairs.lo),
+        slot=state.slot.at[: num_slots - 1].set(jnp.asarray(order.astype(np.int32))),
+    )
+
+
+def remap_cases(table, ids) -> dict[str, Case]:
+    """The remap of a batch of raw ids (the hashes of ``ids``; ``V - 1`` is the miss slot's)
+    into a full table of ``V`` slots, and, as its baseline, the lookup of as many rows."""
+    from jaxembed.collisions import RawIds, raw_ids
+
+    mc, state = remap_state(table.shape[0], ids.shape[0])
+    q = raw_ids(hashed_ids(np.asarray(ids)))
+    remap = lambda s, h, lo: mc.remap(s, RawIds(h, lo), train=False).slots  # noqa: E731
+    return {
+        "jaxembed.collisions": Case(remap, (state, q.hi, q.lo)),
+        "lookup": Case(lambda p, i: jaxembed.embedding(p, i)[0], ({"weight": table}, ids)),
+    }
+
+
 BASELINE = {
     "lookup": "jnp.take",
+    "remap": "lookup",
     "lookup+max_norm": "torch",
     "grad": "jnp.take",
     "train-dense": "torch",

@@ -26,6 +26,8 @@ def op_bytes(op: str, vocab: int, dim: int, batch: int, itemsize: int, bag_size:
       one float32 per row, lazy Adam: two state rows).
     * ``train-bag-rowwise_adagrad``: bags of ``bag_size`` summed, then row-wise Adagrad: read the
       rows, read the bags' target, read and write the touched rows and their accumulators.
+    * ``remap`` (managed collisions): read each raw id (8 bytes) and its held entry (the id's
+      8 bytes and its slot's 4), write its slot.
     """
     rows = batch * dim * itemsize
     table = vocab * dim * itemsize
@@ -47,6 +49,8 @@ def op_bytes(op: str, vocab: int, dim: int, batch: int, itemsize: int, bag_size:
     if op == "train-bag-rowwise_adagrad":
         bags = (batch // bag_size) * dim * itemsize
         return 3 * rows + bags + 2 * batch * 4 + idx
+    if op == "remap":
+        return batch * (8 + 12) + idx
     raise ValueError(f"unknown op {op!r}; one of {OPS}")
 
 
