@@ -452,3 +452,14 @@ def test_the_bench_remap_op_remaps_as_torchrec():
     np.testing.assert_array_equal(slots, want)
     theirs = _baselines._torchrec_remap(torch, 50, ids)
     np.testing.assert_array_equal(theirs().numpy(), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eviction", ["lfu", "lru", "distance_lfu"])
+@pytest.mark.parametrize("kind", ["zipf", "uniform"])
+def test_matches_torchrec_at_scale(eviction, kind):
+    """Thousands of slots, a window of thousands of ids with heavy ties: the bisection that
+    selects the leaving entries, and the merge that keeps the held ids sorted, at size."""
+    mc = ManagedCollision(eviction, 2, decay_exponent=1.0 if eviction == "lfu" else 1.5)
+    calls = stream(np.random.default_rng(11), kind, 8, 4096, 60_000)
+    run_against_torchrec(mc, 5000, calls, offset=3)
