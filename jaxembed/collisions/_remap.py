@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxembed.collisions import _ids
 from jaxembed.collisions._ids import EMPTY, RawIds
+from jaxembed.core import _validation
 from jaxembed.kernels import _ffi as _kernels
 
 POLICIES = ("lfu", "lru", "distance_lfu")
@@ -121,11 +122,10 @@ class Remapped(NamedTuple):
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    value = _validation.check_size(name, value)
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
