@@ -148,19 +148,24 @@ def test_matches_torchrec_with_an_offset_over_a_long_stream(eviction):
 
 def test_reference_examples():
     """managed-collision.md section 4's worked examples, run by hand against TorchRec."""
-    ids = lambda *v: raw_ids(np.array(v, np.int64))  # noqa: E731
-    mc = ManagedCollision("lfu", 1)
-    out = mc.remap(mc.init(4, 1), ids(10))
+
+    def run(mc, num_slots, per_call, *calls):
+        step = jax.jit(lambda s, h, lo, ok: mc.remap(s, RawIds(h, lo), valid=ok))
+        state = mc.init(num_slots, per_call)
+        for call in calls:  # padded to per_call ids, the padding masked out
+            pairs = raw_ids(np.array(call + [0] * (per_call - len(call)), np.int64))
+            out = step(state, pairs.hi, pairs.lo, jnp.arange(per_call) < len(call))
+            state = out.state
+        return out
+
+    out = run(ManagedCollision("lfu", 1), 4, 1, [10])
     assert out.slots.tolist() == [2]  # the highest-positioned empty is taken first
-    mc = ManagedCollision("lru", 1)
-    out = mc.remap(mc.init(3, 4), ids(9, 8, 7, 7))
+    out = run(ManagedCollision("lru", 1), 3, 4, [9, 8, 7, 7])
     assert out.slots.tolist() == [2, 1, 0, 0]
     for decay, gone in ((1.0, {2, 3}), (2.0, {1, 2})):
         mc = ManagedCollision("distance_lfu", 2, decay_exponent=decay)
-        state = mc.init(4, 4)
-        for call in ([1, 1, 1, 2], [3, 3], [4, 4, 4, 4], [5]):
-            state = mc.remap(state, ids(*call)).state
-        assert set(held_ids(state)[0].tolist()) == {1, 2, 3, 4, 5} - gone
+        out = run(mc, 4, 4, [1, 1, 1, 2], [3, 3], [4, 4, 4, 4], [5])
+        assert set(held_ids(out.state)[0].tolist()) == {1, 2, 3, 4, 5} - gone
 
 
 def test_the_largest_id_is_held():
