@@ -127,9 +127,9 @@ POLICIES = [
                          f"{m.decay_exponent}")  # fmt: skip
 @pytest.mark.parametrize("num_slots,per_call,universe,kind", [
     (2, 3, 5, "uniform"),
-    (8, 6, 40, "zipf"),
+    pytest.param(8, 6, 40, "zipf", marks=pytest.mark.slow),  # the README's command: 2 of 4
     (64, 32, 400, "zipf"),
-    (64, 32, 90, "uniform"),
+    pytest.param(64, 32, 90, "uniform", marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_matches_torchrec_call_by_call(mc, num_slots, per_call, universe, kind):
     rng = np.random.default_rng(num_slots * 31 + per_call + hash(mc) % 97)
@@ -138,7 +138,9 @@ def test_matches_torchrec_call_by_call(mc, num_slots, per_call, universe, kind):
     assert evictions == 12 // mc.eviction_interval
 
 
-@pytest.mark.parametrize("eviction", ["lfu", "lru", "distance_lfu"])
+@pytest.mark.parametrize(
+    "eviction", ["lfu", *(pytest.param(e, marks=pytest.mark.slow) for e in ("lru", "distance_lfu"))]
+)
 def test_matches_torchrec_with_an_offset_over_a_long_stream(eviction):
     mc = ManagedCollision(eviction, 2)
     calls = stream(np.random.default_rng(5), "zipf", 40, 64, 2000)
@@ -179,7 +181,9 @@ def test_the_largest_id_is_held():
         to_torchrec(mc, out.state)
 
 
-@pytest.mark.parametrize("eviction", ["lfu", "lru", "distance_lfu"])
+@pytest.mark.parametrize(
+    "eviction", ["distance_lfu", *(pytest.param(e, marks=pytest.mark.slow) for e in ("lfu", "lru"))]
+)
 def test_torchrec_state_dict_round_trip_and_resume(eviction):
     """Saved mid-window and loaded both ways, the next calls agree (TorchRec's resume)."""
     mc = ManagedCollision(eviction, 3)
@@ -221,7 +225,7 @@ def window_counts(calls):
 
 
 @pytest.mark.parametrize("eviction", ["lfu", "lru", "distance_lfu"])
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [0, *(pytest.param(k, marks=pytest.mark.slow) for k in (1, 2, 3))])
 def test_properties_over_random_streams(eviction, seed):
     """No two held ids share a slot; LFU counts are the exact hits since admission."""
     rng = np.random.default_rng(seed)

@@ -119,11 +119,13 @@ def _plan(name, tables, mesh):
     return S.by_hand(tables, mesh, _placements(name, tables))
 
 
+# the README's command runs "mixed" (every kind at once, weighted) and "planned"; each kind
+# alone runs with -m slow (CI runs both)
 CASES = [
-    ("data_parallel", False, True),
-    ("table_wise", False, True),
-    ("row_wise", False, True),
-    ("column_wise", False, True),
+    pytest.param("data_parallel", False, True, marks=pytest.mark.slow),
+    pytest.param("table_wise", False, True, marks=pytest.mark.slow),
+    pytest.param("row_wise", False, True, marks=pytest.mark.slow),
+    pytest.param("column_wise", False, True, marks=pytest.mark.slow),
     ("planned", False, True),
     ("mixed", True, False),  # weighted features, on a mesh of Auto axes
 ]

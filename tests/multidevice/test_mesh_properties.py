@@ -206,7 +206,10 @@ def _lists(tables, b, seed, max_len=4):
     }
 
 
-@pytest.mark.parametrize("devices", [(0, 0, 1), (0, 1, 1), (1, 0, 0)])
+@pytest.mark.parametrize(  # the README's command runs the first; -m slow the other two
+    "devices",
+    [(0, 0, 1), *(pytest.param(d, marks=pytest.mark.slow) for d in ((0, 1, 1), (1, 0, 0)))],
+)
 def test_uneven_table_wise_groups_train_as_on_one_device(devices):
     tables = _three_tables()
     placements = {t.name: S.table_wise(d) for t, d in zip(tables, devices, strict=True)}
