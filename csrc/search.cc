@@ -59,8 +59,7 @@ void order_queries(const uint32_t* q_hi, const uint32_t* q_lo, const bool* ok, i
 }
 
 // Ordered queries [begin, end): their lower bounds, merged into the held ids.
-void merge_range(const Held& h, const Ordered& o, int32_t* out,
-                 int64_t begin, int64_t end) {
+void merge_range(const Held& h, const Ordered& o, int32_t* out, int64_t begin, int64_t end) {
   int64_t p = 0;
   uint64_t previous = 0;
   int32_t result = 0;  // the lower bound of `previous`
@@ -76,9 +75,8 @@ void merge_range(const Held& h, const Ordered& o, int32_t* out,
 }
 
 ffi::Future Search(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
-                  ffi::Buffer<ffi::U32> q_hi,
-                  ffi::Buffer<ffi::U32> q_lo, ffi::Buffer<ffi::PRED> ok,
-                  ffi::Result<ffi::Buffer<ffi::S32>> out) {
+                   ffi::Buffer<ffi::U32> q_hi, ffi::Buffer<ffi::U32> q_lo,
+                   ffi::Buffer<ffi::PRED> ok, ffi::Result<ffi::Buffer<ffi::S32>> out) {
   const int64_t size = static_cast<int64_t>(hi.element_count());
   const int64_t n = static_cast<int64_t>(q_hi.element_count());
   if (hi.dimensions().size() != 1 || lo.element_count() != hi.element_count()) {
@@ -92,6 +90,7 @@ ffi::Future Search(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> hi, ffi::Buffer<f
       static_cast<int64_t>(out->element_count()) != n) {
     return failed(invalid("q_hi, q_lo, ok and the output must have n entries each"));
   }
+  if (n > INT32_MAX) return failed(invalid("at most 2^31 - 1 queries"));
   const uint32_t* qh = q_hi.typed_data();
   const uint32_t* ql = q_lo.typed_data();
   const bool* valid = ok.typed_data();

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -267,6 +268,7 @@ def test_sparse_training_matches_torch(case):
     np.testing.assert_allclose(table, emb.weight.detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a process of its own: CI runs it (-m slow)
 def test_float64_under_x64():
     """The float64 properties (tests/x64_cases.py), in a process started with x64 on."""
     import os

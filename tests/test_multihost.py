@@ -12,6 +12,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import jaxembed
 
@@ -26,6 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes: CI runs it (-m slow)
 def test_two_processes_train_a_sharded_collection(tmp_path):
     port, out = str(_free_port()), tmp_path / "tables.npz"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -250,6 +250,7 @@ def _compiled(plan, params, features, sparse=True):
     return lowered.compile().as_text()
 
 
+@pytest.mark.slow  # the README's command keeps the bytes tests; CI runs this
 def test_no_table_is_gathered_and_a_routed_group_moves_k_times_its_capacity():
     # tables of many rows: no block's shape is a routed buffer's by chance
     tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * 40) for t in _tables()]
@@ -453,6 +454,7 @@ def _device_bytes(trees) -> np.ndarray:
     return np.array([out[d.id] for d in jax.devices()[:K]])
 
 
+@pytest.mark.slow  # a Criteo-sized plan: CI runs it (-m slow)
 def test_the_planned_memory_is_what_the_devices_hold():
     rng = np.random.default_rng(3)
     tables = [E(f"t{i}", 16, int(n), [f"f{i}"]) for i, n in

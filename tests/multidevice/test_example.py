@@ -29,6 +29,7 @@ def test_sharded_training_example(mesh="4x2"):
     assert result["shard_shape"] == (1024 // model_shards, 16)
 
 
+@pytest.mark.slow  # the benchmark script at size: CI runs it (-m slow)
 def test_sharded_benchmark_memory_per_device():
     """``benchmarks/bench_sharded.py``: each device holds V*D/shards of the table, and the
     lookup's and the sparse step's temporaries are O(batch) plus int32 row marks, far below a

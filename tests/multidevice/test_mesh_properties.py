@@ -300,6 +300,7 @@ def planned_cases(draw):
     return tables, slack, replicate_below
 
 
+@pytest.mark.slow  # CI runs it (-m slow); the random placements stay
 @settings(max_examples=_examples())
 @given(planned_cases())
 def test_every_plan_the_planner_returns_trains_as_on_one_device(case):
