@@ -46,6 +46,7 @@ def test_sweep_parsing_and_bad_arguments():
         bench.main(["--batch", "4", "--bag-size", "16"])
 
 
+@pytest.mark.slow  # every op, compiled twice: CI runs it; the quicker CLI tests stay
 def test_command_end_to_end_writes_json_and_png(tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

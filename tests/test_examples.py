@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 
 import numpy as np
+import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -47,6 +48,7 @@ def test_train_skipgram_tiny(tmp_path):
     assert result["neighbours"]  # some query words are in a 500-word vocabulary
 
 
+@pytest.mark.slow  # the README's command runs the smaller examples; CI runs this one
 def test_dlrm_tiny(tmp_path):
     plot = tmp_path / "dlrm.png"
     result = _load("dlrm").main(

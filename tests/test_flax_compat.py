@@ -34,7 +34,7 @@ def _state_paths(model):
     return sorted(path for path, _ in nnx.to_flat_state(nnx.state(model)))
 
 
-@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [None, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_a_flax_model_with_embed_swapped_is_identical(dtype):
     flax_model = TinyLM(nnx.Embed, dtype=dtype, rngs=nnx.Rngs(0))
     ours = TinyLM(jaxembed.Embed, dtype=dtype, rngs=nnx.Rngs(0))
