@@ -56,12 +56,8 @@ def main(argv=None):
     rng.shuffle(universe)
     held = np.sort(universe[: S - 1])
     mc = ManagedCollision(args.eviction, 1)  # train=False below: it never evicts
-    state = mc.init(S, B)
-    pairs = raw_ids(held)
-    state = state._replace(
-        hi=state.hi.at[: S - 1].set(pairs.hi),
-        lo=state.lo.at[: S - 1].set(pairs.lo),
-        slot=jnp.asarray(np.concatenate([rng.permutation(S - 1), [S - 1]]).astype(np.int32)),
+    state = state_for(mc, S, B, held)._replace(  # the held ids in shuffled slots
+        slot=jnp.asarray(np.concatenate([rng.permutation(S - 1), [S - 1]]).astype(np.int32))
     )
     table = jnp.asarray(rng.standard_normal((S, args.dim), dtype=np.float32))
     remap = jax.jit(lambda s, h, l: mc.remap(s, RawIds(h, l), train=False).slots)  # noqa: E741

@@ -276,9 +276,7 @@ class ManagedCollision:
             if mask.dtype != jnp.bool_:
                 raise TypeError(f"valid must be a bool mask, got {mask.dtype}")
             ok = ok & mask.reshape(-1)
-        num_slots = state.num_slots
-        evicted = jnp.full((min(num_slots, state.window_hi.shape[0]),), num_slots, jnp.int32)
-        num_evicted = jnp.zeros((), jnp.int32)
+        evicted, num_evicted = _no_eviction(state)
         if train:
             state, evicted, num_evicted = self._profile(state, q_hi, q_lo, ok, ids_per_call)
         slots = search(state, q_hi, q_lo, ok)
@@ -297,10 +295,9 @@ class ManagedCollision:
         )
         evicting = step - state.last_eviction == self.eviction_interval
         held = (state.hi, state.lo, state.slot, state.counts, state.last)
-        size = min(state.num_slots, state.window_hi.shape[0])
 
         def idle(held, window_hi, window_lo):
-            return held, jnp.full((size,), state.num_slots, jnp.int32), jnp.zeros((), jnp.int32)
+            return held, *_no_eviction(state)
 
         def evict(held, window_hi, window_lo):
             return self._evict(
@@ -420,17 +417,17 @@ class ManagedCollision:
         # (sorted by id) merged in
         by_id = _ids.argsort(e_hi, e_lo)
         e_hi, e_lo, e_slot, e_src = (a[by_id] for a in (e_hi, e_lo, e_slot, src))
-        e_live = k < entering
+        # (the entering ids' valid ids sort before the padding: `live` still marks them)
         stays = ~leaves
         compact = slots - gone  # a kept entry's position among the kept
-        e_at = _positions(state.hi, state.lo, e_hi, e_lo, e_live)  # among all held
+        e_at = _positions(state.hi, state.lo, e_hi, e_lo, live)  # among all held
         e_ins = e_at - jnp.where(e_at > 0, gone[jnp.maximum(e_at - 1, 0)], 0)
         inserted = (
-            jnp.zeros((num_slots + 1,), jnp.int32).at[jnp.where(e_live, e_ins, num_slots)].add(1)
+            jnp.zeros((num_slots + 1,), jnp.int32).at[jnp.where(live, e_ins, num_slots)].add(1)
         )
         before = jnp.cumsum(inserted)  # entering ids placed at or before each kept position
         dest_kept = jnp.where(stays, compact + before[compact], num_slots)
-        dest_new = jnp.where(e_live, e_ins + k, num_slots)
+        dest_new = jnp.where(live, e_ins + k, num_slots)
 
         def merged(values, incoming):
             out = jnp.zeros_like(values).at[dest_kept].set(values, mode="drop")
@@ -443,6 +440,12 @@ class ManagedCollision:
         if last is not None:
             last = merged(last, n_last[e_src])
         return (hi, lo, slot, counts, last), evicted, entering
+
+
+def _no_eviction(state: CollisionState) -> tuple[jax.Array, jax.Array]:
+    """A call's ``(evicted, num_evicted)`` when it evicts nothing: all padding, and 0."""
+    size = min(state.num_slots, state.window_hi.shape[0])
+    return jnp.full((size,), state.num_slots, jnp.int32), jnp.zeros((), jnp.int32)
 
 
 def _first_false(predicate, count, window: int) -> jax.Array:
