@@ -204,3 +204,41 @@ def test_errors():
         )(model)
     with pytest.raises(TypeError, match="sparse"):
         jaxembed.Embedding(V, D, sparse=1, rngs=nnx.Rngs(0))
+
+
+class _WithBatchNorm(nnx.Module):
+    def __init__(self, sparse):
+        self.emb = jaxembed.Embedding(10, 4, sparse=sparse, rngs=nnx.Rngs(0))
+        self.bn = nnx.BatchNorm(4, rngs=nnx.Rngs(1))
+
+    def __call__(self, ids):
+        return jnp.sum(self.bn(self.emb(ids)) ** 2)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_model_that_updates_its_own_state_trains_as_the_dense_one(jit):
+    # BatchNorm's statistics (any variable the loss updates) are updated once a call, as
+    # nnx.value_and_grad updates them, and the dense parameters get the same gradients
+    ids = jnp.array([1, 2, 2, 7])
+    sparse_model, dense_model = _WithBatchNorm(True), _WithBatchNorm(False)
+    wrap = nnx.jit if jit else (lambda f: f)
+    sparse_step = wrap(sparse.value_and_grad(lambda m: m(ids)))
+    dense_step = wrap(nnx.value_and_grad(lambda m: m(ids)))
+    for _ in range(2):
+        loss, grads = sparse_step(sparse_model)
+        want, want_grads = dense_step(dense_model)
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(
+                getattr(sparse_model.bn, name)[...], getattr(dense_model.bn, name)[...], rtol=1e-6
+            )
+        np.testing.assert_allclose(
+            grads.dense["bn"]["scale"][...], want_grads["bn"]["scale"][...], rtol=1e-5, atol=1e-7
+        )
+        dense_rows = want_grads["emb"]["weight"][...]
+        got = (
+            jnp.zeros_like(dense_rows)
+            .at[grads.sparse["emb/weight"].indices]
+            .add(grads.sparse["emb/weight"].values)
+        )
+        np.testing.assert_allclose(got, dense_rows, rtol=1e-5, atol=1e-7)

@@ -196,6 +196,8 @@ def _reads_outside_lookups(graphdef: Any, state: Any, loss: Callable) -> dict[st
 
     def of_tables(values, rest):
         tables = nnx.from_flat_state([(p, v.replace(values[_key(p)])) for p, v in flat])
+        # the other variables anew, in this trace: a loss may update them (BatchNorm's stats)
+        rest = jax.tree.map(lambda x: x, rest)
         return loss(nnx.merge(graphdef, tables, rest))
 
     values = {_key(p): v.get_value() for p, v in flat}
