@@ -54,6 +54,9 @@ from jaxembed.modules import (
     EmbeddingBagCollection,
     EmbeddingCollection,
     FrozenWeight,
+    ManagedCollisionEmbeddingBagCollection,
+    ManagedCollisionEmbeddingCollection,
+    ManagedCollisionState,
     QuantizedWeight,
 )
 from jaxembed.quantized import QuantizedTable, dequantize, quantize
@@ -73,6 +76,9 @@ __all__ = [
     "KeyedJagged",
     "LookupStyle",
     "ManagedCollision",
+    "ManagedCollisionEmbeddingBagCollection",
+    "ManagedCollisionEmbeddingCollection",
+    "ManagedCollisionState",
     "QuantizedTable",
     "QuantizedWeight",
     "ShardingPlan",

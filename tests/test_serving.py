@@ -226,6 +226,13 @@ def _pytrees():
     )
     _rows, row_lookup = jaxembed.sparse.lookup(params, jnp.array([1, 1]), max_norm=1.0)
     weight = params["weight"]
+    collisions = jaxembed.collisions
+    mc = collisions.ManagedCollision("distance_lfu", 1)
+    tables = [jaxembed.EmbeddingBagConfig("t", 4, 8, ["u", "v"])]
+    mcc = collisions.ManagedCollisionCollection({"t": mc}, tables)
+    raw = collisions.RawKeyedJagged.from_lists(
+        {"u": [[2**62], []], "v": [[1], [2]]}, weights={"u": [[0.5], []], "v": [[1.0], [2.0]]}
+    )
     return {
         "KeyedJagged": jaxembed.KeyedJagged.from_lists({"a": [[1, 2], []], "b": [[3], [4]]}),
         "KeyedJagged with weights": jaxembed.KeyedJagged.from_lists(
@@ -242,6 +249,12 @@ def _pytrees():
         "AdagradState": jaxembed.sparse.adagrad(0.1).init(weight),
         "RowwiseAdagradState": jaxembed.sparse.rowwise_adagrad(0.1).init(weight),
         "LazyAdamState": jaxembed.sparse.lazy_adam(0.1).init(weight),
+        "RawIds": collisions.raw_ids([2**40 + 3, 7]),
+        "CollisionState LFU": collisions.ManagedCollision("lfu").init(4, 2),
+        "CollisionState LRU": collisions.ManagedCollision("lru").init(4, 2),
+        "Remapped": mc.remap(mc.init(4, 2), [5, 2**40]),
+        "RawKeyedJagged": raw,
+        "RemappedFeatures": mcc.remap(mcc.init(4), raw),
     }
 
 
@@ -259,6 +272,12 @@ PYTREES = (
     "AdagradState",
     "RowwiseAdagradState",
     "LazyAdamState",
+    "RawIds",
+    "CollisionState LFU",
+    "CollisionState LRU",
+    "Remapped",
+    "RawKeyedJagged",
+    "RemappedFeatures",
 )
 
 

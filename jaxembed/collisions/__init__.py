@@ -11,19 +11,29 @@ in a jitted training step beside the table and its optimizer.
   ``jax_enable_x64`` is needed;
 * :func:`reset_rows`, :func:`reset_state`: the evicted rows, and their optimizer state, back to
   the table's init;
-* :func:`to_torchrec`, :func:`from_torchrec`: TorchRec's managed-collision state dict.
+* :func:`to_torchrec`, :func:`from_torchrec`: TorchRec's managed-collision state dict;
+* :class:`ManagedCollisionCollection`, :class:`RawKeyedJagged`, :class:`RemappedFeatures`: one
+  remapper per table of a collection, over keyed jagged raw ids (TorchRec's
+  ``ManagedCollisionCollection``); its result feeds any collection lookup.
 
 What this folder owns, module by module:
 
 * ``_ids``: the raw ids' pairs, their order and binary search;
 * ``_remap``: the config, the state and a call;
 * ``_reset``: evicted rows and optimizer state reset;
-* ``_torchrec``: TorchRec's state dict in and out.
+* ``_torchrec``: TorchRec's state dict in and out;
+* ``_collection``: a collection's remappers, and its raw keyed jagged ids.
 
-It may import :mod:`jaxembed.core` and :mod:`jaxembed.kernels` (the remap's CPU kernel),
-and nothing else of jaxembed.
+It may import :mod:`jaxembed.core`, :mod:`jaxembed.kernels` (the remap's CPU kernel) and
+:mod:`jaxembed.collections` (its configs and :class:`jaxembed.KeyedJagged`), and nothing else of
+jaxembed.
 """
 
+from jaxembed.collisions._collection import (
+    ManagedCollisionCollection,
+    RawKeyedJagged,
+    RemappedFeatures,
+)
 from jaxembed.collisions._ids import RawIds, raw_ids, to_int64
 from jaxembed.collisions._remap import (
     CollisionState,
@@ -37,8 +47,11 @@ from jaxembed.collisions._torchrec import from_torchrec, to_torchrec
 __all__ = [
     "CollisionState",
     "ManagedCollision",
+    "ManagedCollisionCollection",
     "RawIds",
+    "RawKeyedJagged",
     "Remapped",
+    "RemappedFeatures",
     "from_torchrec",
     "held_ids",
     "raw_ids",

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxembed.core import _serialization
 from jaxembed.kernels import _ffi as _kernels
 
 EMPTY = np.uint32(0xFFFFFFFF)
@@ -50,6 +51,9 @@ class RawIds(NamedTuple):
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.hi.shape)
+
+
+_serialization.register_namedtuple(RawIds, "collisions.RawIds")
 
 
 def _is_traced(x: Any) -> bool:

@@ -45,7 +45,7 @@ import numpy as np
 
 from jaxembed.collisions import _ids
 from jaxembed.collisions._ids import EMPTY, RawIds
-from jaxembed.core import _validation
+from jaxembed.core import _serialization, _validation
 from jaxembed.kernels import _ffi as _kernels
 
 POLICIES = ("lfu", "lru", "distance_lfu")
@@ -119,6 +119,10 @@ class Remapped(NamedTuple):
     state: CollisionState
     evicted: jax.Array
     num_evicted: jax.Array
+
+
+_serialization.register_namedtuple(CollisionState, "collisions.CollisionState")
+_serialization.register_namedtuple(Remapped, "collisions.Remapped")
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -8,15 +8,24 @@ What this folder owns, module by module:
 * ``_linen``: the ``flax.linen`` modules (public as :mod:`jaxembed.linen`);
 * ``_collection``: the ``flax.nnx`` :class:`~jaxembed.EmbeddingBagCollection` and
   :class:`~jaxembed.EmbeddingCollection` over :mod:`jaxembed.collections`;
+* ``_managed``: :class:`~jaxembed.ManagedCollisionEmbeddingBagCollection` and
+  :class:`~jaxembed.ManagedCollisionEmbeddingCollection`, a collection behind
+  :mod:`jaxembed.collisions`' remappers, their states held as variables;
 * ``_table``: what both share (dtype checks, the initial table, the tied head).
 
 It may import :mod:`jaxembed.core`, :mod:`jaxembed.sparse`, :mod:`jaxembed.sharding`,
-:mod:`jaxembed.collections`, :mod:`jaxembed.quantized` and the torch interop. Each
+:mod:`jaxembed.collections`, :mod:`jaxembed.collisions`, :mod:`jaxembed.quantized` and the
+torch interop. Each
 module builds its :class:`~jaxembed.core.LookupOptions` once, at construction, and hands that
 one value to the core on every call.
 """
 
 from jaxembed.modules._collection import EmbeddingBagCollection, EmbeddingCollection
+from jaxembed.modules._managed import (
+    ManagedCollisionEmbeddingBagCollection,
+    ManagedCollisionEmbeddingCollection,
+    ManagedCollisionState,
+)
 from jaxembed.modules._nnx import Embed, Embedding, EmbeddingBag, FrozenWeight, QuantizedWeight
 
 __all__ = [
@@ -26,5 +35,8 @@ __all__ = [
     "EmbeddingBagCollection",
     "EmbeddingCollection",
     "FrozenWeight",
+    "ManagedCollisionEmbeddingBagCollection",
+    "ManagedCollisionEmbeddingCollection",
+    "ManagedCollisionState",
     "QuantizedWeight",
 ]

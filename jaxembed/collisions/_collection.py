@@ -1,0 +1,347 @@
+"""Managed collisions for a collection: raw keyed jagged ids in, each table's rows out.
+
+TorchRec's ``ManagedCollisionCollection``: one :class:`ManagedCollision` per table, and one
+remap call per table and step over the ids of every feature that the table serves, in the
+order of the table's ``feature_names`` (as TorchRec concatenates them). The result is an
+ordinary :class:`jaxembed.KeyedJagged` of rows, which any collection lookup or sparse
+training step takes unchanged: stacked tables, quantized tables and sharded collections
+included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxembed.collections import EmbeddingConfig, KeyedJagged
+from jaxembed.collisions import _ids
+from jaxembed.collisions._ids import RawIds
+from jaxembed.collisions._remap import CollisionState, ManagedCollision
+from jaxembed.core import _serialization
+
+
+@jax.tree_util.register_pytree_node_class
+class RawKeyedJagged:
+    """A :class:`jaxembed.KeyedJagged` whose ids are raw 64-bit ids (TorchRec's KJT of hashes).
+
+    The layout is the KeyedJagged's: ``ids`` holds every feature's ids back to back,
+    feature-major, and ``lengths[f * B + b]`` counts feature ``f``'s ids for sample ``b``. Its
+    lengths and weights are checked as the KeyedJagged's are; concrete ids as
+    :func:`jaxembed.collisions.raw_ids` checks them.
+
+    Attributes:
+      keys: the feature names (static).
+      ids: :class:`RawIds` ``(capacity,)``; those past ``sum(lengths)`` are padding.
+      lengths: ``(len(keys) * batch_size,)`` int32.
+      weights: ``(capacity,)`` floating per-id weights, or None.
+
+    Example:
+      >>> from jaxembed.collisions import RawKeyedJagged
+      >>> kj = RawKeyedJagged.from_lists({"user": [[2**40 + 1], [5, 6]]})
+      >>> kj.keys, kj.batch_size, kj.capacity
+      (('user',), 2, 16)
+      >>> kj.lengths
+      Array([1, 2], dtype=int32)
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        ids: Any,
+        lengths: ArrayLike,
+        weights: ArrayLike | None = None,
+    ):
+        ids = _ids.raw_ids(ids, name="ids")
+        if len(ids.shape) != 1:
+            raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+        # the layout's checks (keys, lengths against the capacity, weights) are KeyedJagged's
+        layout = KeyedJagged(keys, jnp.zeros(ids.shape, jnp.int32), lengths, weights)
+        self.keys, self.ids = layout.keys, ids
+        self.lengths, self.weights = layout.lengths, layout.weights
+
+    def tree_flatten(self):
+        return (self.ids, self.lengths, self.weights), self.keys
+
+    @classmethod
+    def tree_unflatten(cls, keys, children):
+        new = object.__new__(cls)
+        new.keys = keys
+        new.ids, new.lengths, new.weights = children
+        return new
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0] // len(self.keys)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.ids.hi.shape[0])
+
+    def with_ids(self, values: ArrayLike) -> KeyedJagged:
+        """A :class:`jaxembed.KeyedJagged` of this layout (keys, lengths, weights) with
+        ``values`` ``(capacity,)`` for ids."""
+        return KeyedJagged(self.keys, values, self.lengths, self.weights)
+
+    def __repr__(self) -> str:
+        return (
+            f"RawKeyedJagged(keys={self.keys}, batch_size={self.batch_size}, "
+            f"capacity={self.capacity}, weighted={self.weights is not None})"
+        )
+
+    @classmethod
+    def from_lists(
+        cls,
+        features: Mapping[str, Sequence[Sequence[int]]],
+        weights: Mapping[str, Sequence[Sequence[float]]] | None = None,
+        *,
+        capacity: int | None = None,
+        min_capacity: int = 16,
+    ) -> RawKeyedJagged:
+        """From per-feature host lists of raw ids, as :meth:`jaxembed.KeyedJagged.from_lists`
+        (a power-of-two capacity of at least ``min_capacity``, or ``capacity``)."""
+        if not isinstance(features, Mapping):
+            raise TypeError(f"features must be a mapping of name to bags, got {type(features)}")
+        bags = {k: [_bag(b) for b in v] for k, v in features.items()}
+        flat = [b for v in bags.values() for b in v]
+        values = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+        layout = KeyedJagged.from_lists(
+            {k: [np.zeros(b.size, np.int32) for b in v] for k, v in bags.items()},
+            weights,
+            capacity=capacity,
+            min_capacity=min_capacity,
+        )
+        if values.dtype == np.uint64:
+            padded = np.zeros(layout.capacity, np.uint64)
+        else:
+            padded = np.zeros(layout.capacity, np.int64)
+        padded[: values.size] = values
+        return cls(
+            layout.keys, _ids.raw_ids(padded, name="features"), layout.lengths, layout.weights
+        )
+
+
+def _bag(ids: Any) -> np.ndarray:
+    """One bag's raw ids as a 1-D integer array (an empty bag is int64)."""
+    bag = np.asarray(ids).reshape(-1)
+    if bag.size == 0:
+        return bag.astype(np.int64)
+    if not np.issubdtype(bag.dtype, np.integer):
+        raise TypeError(f"features must hold integer ids, got {bag.dtype}")
+    return bag
+
+
+_serialization.register_node(
+    RawKeyedJagged, "collisions.RawKeyedJagged", to_json=list, from_json=tuple
+)
+
+
+class RemappedFeatures(NamedTuple):
+    """What :meth:`ManagedCollisionCollection.remap` returns.
+
+    Attributes:
+      features: the :class:`jaxembed.KeyedJagged` of rows: the raw features' layout, each id
+        replaced by its row in its table (``num_embeddings`` of the table, out of range, for an
+        id that no call could profile: see :meth:`ManagedCollisionCollection.remap`).
+      state: the new states, ``{table name: CollisionState}``.
+      evicted: ``{table name: (k,) int32}``, the rows whose id changed in this call's eviction
+        (reset them with :func:`jaxembed.collisions.reset_rows`), padded with ``num_embeddings``.
+      num_evicted: ``{table name: () int32}``, how many entries of ``evicted`` are rows.
+
+    Example:
+      >>> import jaxembed
+      >>> from jaxembed.collisions import (
+      ...     ManagedCollision, ManagedCollisionCollection, RawKeyedJagged)
+      >>> tables = [jaxembed.EmbeddingBagConfig("t", 4, 8, ["a", "b"])]
+      >>> mcc = ManagedCollisionCollection({"t": ManagedCollision("lfu", 1)}, tables)
+      >>> out = mcc.remap(mcc.init(8), RawKeyedJagged.from_lists({"a": [[2**50]], "b": [[3]]}))
+      >>> out.evicted["t"][: out.num_evicted["t"]]  # the first eviction fills two rows
+      Array([5, 6], dtype=int32)
+    """
+
+    features: KeyedJagged
+    state: dict[str, CollisionState]
+    evicted: dict[str, jax.Array]
+    num_evicted: dict[str, jax.Array]
+
+
+_serialization.register_namedtuple(RemappedFeatures, "collisions.RemappedFeatures")
+
+
+class ManagedCollisionCollection:
+    """One managed-collision remapper per table of a collection (TorchRec's
+    ``ManagedCollisionCollection``).
+
+    Args:
+      managed_collisions: ``{table name: ManagedCollision}``, one for every table.
+      tables: the collection's :class:`jaxembed.EmbeddingBagConfig` or
+        :class:`jaxembed.EmbeddingConfig` list; each table's ``num_embeddings`` is its number
+        of slots (the last row is the miss row).
+
+    Example:
+      >>> import jax, jaxembed
+      >>> from jaxembed.collisions import (
+      ...     ManagedCollision, ManagedCollisionCollection, RawKeyedJagged)
+      >>> tables = [jaxembed.EmbeddingBagConfig("t", 4, 8, ["user"])]
+      >>> mcc = ManagedCollisionCollection({"t": ManagedCollision("lru", 1)}, tables)
+      >>> state = mcc.init(ids_per_call=16)
+      >>> raw = RawKeyedJagged.from_lists({"user": [[2**40 + 7], [3, 2**40 + 7]]})
+      >>> kj, state, evicted, num_evicted = mcc.remap(state, raw)
+      >>> [[bag.tolist() for bag in bags] for bags in kj.to_lists().values()]
+      [[[5], [6, 5]]]
+      >>> params = jaxembed.collections.init(jax.random.key(0), tables)
+      >>> jaxembed.embedding_bag_collection(params, kj, tables)[0]["user"].shape
+      (2, 4)
+    """
+
+    def __init__(self, managed_collisions: Mapping[str, ManagedCollision], tables: Sequence[Any]):
+        if not isinstance(managed_collisions, Mapping):
+            raise TypeError(
+                "managed_collisions must map table names to ManagedCollision, got "
+                f"{type(managed_collisions).__name__}"
+            )
+        if isinstance(tables, EmbeddingConfig) or not isinstance(tables, Sequence) or not tables:
+            raise TypeError("tables must be a non-empty list of EmbeddingBagConfig/EmbeddingConfig")
+        for t in tables:
+            if not isinstance(t, EmbeddingConfig):
+                raise TypeError(f"tables must hold table configs, got {type(t).__name__}")
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tables must have distinct names, got {names}")
+        missing = [n for n in names if n not in managed_collisions]
+        extra = [n for n in managed_collisions if n not in names]
+        if missing or extra:
+            raise ValueError(
+                "managed_collisions must name every table once: "
+                + (f"no ManagedCollision for {missing}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"{extra} are not tables" if extra else "")
+            )
+        for n in names:
+            if not isinstance(managed_collisions[n], ManagedCollision):
+                raise TypeError(
+                    f"managed_collisions[{n!r}] must be a ManagedCollision, got "
+                    f"{type(managed_collisions[n]).__name__}"
+                )
+        features = [f for t in tables for f in t.feature_names]
+        if len(set(features)) != len(features):
+            raise ValueError(f"a feature may be looked up in one table only, got {features}")
+        self.tables = tuple(tables)
+        self.managed_collisions = {n: managed_collisions[n] for n in names}
+
+    def init(self, ids_per_call: int | Mapping[str, int]) -> dict[str, CollisionState]:
+        """Every table's empty state.
+
+        Args:
+          ids_per_call: the most ids one call brings to a table (summed over the table's
+            features), one number for every table or ``{table name: n}``.
+
+        Returns:
+          ``{table name: CollisionState}``.
+        """
+        if isinstance(ids_per_call, Mapping):
+            unknown = [n for n in ids_per_call if n not in self.managed_collisions]
+            missing = [n for n in self.managed_collisions if n not in ids_per_call]
+            if unknown or missing:
+                raise ValueError(
+                    f"ids_per_call must name every table: missing {missing}, unknown {unknown}"
+                )
+            per = dict(ids_per_call)
+        else:
+            per = dict.fromkeys(self.managed_collisions, ids_per_call)
+        return {
+            t.name: self.managed_collisions[t.name].init(t.num_embeddings, per[t.name])
+            for t in self.tables
+        }
+
+    def remap(
+        self, state: Mapping[str, CollisionState], features: RawKeyedJagged, *, train: bool = True
+    ) -> RemappedFeatures:
+        """Maps each feature's raw ids to rows of its table; in training, profiles and evicts.
+
+        Each table's call takes the ids of its features, concatenated in the order of its
+        ``feature_names``, up to its state's ``ids_per_call``. A concrete call with more raises;
+        under ``jit`` the ids past ``ids_per_call`` are neither profiled nor remapped: their row
+        is the table's ``num_embeddings``, out of range, so a bag holding one reads NaN.
+
+        Args:
+          state: ``{table name: CollisionState}`` from :meth:`init`.
+          features: the :class:`RawKeyedJagged`; its keys are exactly the tables' features.
+          train: profile and evict (TorchRec's training mode); False only remaps.
+
+        Returns:
+          :class:`RemappedFeatures` ``(features, state, evicted, num_evicted)``.
+
+        Raises:
+          ValueError: keys that no table looks up or that are missing, a state for other tables,
+            more ids for a table than its ``ids_per_call`` (concrete lengths).
+        """
+        if not isinstance(features, RawKeyedJagged):
+            raise TypeError(
+                f"features must be a jaxembed.collisions.RawKeyedJagged, got "
+                f"{type(features).__name__}"
+            )
+        if not isinstance(state, Mapping) or set(state) != set(self.managed_collisions):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"state must hold one CollisionState per table {list(self.managed_collisions)}, "
+                f"got {got}"
+            )
+        keys = features.keys
+        wanted = [f for t in self.tables for f in t.feature_names]
+        unknown = [k for k in keys if k not in wanted]
+        missing = [f for f in wanted if f not in keys]
+        if unknown or missing:
+            raise ValueError(
+                f"features must hold exactly the tables' features {wanted}: "
+                f"unknown {unknown}, missing {missing}"
+            )
+        per_key = features.lengths.reshape(len(keys), -1).sum(1, dtype=jnp.int32)
+        starts = jnp.cumsum(per_key, dtype=jnp.int32) - per_key
+        # every position starts out of range for its table: padding, and ids no call could take
+        out_of_range = np.array([self._table_of(k).num_embeddings for k in keys] + [0], np.int32)
+        feature_of = _feature_of(per_key, features.capacity)
+        values = jnp.asarray(out_of_range)[feature_of]
+        new_state, evicted, num_evicted = {}, {}, {}
+        for t in self.tables:
+            mc, st = self.managed_collisions[t.name], state[t.name]
+            n = mc.check_state(st)
+            js = np.array([keys.index(f) for f in t.feature_names], np.int32)
+            counts, begins = per_key[js], starts[js]
+            total = jnp.sum(counts)
+            if not isinstance(total, jax.core.Tracer) and int(total) > n:
+                raise ValueError(
+                    f"table {t.name!r} gets {int(total)} ids in this call (features "
+                    f"{list(t.feature_names)}), more than its state's ids_per_call {n}"
+                )
+            # the k-th id of the table's call: feature j = the block holding k, in config order
+            k = jnp.arange(n, dtype=jnp.int32)
+            ends = jnp.cumsum(counts, dtype=jnp.int32)
+            j = jnp.searchsorted(ends, k, side="right", method="compare_all")
+            first = (ends - counts)[jnp.minimum(j, len(js) - 1)]
+            at = begins[jnp.minimum(j, len(js) - 1)] + k - first
+            ok = k < total
+            at = jnp.where(ok, at, features.capacity)
+            ids = RawIds(
+                jnp.take(features.ids.hi, at, mode="fill", fill_value=0),
+                jnp.take(features.ids.lo, at, mode="fill", fill_value=0),
+            )
+            slots, new_state[t.name], evicted[t.name], num_evicted[t.name] = mc.remap(
+                st, ids, valid=ok, train=train
+            )
+            values = values.at[at].set(slots, mode="drop")
+        return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
+
+    def _table_of(self, feature: str) -> EmbeddingConfig:
+        return next(t for t in self.tables if feature in t.feature_names)
+
+
+def _feature_of(per_key: jax.Array, capacity: int) -> jax.Array:
+    """The feature of each of ``capacity`` positions (``len(per_key)`` past the last id)."""
+    ends = jnp.cumsum(per_key, dtype=jnp.int32)
+    positions = jnp.arange(capacity, dtype=jnp.int32)
+    return jnp.searchsorted(ends, positions, side="right", method="compare_all")
