@@ -123,3 +123,124 @@ def test_a_sequence_collection_module_quantizes_too(rng):
     rows = frozen(kj)["u"].values[:3]
     ref = jaxembed.embedding(q, np.array([1, 2, 3]))[0]
     np.testing.assert_array_equal(np.asarray(rows), np.asarray(ref))
+
+
+# -- TorchRec's quantized EmbeddingBagCollection (FBGEMM's TBE rows) ---------------------------
+
+
+def _torchrec_quantized(tables, dtype, seed=0):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("fbgemm_gpu")
+    import torch.ao.quantization as tq
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+    from torchrec.quant.embedding_modules import QuantConfig
+
+    torch.manual_seed(seed)
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.embedding_dim,
+                num_embeddings=t.num_embeddings,
+                feature_names=list(t.feature_names),
+                pooling=PoolingType[t.pooling.upper()],
+            )
+            for t in tables
+        ]
+    )
+    with torch.no_grad():  # rows with a wide range, a constant row, a zero row
+        for t in tables:
+            w = ebc.embedding_bags[t.name].weight
+            w.normal_(0, 3.0)
+            w[0] = 0.25
+            w[1] = 0.0
+    ebc.qconfig = QuantConfig(
+        activation=tq.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=tq.PlaceholderObserver.with_args(dtype=getattr(torch, dtype)),
+    )
+    return QuantEBC.from_float(ebc)
+
+
+QUANT_TABLES = [
+    jaxembed.EmbeddingBagConfig("a", 16, 30, ["fa", "fa2"]),
+    jaxembed.EmbeddingBagConfig("b", 16, 7, ["fb"]),
+    jaxembed.EmbeddingBagConfig("c", 8, 12, ["fc"], pooling="mean"),
+]
+
+
+@pytest.mark.parametrize("dtype,bits", [("qint8", 8), ("quint4x2", 4), ("quint2x4", 2)])
+def test_torchrecs_quantized_collection_reads_in_and_pools_as_torchrec(dtype, bits):
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    theirs = _torchrec_quantized(QUANT_TABLES, dtype)
+    quantized = jaxembed.quantized.from_torchrec(theirs)
+    assert {q.bits for q in quantized.values()} == {bits}
+    ours = jaxembed.EmbeddingBagCollection.from_quantized(quantized, QUANT_TABLES)
+    assert ours.bits == bits and set(ours.weights) == {"a+b", "c"}  # a and b stacked
+    rng = np.random.default_rng(bits)
+    keys = ["fa", "fa2", "fb", "fc"]
+    rows = {"fa": 30, "fa2": 30, "fb": 7, "fc": 12}
+    lists = {
+        k: [rng.integers(0, rows[k], size=n).tolist() for n in rng.integers(0, 5, size=5)]
+        for k in keys
+    }
+    lists["fc"][0] = []  # an empty mean bag: zeros in both
+    lists["fa"][1] = [0, 0, 1]  # the constant row twice and the zero row
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.tensor([i for k in keys for bag in lists[k] for i in bag], dtype=torch.int64),
+        lengths=torch.tensor([len(bag) for k in keys for bag in lists[k]], dtype=torch.int64),
+    )
+    want = theirs(kjt).to_dict()
+    got = nnx.jit(lambda m, kj: m(kj))(ours, jaxembed.KeyedJagged.from_lists(lists))
+    for key in keys:
+        np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-6, atol=1e-6)
+    # every row decodes to TorchRec's own row
+    for name, q in quantized.items():
+        ids = torch.arange(q.num_embeddings)
+        feature = next(t for t in QUANT_TABLES if t.name == name).feature_names[0]
+        one = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys,
+            values=ids,
+            lengths=torch.tensor(
+                [1 if k == feature else 0 for k in keys for _ in range(q.num_embeddings)]
+            ),
+        )
+        np.testing.assert_array_equal(
+            jaxembed.dequantize(q)["weight"], theirs(one).to_dict()[feature].numpy()
+        )
+
+
+def test_tbe_rows_that_cannot_be_read_raise_naming_the_problem():
+    rows = np.zeros((2, 16), np.uint8)
+    with pytest.raises(ValueError, match="rows must be 2-D uint8"):
+        jaxembed.quantized.from_tbe(rows.astype(np.int32), 8, 4)
+    with pytest.raises(ValueError, match="cannot hold"):
+        jaxembed.quantized.from_tbe(rows, 8, 16)
+    with pytest.raises(ValueError, match="not whole bytes"):
+        jaxembed.quantized.from_tbe(rows, 4, 3)
+    with pytest.raises(ValueError, match="bits"):
+        jaxembed.quantized.from_tbe(rows, 3, 4)
+    bad = rows.copy()
+    bad[1, :2] = np.array([np.inf], np.float16).view(np.uint8)
+    with pytest.raises(ValueError, match="row 1 has a scale or bias that is not finite"):
+        jaxembed.quantized.from_tbe(bad, 8, 4)
+    with pytest.raises(TypeError, match="TorchRec's quantized"):
+        jaxembed.quantized.from_torchrec(object())
+    q8 = jaxembed.quantized.from_tbe(rows, 8, 4)
+    q4 = jaxembed.quantized.from_tbe(rows, 4, 4)
+    tables = [
+        jaxembed.EmbeddingBagConfig("x", 4, 2, ["fx"]),
+        jaxembed.EmbeddingBagConfig("y", 4, 2, ["fy"]),
+    ]
+    with pytest.raises(ValueError, match="several formats"):
+        jaxembed.EmbeddingBagCollection.from_quantized({"x": q8, "y": q4}, tables)
+    with pytest.raises(KeyError, match="no table"):
+        jaxembed.EmbeddingBagCollection.from_quantized({"x": q8}, tables)
+    with pytest.raises(ValueError, match="its config"):
+        jaxembed.EmbeddingBagCollection.from_quantized(
+            {"x": q8, "y": jaxembed.quantized.from_tbe(np.zeros((3, 16), np.uint8), 8, 4)}, tables
+        )

@@ -43,10 +43,15 @@ class _Collection(nnx.Module):
         sharding: Any = None,
         _weights: Mapping[str, Any] | None = None,
         _freeze: bool = False,
+        _packed: tuple[int, str | None, Mapping[str, Any]] | None = None,
     ):
         self.plan = Plan.of(tables, self._kind, stack=_validation.check_flag("stack", stack))
         self.sparse = _validation.check_flag("sparse", sparse)
         self.sharding = sharding
+        if _packed is not None:  # a frozen quantized collection: (bits, fp8, stack rows)
+            self.bits, self.fp8, packed = _packed
+            self.weights = nnx.Dict({k: QuantizedWeight(v) for k, v in packed.items()})
+            return
         if sharding is not None:
             if self._kind is not EmbeddingBagConfig:
                 raise NotImplementedError(
@@ -121,14 +126,64 @@ class _Collection(nnx.Module):
                 f"tables {renormed} renorm as they are read (max_norm); a quantized table is "
                 "frozen: renorm them first, then quantize a collection without max_norm"
             )
-        out = type(self)(self.plan, rngs=nnx.Rngs(0), _weights=self.tables(), _freeze=True)
         packed = {
             name: _quantized.quantize(p["weight"], bits=bits, fp8=fp8).data
             for name, p in self._params().items()
         }
-        out.bits, out.fp8 = bits, fp8
-        out.weights = nnx.Dict({name: QuantizedWeight(data) for name, data in packed.items()})
-        return out
+        return type(self)(self.plan, rngs=nnx.Rngs(0), _packed=(bits, fp8, packed))
+
+    @classmethod
+    def from_quantized(
+        cls, quantized: Mapping[str, Any], tables: Any, *, stack: bool = True
+    ) -> _Collection:
+        """A frozen quantized collection over tables already quantized: ``{table name:
+        QuantizedTable}``, for example :func:`jaxembed.quantized.from_torchrec` of TorchRec's
+        quantized collection (its outputs are then TorchRec's module's).
+
+        Args:
+          quantized: one :class:`jaxembed.QuantizedTable` per table, all of one ``bits`` (and
+            ``fp8``) format.
+          tables: the table configs; each table's rows and width must match its quantized
+            table.
+          stack: stack the tables that can share a physical table.
+
+        Raises:
+          KeyError: a table missing from ``quantized``.
+          ValueError: a table of another shape than its config, tables of several formats, or
+            a table with ``max_norm``.
+        """
+        plan = Plan.of(tables, cls._kind, stack=_validation.check_flag("stack", stack))
+        missing = [t.name for t in plan.tables if t.name not in quantized]
+        if missing:
+            raise KeyError(f"quantized has no table {missing}")
+        formats = set()
+        for t in plan.tables:
+            q = quantized[t.name]
+            if not isinstance(q, _quantized.QuantizedTable):
+                raise TypeError(
+                    f"quantized[{t.name!r}] must be a jaxembed.QuantizedTable, got "
+                    f"{type(q).__name__}"
+                )
+            if q.shape != (t.num_embeddings, t.embedding_dim):
+                raise ValueError(
+                    f"table {t.name!r} is {q.shape} quantized, its config "
+                    f"({t.num_embeddings}, {t.embedding_dim})"
+                )
+            formats.add((q.bits, q.fp8))
+        if len(formats) > 1:
+            raise ValueError(
+                f"the tables are quantized in several formats {sorted(formats, key=str)}; a "
+                "quantized collection holds one (build one collection per format)"
+            )
+        renormed = [t.name for t in plan.tables if t.max_norm is not None]
+        if renormed:
+            raise ValueError(f"tables {renormed} have max_norm; a quantized table is frozen")
+        ((bits, fp8),) = formats
+        packed = {
+            s.name: jnp.concatenate([quantized[t.name].data for t in s.tables], axis=0)
+            for s in plan.stacks
+        }
+        return cls(plan, rngs=nnx.Rngs(0), _packed=(bits, fp8, packed))
 
     def _write_back(self, params: Mapping, new_params: Mapping) -> None:
         """The renormed stacks, written back as torch's renorm does in place."""

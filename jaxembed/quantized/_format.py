@@ -449,6 +449,117 @@ def from_torch(source: Any) -> QuantizedTable:
     return QuantizedTable.from_bytes(data, bits, dim)
 
 
+def from_tbe(rows: Any, bits: int, embedding_dim: int) -> QuantizedTable:
+    """A :class:`QuantizedTable` from FBGEMM's TBE rows (TorchRec's quantized collections).
+
+    FBGEMM's inference TBE (``IntNBitTableBatchedEmbeddingBagsCodegen``, under TorchRec's
+    quantized ``EmbeddingBagCollection``) stores each row as a float16 ``scale`` and a float16
+    ``bias`` *first*, then the codes (8 bits: one byte each; 4 and 2: the first element in the
+    lowest bits), then padding to its row alignment (16 bytes). A row decodes to
+    ``code * scale + bias``, as in jaxembed's layout, so the codes are kept and the scale and
+    bias move behind them (float32 at 8 bits, exactly, float16 at 4 and 2).
+
+    Args:
+      rows: ``(V, row bytes)`` uint8: a NumPy array, a torch tensor, or TorchRec's
+        ``UInt4Tensor`` / ``UInt2Tensor`` (its ``elem``).
+      bits: 8, 4 or 2 (TorchRec's ``DataType.INT8`` / ``INT4`` / ``INT2``).
+      embedding_dim: D.
+
+    Returns:
+      The table, decoding as TBE decodes.
+
+    Raises:
+      ValueError: bits not 8, 4 or 2, rows not 2-D uint8, rows too narrow for ``embedding_dim``
+        at ``bits``, a ``D * bits`` that is not whole bytes, or a scale or bias that is not
+        finite (naming the row).
+
+    Example:
+      >>> import numpy as np, jaxembed
+      >>> row = np.zeros((1, 16), np.uint8)
+      >>> row[0, :4] = np.array([0.5, -1.0], np.float16).view(np.uint8)  # scale, bias
+      >>> row[0, 4:8] = [0, 1, 2, 3]  # codes
+      >>> q = jaxembed.quantized.from_tbe(row, bits=8, embedding_dim=4)
+      >>> jaxembed.dequantize(q)["weight"]
+      Array([[-1. , -0.5,  0. ,  0.5]], dtype=float32)
+    """
+    bits = _check_bits(bits)
+    embedding_dim = _validation.check_size("embedding_dim", embedding_dim)
+    if hasattr(rows, "elem"):  # TorchRec's UInt4Tensor / UInt2Tensor wrap the bytes
+        rows = rows.elem
+    if hasattr(rows, "detach"):
+        rows = rows.detach().cpu().numpy()
+    rows = np.asarray(rows)
+    if rows.dtype != np.uint8 or rows.ndim != 2:
+        raise ValueError(f"rows must be 2-D uint8, got {rows.dtype} of shape {rows.shape}")
+    if (embedding_dim * bits) % 8:
+        raise ValueError(
+            f"embedding_dim={embedding_dim} at {bits} bits is not whole bytes (TBE needs it)"
+        )
+    code_bytes = embedding_dim * bits // 8
+    if rows.shape[1] < 4 + code_bytes:
+        raise ValueError(
+            f"rows of {rows.shape[1]} bytes cannot hold a 4-byte scale and bias and "
+            f"{code_bytes} bytes of codes (embedding_dim={embedding_dim} at {bits} bits)"
+        )
+    scale_bias = np.ascontiguousarray(rows[:, :4]).view(np.float16)
+    bad = ~np.isfinite(scale_bias).all(axis=1)
+    if bad.any():
+        raise ValueError(f"row {int(np.argmax(bad))} has a scale or bias that is not finite")
+    tail = scale_bias.astype(np.float32) if bits == 8 else scale_bias
+    data = np.concatenate(
+        [rows[:, 4 : 4 + code_bytes], tail.view(np.uint8).reshape(rows.shape[0], -1)], axis=1
+    )
+    return QuantizedTable.from_bytes(data, bits, embedding_dim)
+
+
+#: TorchRec's ``DataType`` names of the quantized tables jaxembed reads
+_TORCHREC_BITS = {"INT8": 8, "INT4": 4, "INT2": 2}
+
+
+def from_torchrec(module: Any) -> dict[str, QuantizedTable]:
+    """Every table of TorchRec's quantized ``EmbeddingBagCollection`` (or
+    ``EmbeddingCollection``), read from its TBE rows (:func:`from_tbe`).
+
+    Args:
+      module: a ``torchrec.quant.embedding_modules.EmbeddingBagCollection`` or
+        ``EmbeddingCollection`` (anything with ``embedding_bag_configs()`` or
+        ``embedding_configs()`` and a ``state_dict()`` of ``embedding_bags.<table>.weight`` /
+        ``embeddings.<table>.weight`` TBE rows).
+
+    Returns:
+      ``{table name: QuantizedTable}``; pass them to
+      :meth:`jaxembed.EmbeddingBagCollection.from_quantized` with the tables' configs.
+
+    Raises:
+      TypeError: not a TorchRec quantized collection.
+      NotImplementedError: a table of another data type than INT8, INT4 or INT2 (named).
+    """
+    if hasattr(module, "embedding_bag_configs"):
+        configs, prefix = module.embedding_bag_configs(), "embedding_bags."
+    elif hasattr(module, "embedding_configs"):
+        configs, prefix = module.embedding_configs(), "embeddings."
+    else:
+        raise TypeError(
+            "module must be TorchRec's quantized EmbeddingBagCollection or EmbeddingCollection, "
+            f"got {type(module).__name__}"
+        )
+    state = module.state_dict()
+    out = {}
+    for config in configs:
+        kind = getattr(config.data_type, "name", str(config.data_type))
+        bits = _TORCHREC_BITS.get(kind)
+        if bits is None:
+            raise NotImplementedError(
+                f"table {config.name!r} is {kind}; jaxembed reads TorchRec's INT8, INT4 and INT2 "
+                "tables (a float table reads with from_torch)"
+            )
+        key = f"{prefix}{config.name}.weight"
+        if key not in state:
+            raise KeyError(f"the module's state dict has no {key!r}")
+        out[config.name] = from_tbe(state[key], bits, config.embedding_dim)
+    return out
+
+
 _serialization.register_node(
     QuantizedTable,
     "QuantizedTable",
