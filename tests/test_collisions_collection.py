@@ -282,11 +282,11 @@ def test_raw_ids_keep_their_64_bits():
 # -- the nnx modules --------------------------------------------------------------------------
 
 
-def mc_ebc(mcs, *, sparse=False, seed=0, **kwargs):
+def mc_ebc(mcs, *, sparse=False, seed=0, reset_evicted=False, **kwargs):
     ebc = jaxembed.EmbeddingBagCollection(TABLES, rngs=nnx.Rngs(seed), sparse=sparse)
     mcc = ManagedCollisionCollection(mcs, TABLES)
     return jaxembed.ManagedCollisionEmbeddingBagCollection(
-        ebc, mcc, ids_per_call=PER_TABLE, **kwargs
+        ebc, mcc, ids_per_call=PER_TABLE, reset_evicted=reset_evicted, **kwargs
     )
 
 
@@ -410,7 +410,11 @@ def test_eval_changes_no_state_and_from_torch_resumes_as_torchrec():
     model.train()
     theirs.train()
     back = jaxembed.ManagedCollisionEmbeddingBagCollection.from_torch(
-        theirs.state_dict(), ManagedCollisionCollection(mcs, TABLES), ids_per_call=PER_TABLE
+        theirs.state_dict(),
+        ManagedCollisionCollection(mcs, TABLES),
+        ids_per_call=PER_TABLE,
+        sparse=False,
+        reset_evicted=False,  # TorchRec's unsharded module keeps evicted rows
     )
     reloaded = torchrec_mc_ebc(mcs, model.embedding_module.tables())
     reloaded.load_state_dict(theirs.state_dict())
@@ -438,7 +442,19 @@ def test_the_module_refuses_what_it_cannot_do():
         )
     with pytest.raises(TypeError, match="EmbeddingCollection"):
         jaxembed.ManagedCollisionEmbeddingCollection(ebc, mcc, ids_per_call=4)
-    model = jaxembed.ManagedCollisionEmbeddingBagCollection(ebc, mcc, ids_per_call=2)
+    # the default resets evicted rows, with their row-wise state: a dense table cannot
+    with pytest.raises(ValueError, match=r"reset_evicted=True .* needs a sparse=True"):
+        jaxembed.ManagedCollisionEmbeddingBagCollection(ebc, mcc, ids_per_call=4)
+    sparse_ebc = jaxembed.EmbeddingBagCollection(TABLES, rngs=nnx.Rngs(0), sparse=True)
+    resetting = jaxembed.ManagedCollisionEmbeddingBagCollection(sparse_ebc, mcc, ids_per_call=4)
+    raw = RawKeyedJagged.from_lists({"f1": [[1]], "f2": [[3]], "f3": [[4]]})
+    with pytest.raises(ValueError, match=r"runs under jaxembed\.sparse\.value_and_grad"):
+        resetting(raw)  # a training call outside value_and_grad would leave the state stale
+    resetting.eval()
+    resetting(raw)  # remapping alone needs no optimizer
+    model = jaxembed.ManagedCollisionEmbeddingBagCollection(
+        ebc, mcc, ids_per_call=2, reset_evicted=False
+    )
     before = model.to_torch()
     with pytest.raises(ValueError, match="table 'a' gets 3 ids"):
         model(RawKeyedJagged.from_lists({"f1": [[1, 2]], "f2": [[3]], "f3": [[4]]}))
@@ -454,9 +470,76 @@ def test_the_unpooled_module():
         mcc,
         ids_per_call=8,
         return_remapped_features=True,
+        reset_evicted=False,
     )
     out, kj = model(RawKeyedJagged.from_lists({"seq": [[2**45, 9, 2**45], [9]]}))
     rows = kj.to_lists()["seq"]
     assert rows[0][0] == rows[0][2] and rows[0][1] == rows[1][0] != rows[0][0]
     weight = model.embedding_module.tables()["s"]
     np.testing.assert_array_equal(out["seq"].to_padded(3)[0], weight[rows[0]])
+
+
+def test_evicted_rows_and_their_state_start_afresh_as_the_functional_reset():
+    """reset_evicted (the default): each evicted row is drawn from its table's init before the
+    call's lookup, and its row-wise Adagrad state restarts, as TorchRec's sharded module does;
+    the module equals the functional step with reset_rows and reset_state, key for key."""
+    mcs = {"a": ManagedCollision("lru", 1), "b": ManagedCollision("lfu", 2)}
+    model = mc_ebc(mcs, sparse=True, seed=3, reset_evicted=True, rngs=nnx.Rngs(11))
+    rowwise = jaxembed.sparse.rowwise_adagrad(0.1)
+    opt = jaxembed.sparse.Optimizer(model, optax.sgd(0.1), rowwise)
+    mcc = ManagedCollisionCollection(mcs, TABLES)
+    params = jaxembed.collections.stack_tables(model.embedding_module.tables(), TABLES)
+    tx = jaxembed.collections.optimizer(rowwise, TABLES)
+    tx_state, state = tx.init(params), mcc.init(PER_TABLE)
+    keys = nnx.Rngs(11)
+    assert sorted(params) == ["a", "b"]  # one table a stack: the stacks' keys are the tables'
+
+    @nnx.jit
+    def step(model, opt, raw):
+        loss, grads = jaxembed.sparse.value_and_grad(
+            lambda m: sum(jnp.sum(v**2) for v in m(raw).values())
+        )(model)
+        opt.update(model, grads)
+        return loss
+
+    @jax.jit
+    def reference(params, tx_state, state, raw, key_a, key_b):
+        kj, state, evicted, _ = mcc.remap(state, raw)
+        for t, key in zip(TABLES, (key_a, key_b), strict=True):
+            bound = (1.0 / t.num_embeddings) ** 0.5
+            init = lambda k, shape, dtype, b=bound: jax.random.uniform(k, shape, dtype, -b, b)  # noqa: E731
+            table = params[t.name]["weight"]
+            params = {
+                **params,
+                t.name: {
+                    "weight": jaxembed.collisions.reset_rows(evicted[t.name], table, key, init=init)
+                },
+            }
+            tx_state = {
+                **tx_state,
+                t.name: jaxembed.collisions.reset_state(
+                    evicted[t.name], tx_state[t.name], rowwise, table
+                ),
+            }
+        pooled, lk = jaxembed.collections.lookup(params, kj, TABLES)
+        grads = lk.grad({k: 2 * v for k, v in pooled.items()})
+        return (*tx.update(grads, tx_state, params), state, evicted)
+
+    rng = np.random.default_rng(8)
+    ids = universe(rng)
+    resets = 0
+    for _ in range(5):
+        raw = RawKeyedJagged.from_lists(batch_lists(rng, ids))
+        step(model, opt, raw)
+        params, tx_state, state, evicted = reference(params, tx_state, state, raw, keys(), keys())
+        resets += sum(int((evicted[t.name] < t.num_embeddings).sum()) for t in TABLES)
+        got = model.embedding_module.tables()
+        for t in TABLES:
+            np.testing.assert_allclose(got[t.name], params[t.name]["weight"], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                opt.sparse_state[f"embedding_module/weights/{t.name}"].sum.get_value(),
+                tx_state[t.name].sum,
+                rtol=1e-6,
+                atol=1e-7,
+            )
+    assert resets > 10  # rows were reset, and a reset row's state restarted

@@ -105,6 +105,7 @@ ALLOWED = {
     "jaxembed.collisions": (
         "jaxembed.kernels",
         "jaxembed.core",
+        "jaxembed.sparse",
         "jaxembed.collections",
         "jaxembed.collisions",
     ),

@@ -24,9 +24,9 @@ What this folder owns, module by module:
 * ``_torchrec``: TorchRec's state dict in and out;
 * ``_collection``: a collection's remappers, and its raw keyed jagged ids.
 
-It may import :mod:`jaxembed.core`, :mod:`jaxembed.kernels` (the remap's CPU kernel) and
-:mod:`jaxembed.collections` (its configs and :class:`jaxembed.KeyedJagged`), and nothing else of
-jaxembed.
+It may import :mod:`jaxembed.core`, :mod:`jaxembed.kernels` (the remap's CPU kernel),
+:mod:`jaxembed.sparse` (the optimizers' state reset) and :mod:`jaxembed.collections` (its
+configs and :class:`jaxembed.KeyedJagged`), and nothing else of jaxembed.
 """
 
 from jaxembed.collisions._collection import (

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxembed.core import _init, _validation
+from jaxembed.sparse import _optimizers
 
 
 def reset_rows(
@@ -79,17 +80,7 @@ def reset_state(evicted: ArrayLike, state: Any, optimizer: Any, table: ArrayLike
       Array([5., 0., 7.], dtype=float32)
     """
     table = _validation.check_table("table", table)
-    evicted = _evicted(evicted)
-    rows = table.shape[0]
-    fresh = optimizer.init(table[:1])
-
-    def reset(leaf, one):
-        if not hasattr(leaf, "shape") or leaf.ndim == 0 or leaf.shape[0] != rows:
-            return leaf
-        value = jnp.broadcast_to(jnp.asarray(one)[0], (evicted.shape[0], *leaf.shape[1:]))
-        return leaf.at[evicted].set(value.astype(leaf.dtype), mode="drop")
-
-    return jax.tree.map(reset, state, fresh)
+    return _optimizers.fresh_state(optimizer, state, table, _evicted(evicted))
 
 
 def _evicted(evicted: ArrayLike) -> jax.Array:

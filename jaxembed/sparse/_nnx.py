@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxembed.core._layout import Layout
 from jaxembed.sparse._lookup import SparseGrad, SparseLookup, sum_grads
-from jaxembed.sparse._optimizers import RowOptimizer
+from jaxembed.sparse._optimizers import RowOptimizer, fresh_state
 
 
 class SparseParam(nnx.Param):
@@ -82,14 +82,24 @@ class _Tape:
         self.probes = probes
         self.shapes: list[jax.ShapeDtypeStruct] = []
         self.records: list[tuple[str, SparseLookup]] = []
+        self.fresh: list[tuple[str, jax.Array]] = []
 
-    def record(self, variable: SparseParam, rows: jax.Array, lk: SparseLookup) -> jax.Array:
+    def _key(self, variable: SparseParam) -> str:
         key = self.keys.get(id(variable))
         if key is None:
             raise ValueError(
                 "a sparse table was looked up that is not part of the model given to "
                 "jaxembed.sparse.value_and_grad; pass the module that owns it"
             )
+        return key
+
+    def reset(self, variable: SparseParam, rows: jax.Array) -> None:
+        """Marks ``rows`` of ``variable`` (``(k,)`` int32, padded out of range) as reset: their
+        optimizer state starts afresh at the update of this call's gradients."""
+        self.fresh.append((self._key(variable), rows))
+
+    def record(self, variable: SparseParam, rows: jax.Array, lk: SparseLookup) -> jax.Array:
+        key = self._key(variable)
         k = len(self.records)
         self.records.append((key, lk))
         if self.probes is None:
@@ -134,11 +144,15 @@ class ModelGrads(NamedTuple):
       tables: ``{"path/to/weight": (V, D) array}``: the gradient of the reads of a sparse table
         outside its lookups (a tied ``attend`` head, a penalty on ``weight``), for each table the
         loss read so. The table's whole gradient is that plus its ``sparse`` entries.
+      fresh: ``{"path/to/weight": (k,) int32}``: rows that a module reset during the loss (a
+        managed-collision collection's evicted rows), padded with ``V``; :meth:`Optimizer.update`
+        resets their optimizer state before it applies the gradient.
     """
 
     dense: Any
     sparse: dict[str, SparseGrad]
     tables: dict[str, jax.Array] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
+    fresh: dict[str, jax.Array] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 def _refuse_nnx_optimizer(grads: ModelGrads):
@@ -292,12 +306,14 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
                 )
             loss, aux = out if has_aux else (out, None)
             keys.extend(key for key, _ in tape.records)
-            return loss, (aux, [lk for _, lk in tape.records])
+            fresh_keys.extend(key for key, _ in tape.fresh)
+            return loss, (aux, [lk for _, lk in tape.records], [r for _, r in tape.fresh])
 
         grad_fn = nnx.value_and_grad(
             inner, argnums=(nnx.DiffState(0, differentiated), 1), has_aux=True
         )
-        (loss, (aux, lookups)), (dense, probe_grads) = grad_fn(model, probes)
+        fresh_keys: list[str] = []
+        (loss, (aux, lookups, fresh_rows)), (dense, probe_grads) = grad_fn(model, probes)
         tables = {
             _key(path): g.get_value()
             for path, g in nnx.to_flat_state(nnx.filter_state(dense, _tables_at(read)))
@@ -307,8 +323,12 @@ def value_and_grad(fn: Callable, *, has_aux: bool = False) -> Callable:
         for key, lk, g in zip(keys, lookups, probe_grads, strict=True):
             per_table.setdefault(key, []).append(lk.grad(g))
         sparse = {key: sum_grads(*grads) for key, grads in per_table.items()}
+        fresh: dict[str, list[jax.Array]] = {}
+        for key, rows in zip(fresh_keys, fresh_rows, strict=True):
+            fresh.setdefault(key, []).append(rows)
         value = (loss, aux) if has_aux else loss
-        return value, ModelGrads(dense, sparse, tables)
+        fresh = {key: jnp.concatenate(rows) for key, rows in fresh.items()}
+        return value, ModelGrads(dense, sparse, tables, fresh)
 
     return wrapper
 
@@ -427,13 +447,19 @@ class Optimizer(nnx.Pytree):
                     "torch's SparseAdam refuses dense gradients). Use sgd, adagrad or "
                     "rowwise_adagrad, or train that table densely (sparse=False)"
                 )
-        for key in set(grads.sparse) | set(grads.tables):
+        for key in set(grads.sparse) | set(grads.tables) | set(grads.fresh):
             if key not in self.sparse_state:
                 continue  # a table wrt leaves out
-            grad = _whole_gradient(grads.sparse.get(key), grads.tables.get(key))
             variables = self.sparse_state[key]
             state = jax.tree.map(lambda v: v.get_value(), variables, is_leaf=is_var)
-            results[key] = txs[key].update(grad, state, tables[key].get_value())
+            table = tables[key].get_value()
+            if key in grads.fresh:  # rows reset in the loss: their state starts afresh
+                state = fresh_state(txs[key], state, table, grads.fresh[key])
+            if key not in grads.sparse and key not in grads.tables:
+                results[key] = (table, state)
+                continue
+            grad = _whole_gradient(grads.sparse.get(key), grads.tables.get(key))
+            results[key] = txs[key].update(grad, state, table)
         self.dense.update(model, grads.dense)  # computes, then writes: it raises before writing
         for key, (table, state) in results.items():
             tables[key].set_value(table)

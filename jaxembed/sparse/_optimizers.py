@@ -677,6 +677,23 @@ def lazy_adam(
     return RowOptimizer(init, update, applies_dense=False)
 
 
+def fresh_state(optimizer: RowOptimizer, state: Any, table: jax.Array, rows: jax.Array) -> Any:
+    """``state`` with ``rows`` (``(k,)`` int32, padded with any value outside ``[0, V)``) back
+    to what ``optimizer.init`` gives a fresh row: every leaf whose leading dimension is the
+    table's ``V`` rows; other leaves (the step count) are left alone."""
+    num_rows = table.shape[0]
+    rows = jnp.where(rows < 0, jnp.iinfo(jnp.int32).max, rows).astype(jnp.int32)
+    fresh = optimizer.init(table[:1])
+
+    def reset(leaf, one):
+        if not hasattr(leaf, "shape") or leaf.ndim == 0 or leaf.shape[0] != num_rows:
+            return leaf
+        value = jnp.broadcast_to(jnp.asarray(one)[0], (rows.shape[0], *leaf.shape[1:]))
+        return leaf.at[rows].set(value.astype(leaf.dtype), mode="drop")
+
+    return jax.tree.map(reset, state, fresh)
+
+
 def sharded(optimizer: RowOptimizer, sharding: Any) -> RowOptimizer:
     """``optimizer`` for a table laid out as ``sharding`` says: every device updates its rows.
 
