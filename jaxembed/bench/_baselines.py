@@ -118,9 +118,9 @@ def _torch(op, torch, table_np, ids_np, bags_np, cot_np, bag_target_np, device, 
 FBGEMM_OPS = ("train-sparse-rowwise_adagrad", "train-bag-rowwise_adagrad")
 
 
-def _fbgemm(op, torch, table_np, ids_np, bags_np, cot_np, bag_target_np, lr):
-    """FBGEMM's CPU table-batched embedding with its fused EXACT_ROWWISE_ADAGRAD: the optimizer
-    runs inside the backward pass, on the pooled (or unpooled) gradient."""
+def fbgemm_rowwise_adagrad(torch, table_np: np.ndarray, lr: float, *, pooled: bool):
+    """FBGEMM's CPU table-batched embedding over a copy of ``table_np``, with its fused
+    EXACT_ROWWISE_ADAGRAD (the optimizer runs inside the backward pass), sum-pooled or not."""
     with warnings.catch_warnings():  # its CPU build warns of the GPU-only kernels it lacks
         warnings.simplefilter("ignore", DeprecationWarning)
         from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
@@ -134,7 +134,6 @@ def _fbgemm(op, torch, table_np, ids_np, bags_np, cot_np, bag_target_np, lr):
         )
 
     V, D = table_np.shape
-    pooled = op == "train-bag-rowwise_adagrad"
     emb = SplitTableBatchedEmbeddingBagsCodegen(
         [(V, D, EmbeddingLocation.HOST, ComputeDevice.CPU)],
         optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
@@ -145,6 +144,13 @@ def _fbgemm(op, torch, table_np, ids_np, bags_np, cot_np, bag_target_np, lr):
     )
     with torch.no_grad():
         emb.split_embedding_weights()[0].copy_(torch.from_numpy(table_np.copy()))
+    return emb
+
+
+def _fbgemm(op, torch, table_np, ids_np, bags_np, cot_np, bag_target_np, lr):
+    """FBGEMM's fused row-wise Adagrad step (:func:`fbgemm_rowwise_adagrad`) on the op's ids."""
+    pooled = op == "train-bag-rowwise_adagrad"
+    emb = fbgemm_rowwise_adagrad(torch, table_np, lr, pooled=pooled)
     if pooled:
         indices = torch.from_numpy(bags_np.reshape(-1).astype(np.int64))
         offsets = torch.arange(0, indices.numel() + 1, bags_np.shape[1], dtype=torch.int64)
