@@ -198,8 +198,11 @@ def test_remap_feeds_sparse_training_and_does_not_retrace():
     state, opt = mcc.init(PER_TABLE), tx.init(params)
     rng = np.random.default_rng(0)
     ids = universe(rng)
-    for _ in range(2):
+    for call in range(2):
         raw = RawKeyedJagged.from_lists(batch_lists(rng, ids))
+        if call:  # the second call: the jitted step only (it must not retrace)
+            params, opt, state, kj = train(params, opt, state, raw)
+            continue
         # the same step, eagerly and piece by piece
         kj_want, state_want, _, _ = mcc.remap(state, raw)
         pooled, lk = jaxembed.collections.lookup(params, kj_want, TABLES)
@@ -339,6 +342,7 @@ def test_the_module_trains_as_torchrecs_call_by_call():
     assert len(traces) == 1  # the states' updates never retrace
 
 
+@pytest.mark.slow  # the reset test below trains the sparse module too: CI runs this one
 def test_the_sparse_module_trains_as_the_functional_path():
     mcs = policies("lfu")
     model = mc_ebc(mcs, sparse=True, seed=2)

@@ -117,6 +117,7 @@ def test_float64_under_x64_matches_torch():
     assert "x64 ok" in res.stdout
 
 
+@pytest.mark.slow  # a process of its own under x64: CI runs it
 def test_sparse_optimizers_float64_under_x64_match_torch():
     """Sparse SGD / Adagrad / lazy Adam on float64 tables, int64 indices (x64: own process)."""
     script = textwrap.dedent(

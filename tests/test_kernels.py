@@ -563,6 +563,7 @@ def _isas():
 
 
 @needs_kernels
+@pytest.mark.slow  # a second build of every kernel, run through the whole reference: CI runs it
 @pytest.mark.parametrize("isa", _isas())
 def test_each_instruction_set_equals_the_reference(isa):
     """Each build below the best one (generic, and AVX2 on an AVX-512 CPU), picked on this CPU

@@ -64,11 +64,11 @@ def _live(params, *batches):
 
 # bfloat16 tables: test_load_gives_back_the_same_artifact. 2-bit rows decode as 4-bit ones do
 # (a float16 scale and bias), fp8's scale as 8-bit's (a float32): the README's command runs
-# float32 and 4-bit, the slow tier the others
+# 4-bit (and the kernels' artifact float32), the slow tier the others
 @pytest.mark.parametrize(
     "kind",
     [
-        "float32",
+        pytest.param("float32", marks=pytest.mark.slow),
         pytest.param("8bit", marks=pytest.mark.slow),
         "4bit",
         pytest.param("2bit", marks=pytest.mark.slow),
