@@ -105,14 +105,8 @@ def main(argv=None):
     if args.no_torchrec:
         return
     import torch
-    from torchrec.modules import mc_modules
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
-    policies = {
-        "lfu": mc_modules.LFU_EvictionPolicy,
-        "lru": mc_modules.LRU_EvictionPolicy,
-        "distance_lfu": mc_modules.DistanceLFU_EvictionPolicy,
-    }
     print("\na training call (mean ms over whole intervals; ratio = jaxembed / TorchRec)")
     for interval in args.interval:
         calls = max(2 * interval, 4) // interval * interval
@@ -131,13 +125,7 @@ def main(argv=None):
                     s = step(s, q.hi, q.lo).state
                 jax.block_until_ready(s)
                 ours.append((time.perf_counter() - t0) * 1e3 / calls)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    module = mc_modules.MCHManagedCollisionModule(
-                        zch_size=S, device=torch.device("cpu"),
-                        eviction_policy=policies[args.eviction](), eviction_interval=interval,
-                    ).train()  # fmt: skip
-                module.load_state_dict(torch_state(module, held, S))
+                module = torchrec_mch(args.eviction, S, interval, held)
                 t0 = time.perf_counter()
                 for ids in stream:
                     jt = JaggedTensor(values=torch.from_numpy(ids), lengths=torch.tensor([B]))
@@ -155,7 +143,6 @@ def training_steps(args, rng):
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from torchrec.modules import mc_modules
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
     import jaxembed
@@ -170,11 +157,6 @@ def training_steps(args, rng):
     target = rng.standard_normal((B // bag, D)).astype(np.float32)
     offsets = jnp.arange(0, B, bag, dtype=jnp.int32)
     opt = jaxembed.sparse.rowwise_adagrad(0.05)
-    policies = {
-        "lfu": mc_modules.LFU_EvictionPolicy,
-        "lru": mc_modules.LRU_EvictionPolicy,
-        "distance_lfu": mc_modules.DistanceLFU_EvictionPolicy,
-    }
 
     def draw(kind, n):
         if kind == "uniform":
@@ -220,13 +202,7 @@ def training_steps(args, rng):
                 ours_table = np.asarray(t)
                 del t, o, s
 
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    module = mc_modules.MCHManagedCollisionModule(
-                        zch_size=S, device=torch.device("cpu"),
-                        eviction_policy=policies[args.eviction](), eviction_interval=interval,
-                    ).train()  # fmt: skip
-                module.load_state_dict(torch_state(module, held, S))
+                module = torchrec_mch(args.eviction, S, interval, held)
                 tbe_module = fbgemm_rowwise_adagrad(torch, table0, 0.05, pooled=True)
                 t_offsets = torch.arange(0, B + 1, bag, dtype=torch.int64)
                 t_target = torch.from_numpy(target)
@@ -245,6 +221,27 @@ def training_steps(args, rng):
             o, t = statistics.median(ours), statistics.median(theirs)
             print(f"  interval {interval:3d} {kind:8s} jaxembed {o:8.2f} ms  TorchRec+FBGEMM "
                   f"{t:8.2f} ms  ratio {o / t:5.2f}  (tables differ by {diff:.1e})")  # fmt: skip
+
+
+def torchrec_mch(eviction, S, interval, held):
+    """TorchRec's ``MCHManagedCollisionModule`` in training mode, holding ``held`` as
+    :func:`state_for` does."""
+    import torch
+    from torchrec.modules import mc_modules
+
+    policy = {
+        "lfu": mc_modules.LFU_EvictionPolicy,
+        "lru": mc_modules.LRU_EvictionPolicy,
+        "distance_lfu": mc_modules.DistanceLFU_EvictionPolicy,
+    }[eviction]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = mc_modules.MCHManagedCollisionModule(
+            zch_size=S, device=torch.device("cpu"), eviction_policy=policy,
+            eviction_interval=interval,
+        ).train()  # fmt: skip
+    module.load_state_dict(torch_state(module, held, S))
+    return module
 
 
 def state_for(mc, S, B, held):

@@ -293,6 +293,20 @@ def mc_ebc(mcs, *, sparse=False, seed=0, reset_evicted=False, **kwargs):
     )
 
 
+def sparse_step():
+    """A jitted sparse training step of a module on the pooled features' squares."""
+
+    @nnx.jit
+    def step(model, opt, raw):
+        loss, grads = jaxembed.sparse.value_and_grad(
+            lambda m: sum(jnp.sum(v**2) for v in m(raw).values())
+        )(model)
+        opt.update(model, grads)
+        return loss
+
+    return step
+
+
 def assert_same_state_dict(module, theirs):
     ours, want = module.to_torch(), theirs.state_dict()
     assert sorted(ours) == sorted(want)
@@ -353,13 +367,7 @@ def test_the_sparse_module_trains_as_the_functional_path():
     tx = jaxembed.collections.optimizer(jaxembed.sparse.rowwise_adagrad(0.1), TABLES)
     tx_state, state = tx.init(params), mcc.init(PER_TABLE)
 
-    @nnx.jit
-    def step(model, opt, raw):
-        loss, grads = jaxembed.sparse.value_and_grad(
-            lambda m: sum(jnp.sum(v**2) for v in m(raw).values())
-        )(model)
-        opt.update(model, grads)
-        return loss
+    step = sparse_step()
 
     @jax.jit
     def reference(params, tx_state, state, raw):
@@ -498,13 +506,7 @@ def test_evicted_rows_and_their_state_start_afresh_as_the_functional_reset():
     keys = nnx.Rngs(11)
     assert sorted(params) == ["a", "b"]  # one table a stack: the stacks' keys are the tables'
 
-    @nnx.jit
-    def step(model, opt, raw):
-        loss, grads = jaxembed.sparse.value_and_grad(
-            lambda m: sum(jnp.sum(v**2) for v in m(raw).values())
-        )(model)
-        opt.update(model, grads)
-        return loss
+    step = sparse_step()
 
     @jax.jit
     def reference(params, tx_state, state, raw, key_a, key_b):
