@@ -102,8 +102,8 @@ class _ManagedCollisionCollection(nnx.Module):
         )
         state = managed_collision_collection.init(ids_per_call) if _state is None else _state
         self.mc_state = nnx.Dict({k: ManagedCollisionState(v) for k, v in state.items()})
-        #: False: each call profiles its ids and evicts on schedule (TorchRec's training mode);
-        #: ``module.eval()`` sets it True (only remap), ``module.train()`` False again.
+        # False: each call profiles its ids and evicts on schedule (TorchRec's training mode);
+        # module.eval() sets it True (only remap), module.train() False again
         self.deterministic = False
 
     def _tables(self) -> list[str]:
