@@ -549,3 +549,25 @@ def test_evicted_rows_and_their_state_start_afresh_as_the_functional_reset():
                 atol=1e-7,
             )
     assert resets > 10  # rows were reset, and a reset row's state restarted
+
+
+def test_a_bfloat16_table_resets_its_evicted_rows_in_its_own_dtype():
+    tables = [jaxembed.EmbeddingBagConfig("t", 4, 16, ["f"], param_dtype=jnp.bfloat16)]
+    mcc = ManagedCollisionCollection({"t": ManagedCollision("lru", 1)}, tables)
+    model = jaxembed.ManagedCollisionEmbeddingBagCollection(
+        jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0), sparse=True),
+        mcc,
+        ids_per_call=4,
+    )
+    before = np.asarray(model.embedding_module.tables()["t"], np.float32)
+    loss_fn = lambda m: sum(jnp.sum(v.astype(jnp.float32)) for v in m(raw).values())  # noqa: E731
+    raw = RawKeyedJagged.from_lists({"f": [[2**40, 7]]})
+    _, grads = nnx.jit(jaxembed.sparse.value_and_grad(loss_fn))(model)
+    after = model.embedding_module.tables()["t"]
+    assert after.dtype == jnp.bfloat16
+    rows = [int(r) for r in grads.fresh["embedding_module/weights/t"] if r < 16]
+    assert len(rows) == 2  # the first eviction fills two rows: both drawn afresh
+    bound = (1 / 16) ** 0.5
+    changed = np.flatnonzero((np.asarray(after, np.float32) != before).any(axis=1))
+    assert sorted(changed.tolist()) == sorted(rows)
+    assert np.abs(np.asarray(after, np.float32)[rows]).max() <= bound

@@ -141,7 +141,7 @@ class _ManagedCollisionCollection(nnx.Module):
                 rows = jnp.where(slots < t.num_embeddings, slots + offset, stack.num_embeddings)
                 fresh = jax.lax.cond(
                     num_evicted[t.name] > 0,
-                    lambda key, t=t, k=slots.shape[0]: _fresh_rows(t, key, k),
+                    lambda key, t=t, k=slots.shape[0]: _fresh_rows(t, key, k).astype(t.param_dtype),
                     lambda key, t=t, k=slots.shape[0]: jnp.zeros(
                         (k, t.embedding_dim), t.param_dtype
                     ),
