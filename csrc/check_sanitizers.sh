@@ -23,4 +23,5 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export JAXEMBED_KERNELS_LIBRARY=$(ls "$build"/_native*.so)
 "$python" -c "import os, jaxembed.kernels._ffi as f
 assert f._native.__file__ == os.environ['JAXEMBED_KERNELS_LIBRARY'], f._native.__file__"
-"$python" -m pytest -p no:cacheprovider -n 0 tests/test_kernels.py "$@"
+# every kernel test, the slow one too (each instruction set's build below the best one)
+"$python" -m pytest -p no:cacheprovider -n 0 -m "slow or not slow" tests/test_kernels.py "$@"
