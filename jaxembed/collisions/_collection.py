@@ -19,6 +19,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxembed.collections import EmbeddingConfig, KeyedJagged
+from jaxembed.collections._config import Plan
 from jaxembed.collisions import _ids
 from jaxembed.collisions._ids import RawIds
 from jaxembed.collisions._remap import CollisionState, ManagedCollision
@@ -206,12 +207,10 @@ class ManagedCollisionCollection:
             )
         if isinstance(tables, EmbeddingConfig) or not isinstance(tables, Sequence) or not tables:
             raise TypeError("tables must be a non-empty list of EmbeddingBagConfig/EmbeddingConfig")
-        for t in tables:
-            if not isinstance(t, EmbeddingConfig):
-                raise TypeError(f"tables must hold table configs, got {type(t).__name__}")
-        names = [t.name for t in tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"tables must have distinct names, got {names}")
+        # the collections' own checks: configs of one kind, distinct names, a feature in one table
+        kind = type(tables[0]) if isinstance(tables[0], EmbeddingConfig) else EmbeddingConfig
+        self._plan = Plan.of(tables, kind)
+        names = [t.name for t in self._plan.tables]
         missing = [n for n in names if n not in managed_collisions]
         extra = [n for n in managed_collisions if n not in names]
         if missing or extra:
@@ -227,10 +226,7 @@ class ManagedCollisionCollection:
                     f"managed_collisions[{n!r}] must be a ManagedCollision, got "
                     f"{type(managed_collisions[n]).__name__}"
                 )
-        features = [f for t in tables for f in t.feature_names]
-        if len(set(features)) != len(features):
-            raise ValueError(f"a feature may be looked up in one table only, got {features}")
-        self.tables = tuple(tables)
+        self.tables = self._plan.tables
         self.managed_collisions = {n: managed_collisions[n] for n in names}
 
     def init(self, ids_per_call: int | Mapping[str, int]) -> dict[str, CollisionState]:
@@ -292,7 +288,7 @@ class ManagedCollisionCollection:
                 f"got {got}"
             )
         keys = features.keys
-        wanted = [f for t in self.tables for f in t.feature_names]
+        wanted = self._plan.feature_names
         unknown = [k for k in keys if k not in wanted]
         missing = [f for f in wanted if f not in keys]
         if unknown or missing:
@@ -303,7 +299,9 @@ class ManagedCollisionCollection:
         per_key = features.lengths.reshape(len(keys), -1).sum(1, dtype=jnp.int32)
         starts = jnp.cumsum(per_key, dtype=jnp.int32) - per_key
         # every position starts out of range for its table: padding, and ids no call could take
-        out_of_range = np.array([self._table_of(k).num_embeddings for k in keys] + [0], np.int32)
+        out_of_range = np.array(
+            [self._plan.table_of(k).num_embeddings for k in keys] + [0], np.int32
+        )
         feature_of = _feature_of(per_key, features.capacity)
         values = jnp.asarray(out_of_range)[feature_of]
         new_state, evicted, num_evicted = {}, {}, {}
@@ -335,9 +333,6 @@ class ManagedCollisionCollection:
             )
             values = values.at[at].set(slots, mode="drop")
         return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
-
-    def _table_of(self, feature: str) -> EmbeddingConfig:
-        return next(t for t in self.tables if feature in t.feature_names)
 
 
 def _feature_of(per_key: jax.Array, capacity: int) -> jax.Array:
