@@ -14,10 +14,11 @@ The package, folder by folder (each folder's ``__init__`` says what it owns and 
 * :mod:`jaxembed.modules`: the Flax modules (nnx here as :class:`Embedding` and
   :class:`EmbeddingBag`; linen as :mod:`jaxembed.linen`);
 * :mod:`jaxembed.serving`: a forward pass exported with ``jax.export``, its tables beside it;
+* :mod:`jaxembed.checkpoint`: delta checkpoints of the rows a step changed, crash-safe saves;
 * :mod:`jaxembed.bench`: the ``jaxembed-bench`` command.
 
-``jaxembed.linen``, ``jaxembed.serving`` and ``jaxembed.bench`` are imported when first used, as
-``flax.linen`` is.
+``jaxembed.linen``, ``jaxembed.serving``, ``jaxembed.checkpoint`` and ``jaxembed.bench`` are
+imported when first used, as ``flax.linen`` is.
 """
 
 import importlib as _importlib
@@ -83,6 +84,7 @@ __all__ = [
     "QuantizedWeight",
     "ShardingPlan",
     "TableSharding",
+    "checkpoint",
     "collections",
     "collisions",
     "default_embedding_init",
@@ -108,7 +110,7 @@ __all__ = [
     "to_torch",
 ]
 
-_LAZY = ("linen", "bench", "serving")
+_LAZY = ("linen", "bench", "serving", "checkpoint")
 
 
 def __getattr__(name: str):

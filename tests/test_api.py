@@ -23,7 +23,7 @@ def _public(module):
 
 PUBLIC = [
     (name, obj)
-    for module in (jaxembed, sparse, jaxembed.collisions, jaxembed.linen)
+    for module in (jaxembed, sparse, jaxembed.collisions, jaxembed.linen, jaxembed.checkpoint)
     for name, obj in _public(module)
     if callable(obj) and not inspect.ismodule(obj)
 ]

@@ -23,6 +23,7 @@ PUBLIC = [
     "jaxembed.linen",
     "jaxembed.kernels",
     "jaxembed.serving",
+    "jaxembed.checkpoint",
     "jaxembed.bench",
 ]
 

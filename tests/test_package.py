@@ -153,6 +153,7 @@ def test_each_folder_imports_only_the_layers_below(folder):
         "quantized",
         "modules",
         "serving",
+        "checkpoint",
         "bench",
     ],
 )
@@ -201,10 +202,11 @@ def test_linen_and_bench_are_reached_from_the_package():
         "import sys, jaxembed\n"
         "assert 'jaxembed.linen' not in sys.modules\n"
         "assert 'jaxembed.serving' not in sys.modules\n"
+        "assert 'jaxembed.checkpoint' not in sys.modules\n"
         "print(jaxembed.linen.Embedding.__name__, jaxembed.bench.main.__name__,\n"
-        "      jaxembed.serving.export.__name__)\n"
+        "      jaxembed.serving.export.__name__, jaxembed.checkpoint.save.__name__)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
-    assert out.stdout.split() == ["Embedding", "main", "export"]
+    assert out.stdout.split() == ["Embedding", "main", "export", "save"]

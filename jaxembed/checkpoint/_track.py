@@ -1,0 +1,188 @@
+"""The rows a training step changed, tracked from its sparse updates: what a delta checkpoint saves.
+
+A mask ``(V,)`` of bools a table, set where an update wrote: the rows of its sparse gradient, the
+rows a managed-collision module reset, and every row where the table had a dense gradient. It is
+set inside the jitted step, from the gradients, so no table is ever compared with an older copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+from jaxembed.sparse import ModelGrads, SparseGrad
+from jaxembed.sparse._nnx import sparse_tables
+
+
+def untouched(tables: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """A mask of no rows for each table: ``{key: zeros((V,), bool)}``.
+
+    Args:
+      tables: ``{key: table}``: each ``(V, ...)`` array (or anything with a ``shape``). The keys
+        name the tables in :func:`save`'s state (see there).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> jaxembed.checkpoint.untouched({"weight": jnp.zeros((3, 2))})
+      {'weight': Array([False, False, False], dtype=bool)}
+    """
+    out = {}
+    for key, table in tables.items():
+        shape = getattr(table, "shape", None)
+        if not isinstance(key, str) or shape is None or len(shape) < 1:
+            raise ValueError(
+                f"tables must map names to (V, ...) arrays, got {key!r}: {type(table).__name__}"
+            )
+        out[key] = jnp.zeros((shape[0],), bool)
+    return out
+
+
+def _rows_of(grad: Any, key: str) -> jax.Array:
+    if isinstance(grad, SparseGrad):
+        return grad.indices
+    rows = jnp.asarray(grad)
+    if not jnp.issubdtype(rows.dtype, jnp.integer):
+        raise TypeError(
+            f"grads[{key!r}] must be a SparseGrad or integer rows, got {rows.dtype} values"
+        )
+    return rows.reshape(-1)
+
+
+def track(touched: Mapping[str, ArrayLike], grads: ModelGrads | Mapping[str, Any]) -> dict:
+    """``touched`` with the rows ``grads`` update set: call it beside the optimizer's update.
+
+    Rows outside ``[0, V)`` (padding and out-of-range entries, which no update writes) are
+    ignored. Jit-able: the masks keep their shapes.
+
+    Args:
+      touched: ``{key: (V,) bool}``, from :func:`untouched` or an earlier :func:`track`.
+      grads: a :class:`jaxembed.sparse.ModelGrads` (its sparse gradients' rows, the rows a
+        module reset, and every row of a table with a dense gradient), or ``{key: SparseGrad}``
+        or ``{key: integer rows}``. With ``max_norm``, the lookup also renorms the rows it reads
+        (the padding row too): pass the looked-up ids as well.
+
+    Returns:
+      The new masks, ``{key: (V,) bool}``.
+
+    Raises:
+      ValueError: ``grads`` names a table ``touched`` does not track.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> touched = jaxembed.checkpoint.untouched({"weight": jnp.zeros((4, 2))})
+      >>> grad = jaxembed.sparse.SparseGrad(jnp.array([3, 1, 4]), jnp.ones((3, 2)))
+      >>> jaxembed.checkpoint.track(touched, {"weight": grad})["weight"]
+      Array([False,  True, False,  True], dtype=bool)
+    """
+    out = {key: jnp.asarray(mask) for key, mask in touched.items()}
+    if isinstance(grads, ModelGrads):
+        parts = [(key, g.indices) for key, g in grads.sparse.items()]
+        parts += list(grads.fresh.items())
+        parts += [(key, None) for key in grads.tables]  # a dense gradient: any row may change
+    else:
+        parts = [(key, _rows_of(g, key)) for key, g in grads.items()]
+    for key, rows in parts:
+        if key not in out:
+            raise ValueError(
+                f"grads hold the table {key!r}, which touched does not track "
+                f"(it tracks {sorted(out)})"
+            )
+        if rows is None:
+            out[key] = jnp.ones_like(out[key])
+        else:  # rows >= V (padding) drop; negatives are never rows here
+            rows = jnp.where(rows < 0, out[key].shape[0], rows)
+            out[key] = out[key].at[rows].set(True, mode="drop")
+    return out
+
+
+def _renorming(model: Any) -> list[str]:
+    """The modules of ``model`` with sparse tables that renorm as they read (``max_norm``)."""
+    found = []
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module) or not sparse_tables(node):
+            continue
+        tables = getattr(getattr(node, "plan", None), "tables", ())
+        if getattr(node, "max_norm", None) is not None or any(
+            getattr(t, "max_norm", None) is not None for t in tables
+        ):
+            found.append("/".join(str(p) for p in path) or "the model")
+    return found
+
+
+class Touched(nnx.Variable):
+    """The ``(V,)`` bool mask of the rows of a table changed since the last checkpoint."""
+
+
+class DeltaTracker(nnx.Pytree):
+    """The rows of each sparse table of an nnx model changed since the last checkpoint.
+
+    Update it with the same :class:`~jaxembed.sparse.ModelGrads` as the optimizer, inside the
+    jitted step; hand :attr:`touched` to :func:`save`, then :meth:`clear` it.
+
+    Args:
+      model: the model; its :class:`~jaxembed.sparse.SparseParam` tables are tracked, keyed by
+        path as in ``ModelGrads`` (``"embed/weight"``).
+
+    Raises:
+      ValueError: the model has no sparse table, or a sparse table renorms as it is read
+        (``max_norm``): a forward pass, in evaluation too, then changes rows that no update
+        records, so only full checkpoints are exact for it.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed, optax
+      >>> from flax import nnx
+      >>> emb = jaxembed.Embedding(5, 2, sparse=True, rngs=nnx.Rngs(0))
+      >>> opt = jaxembed.sparse.Optimizer(emb, optax.sgd(0.1), jaxembed.sparse.sgd(0.1))
+      >>> tracker = jaxembed.checkpoint.DeltaTracker(emb)
+      >>> _, grads = jaxembed.sparse.value_and_grad(lambda m: m(jnp.array([3, 1])).sum())(emb)
+      >>> opt.update(emb, grads)
+      >>> tracker.update(grads)
+      >>> tracker.touched["weight"]
+      Array([False,  True, False,  True, False], dtype=bool)
+    """
+
+    def __init__(self, model: Any):
+        tables = sparse_tables(model)
+        if not tables:
+            raise ValueError(
+                "model has no sparse table (jaxembed.Embedding(..., sparse=True)) to track; "
+                "a model trained densely changes every row: save full checkpoints"
+            )
+        renorming = _renorming(model)
+        if renorming:
+            raise ValueError(
+                f"the sparse tables of {renorming} renorm as they are read (max_norm): a forward "
+                "pass, in evaluation too, changes rows that no update records, so a delta "
+                "checkpoint would miss them. Save full checkpoints (touched=None) for this model"
+            )
+        self.masks = nnx.data(
+            {
+                key: Touched(m)
+                for key, m in untouched({k: v[...] for k, v in tables.items()}).items()
+            }
+        )
+
+    @property
+    def touched(self) -> dict[str, jax.Array]:
+        """``{key: (V,) bool}``: the rows changed since the last :meth:`clear`."""
+        return {key: var[...] for key, var in self.masks.items()}
+
+    def update(self, grads: ModelGrads) -> None:
+        """Marks the rows ``grads`` (from :func:`jaxembed.sparse.value_and_grad`) update."""
+        if not isinstance(grads, ModelGrads):
+            raise TypeError(
+                "grads must come from jaxembed.sparse.value_and_grad (a ModelGrads), got "
+                f"{type(grads).__name__}"
+            )
+        for key, mask in track(self.touched, grads).items():
+            self.masks[key].set_value(mask)
+
+    def clear(self) -> None:
+        """Marks no row: call it once a checkpoint with :attr:`touched` is saved."""
+        for var in self.masks.values():
+            var.set_value(jnp.zeros_like(var[...]))
