@@ -47,6 +47,7 @@ html_static_path = ["_static"]
 # A reference to jaxembed itself that resolves to nothing still fails the build.
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|numpy|np|flax|nnx|optax|typing|collections|enum|torch|chex)(\..*)?"),
+    (r"py:.*", r"pathlib(\..*)?"),
     (r"py:class", r"(Array|ArrayLike|DTypeLike|PRNGKeyArray|Mesh|NamedSharding|PartitionSpec)"),
     (r"py:class", r"(Callable|Sequence|Mapping|Iterable|Iterator|Any|Literal|NamedTuple)"),
     (r"py:class", r"(optional|callable|array|pytree|ndarray|dtype|Path|PathLike|os\..*)"),

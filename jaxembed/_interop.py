@@ -288,39 +288,99 @@ def save_safetensors(
     write_arrays(path, {_key(prefix, None): weight}, metadata)
 
 
+def _array_name(key: str, dtype: np.dtype) -> str:
+    name = _ARRAY_NAMES.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if name is None:
+        raise TypeError(f"{key!r}: safetensors holds no {dtype} arrays")
+    return name
+
+
+def _header(
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors header (its 8-byte size first) for arrays of ``{name: (dtype, shape)}``, laid
+    out in that order, and each array's ``(start, bytes)`` in the file."""
+    header: dict[str, Any] = {}
+    spans, offset = {}, 0
+    for key, (dtype, shape) in specs.items():
+        name = _array_name(key, np.dtype(dtype))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _ARRAY_DTYPES[name].itemsize
+        header[key] = {
+            "dtype": name,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        spans[key] = (offset, nbytes)
+        offset += nbytes
+    if metadata is not None:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, {k: (len(head) + start, n) for k, (start, n) in spans.items()}
+
+
 def write_arrays(
     path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Writes named arrays of any dtype the format names (floats, ints, bool, fp8) as one
     ``.safetensors`` file, beside ``path`` and renamed into place (a failed write leaves no
     half file); ``TypeError`` names an array of another dtype."""
-    header: dict[str, Any] = {}
-    blobs, offset = [], 0
-    for key, value in arrays.items():
-        array = np.asarray(value)
-        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-        name = _ARRAY_NAMES.get(dtype)
-        if name is None:
-            raise TypeError(f"{key!r}: safetensors holds no {array.dtype} arrays")
-        data = np.ascontiguousarray(array, dtype=_ARRAY_DTYPES[name]).tobytes()  # little-endian
-        header[key] = {
-            "dtype": name,
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        blobs.append(data)
-        offset += len(data)
-    if metadata is not None:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    arrays = {key: np.asarray(value) for key, value in arrays.items()}
+    head, _ = _header({k: (a.dtype, a.shape) for k, a in arrays.items()}, metadata)
     tmp = os.fspath(path) + ".tmp"
     with open(tmp, "wb") as f:  # written aside and renamed: a failed save leaves no half file
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
+        f.write(head)
+        for key, array in arrays.items():
+            dtype = _ARRAY_DTYPES[_array_name(key, array.dtype)]
+            f.write(np.ascontiguousarray(array, dtype=dtype).tobytes())  # little-endian
     os.replace(tmp, path)
+
+
+def allocate_arrays(
+    path: str | os.PathLike, specs: Mapping[str, tuple[Any, tuple[int, ...]]]
+) -> dict[str, np.memmap]:
+    """A new ``.safetensors`` file at ``path`` for arrays of ``{name: (dtype, shape)}``, sized
+    and zero-filled, and a writable memory map of each array in it: a caller fills them block by
+    block, never holding a whole array in memory. Flush the maps before reading the file."""
+    head, spans = _header({k: (np.dtype(d), tuple(s)) for k, (d, s) in specs.items()}, None)
+    size = len(head) + sum(n for _, n in spans.values())
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+    return _maps(path, specs, spans, "r+")
+
+
+def _maps(path, specs, spans, mode) -> dict[str, np.memmap]:
+    out = {}
+    for key, (dtype, shape) in specs.items():
+        start, nbytes = spans[key]
+        dtype = _ARRAY_DTYPES[_array_name(key, np.dtype(dtype))]
+        if nbytes == 0:  # numpy cannot map zero bytes
+            out[key] = np.zeros(tuple(shape), dtype)
+            continue
+        out[key] = np.memmap(path, dtype=dtype, mode=mode, offset=start, shape=tuple(shape))
+    return out
+
+
+def map_arrays(path: str | os.PathLike) -> dict[str, np.memmap]:
+    """A read-only memory map of every array of a ``.safetensors`` file: slicing one reads only
+    those bytes. ``ValueError`` names the file if it is not one, or is shorter than its header
+    says."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        header, data_start = _read_header(f, path)
+    size = os.path.getsize(path)
+    specs, spans = {}, {}
+    for key, entry, dtype in _typed_entries(header, path):
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ValueError(f"{key!r} in {path}: data_offsets do not match shape {shape}")
+        if data_start + end > size:
+            raise ValueError(f"{path} is truncated: {key!r} ends past its end")
+        specs[key], spans[key] = (dtype, shape), (data_start + begin, end - begin)
+    return _maps(path, specs, spans, "r")
 
 
 def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -330,11 +390,17 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     out = {}
     with open(path, "rb") as f:
         header, data_start = _read_header(f, path)
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _ARRAY_DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"{key!r} in {path} has dtype {entry.get('dtype')!r}")
+        for key, entry, dtype in _typed_entries(header, path):
             out[key] = _read_entry(f, path, key, entry, dtype, data_start)
     return out
+
+
+def _typed_entries(header: dict, path: str):
+    """A header's arrays, ``(name, entry, dtype)``; ``ValueError`` on a dtype it cannot read."""
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ARRAY_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{key!r} in {path} has dtype {entry.get('dtype')!r}")
+        yield key, entry, dtype

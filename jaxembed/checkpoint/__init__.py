@@ -21,12 +21,15 @@ What this folder owns, module by module:
 
 * ``_track``: :func:`untouched`, :func:`track` and :class:`DeltaTracker`: the changed rows;
 * ``_store``: :func:`save`, :func:`restore`, :func:`steps`: the checkpoints on disk, the
-  crash-safe write and the checks on read (:class:`CheckpointError`).
+  crash-safe write and the checks on read (:class:`CheckpointError`);
+* ``_tables``: :func:`save_tables` and :func:`restore_tables`: a collection saved table by
+  table, block by block, and restored onto any plan, any number of devices, or one device.
 
 It may import every other folder (it is an entry point, as :mod:`jaxembed.serving` is).
 """
 
 from jaxembed.checkpoint._store import CheckpointError, Saved, restore, save, steps
+from jaxembed.checkpoint._tables import restore_tables, save_tables
 from jaxembed.checkpoint._track import DeltaTracker, Touched, track, untouched
 
 __all__ = [
@@ -35,7 +38,9 @@ __all__ = [
     "Saved",
     "Touched",
     "restore",
+    "restore_tables",
     "save",
+    "save_tables",
     "steps",
     "track",
     "untouched",

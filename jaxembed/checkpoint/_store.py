@@ -245,22 +245,8 @@ def save(
       >>> float(jaxembed.checkpoint.restore(folder, like)["weight"][7, 0])
       1.0
     """
-    step = _check_step(step)
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "jaxembed.checkpoint saves from a single process; a multi-process state needs each "
-            "process to write its own blocks, which is not built yet"
-        )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / _name(step)
-    if final.exists():
-        raise FileExistsError(f"{final} exists: step {step} is already saved")
-    done = steps(directory)
-    if done and done[-1] > step:
-        raise ValueError(
-            f"step must be after the newest checkpoint in {directory} (step {done[-1]}), got {step}"
-        )
+    directory, done = _begin(directory, step)
+    step = int(step)
     named = _leaves(state)
 
     parent = parent_digest = None
@@ -311,31 +297,62 @@ def save(
     for key in sorted(used):
         arrays[f"__rows__/{key}"] = rows[key]
 
-    partial = directory / f".{_name(step)}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    partial.mkdir()
+    partial = _partial(directory, step)
     _interop.write_arrays(partial / ARRAYS, arrays)
     _fsync(partial / ARRAYS)
     manifest = {
-        "format": FORMAT,
         "step": step,
         "kind": "full" if touched is None else "delta",
         "parent": parent,
         "parent_manifest_sha256": parent_digest,
         "tables": {key: {"num_rows": tables[key], "rows": len(rows[key])} for key in sorted(used)},
         "leaves": leaves,
-        "files": {
-            ARRAYS: {
-                "bytes": (partial / ARRAYS).stat().st_size,
-                "sha256": _sha256(partial / ARRAYS),
-            }
-        },
+        "files": {ARRAYS: _file_entry(partial / ARRAYS)},
     }
-    _write_manifest(partial, manifest)
+    return _commit(directory, step, partial, manifest)
+
+
+def _begin(directory: str | os.PathLike, step: Any) -> tuple[Path, list[int]]:
+    """The checks before a save of ``step``: the folder (created), and its whole steps."""
+    step = _check_step(step)
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            "jaxembed.checkpoint saves from a single process; a multi-process state needs each "
+            "process to write its own blocks, which is not built yet"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / _name(step)
+    if final.exists():
+        raise FileExistsError(f"{final} exists: step {step} is already saved")
+    done = steps(directory)
+    if done and done[-1] > step:
+        raise ValueError(
+            f"step must be after the newest checkpoint in {directory} (step {done[-1]}), got {step}"
+        )
+    return directory, done
+
+
+def _partial(directory: Path, step: int) -> Path:
+    """A new hidden folder to write the checkpoint of ``step`` into."""
+    partial = directory / f".{_name(step)}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    partial.mkdir()
+    return partial
+
+
+def _file_entry(path: Path, **extra: Any) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path), **extra}
+
+
+def _commit(directory: Path, step: int, partial: Path, manifest: dict) -> Saved:
+    """Writes the manifest, flushes ``partial`` and renames it into place as ``step``."""
+    _write_manifest(partial, {"format": FORMAT, **manifest})
     _fsync(partial)
+    final = directory / _name(step)
     os.rename(partial, final)  # atomic: the checkpoint appears whole, or not at all
     _fsync(directory)
     nbytes = sum(p.stat().st_size for p in final.iterdir())
-    return Saved(step, manifest["kind"], parent, final, nbytes)
+    return Saved(step, manifest["kind"], manifest["parent"], final, nbytes)
 
 
 def _load(folder: Path) -> tuple[dict, str, dict[str, np.ndarray]]:
@@ -375,6 +392,12 @@ def _chain(directory: Path, step: int) -> list[tuple[dict, dict[str, np.ndarray]
                 )
             raise CheckpointError(
                 f"{folder} does not exist; whole checkpoints in {directory}: {steps(directory)}"
+            )
+        manifest, _ = _read_manifest(folder)
+        if manifest.get("kind") not in ("full", "delta"):
+            raise CheckpointError(
+                f"{folder / MANIFEST} is a {manifest.get('kind')!r} checkpoint: "
+                "restore_tables reads it"
             )
         manifest, digest, arrays = _load(folder)
         if want_digest is not None and digest != want_digest:

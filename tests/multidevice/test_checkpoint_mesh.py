@@ -1,0 +1,207 @@
+"""A collection saved table by table under one layout restores under any other (run via
+tests/test_sharding.py): every pair among data_parallel, table_wise, row_wise, column_wise, a
+mixed plan, a 4-device plan and one device (unsharded), tables and row-wise optimizer state bit
+for bit, and training goes on from the restore exactly as it would have from the saved state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxembed
+from jaxembed import checkpoint
+from jaxembed import sharding as S
+
+if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (run through tests/test_sharding.py)", allow_module_level=True)
+
+E = jaxembed.EmbeddingBagConfig
+TABLES = [
+    E("a", 16, 40, ["fa"]),
+    E("b", 16, 50, ["fb", "fb2"], pooling="mean", padding_idx=3),
+    E("c", 24, 30, ["fc"], lr_scale=0.5),
+    E("d", 8, 61, ["fd"]),  # 61 rows: row-wise pads them
+]
+LAYOUTS = ["one_device", "data_parallel", "table_wise", "row_wise", "column_wise", "mixed", "four"]
+
+
+def _layout(name):
+    if name == "one_device":
+        return TABLES
+    devices = 4 if name == "four" else 8
+    mesh = jax.make_mesh((devices,), ("x",), devices=jax.devices()[:devices])
+    kinds = {
+        "data_parallel": [S.data_parallel()] * 4,
+        "table_wise": [S.table_wise(i % 3 * 3) for i in range(4)],
+        "row_wise": [S.row_wise()] * 4,
+        "column_wise": [S.column_wise()] * 4,
+        "mixed": [S.row_wise(), S.table_wise(6), S.column_wise(), S.data_parallel()],
+        "four": [S.row_wise(), S.table_wise(1), S.column_wise(), S.row_wise()],
+    }[name]
+    return S.by_hand(TABLES, mesh, {t.name: k for t, k in zip(TABLES, kinds, strict=True)})
+
+
+def _tables_of(params, layout):
+    if isinstance(layout, S.ShardingPlan):
+        return S.tables_of(params, layout)
+    return {k: np.asarray(v) for k, v in jaxembed.collections.tables_of(params, layout).items()}
+
+
+def _state_of(state, layout):
+    """Each table's optimizer state, by leaf: ``{table: {leaf: rows}}``."""
+    out = {}
+    for key, tree in state.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            if leaf.ndim == 0:
+                continue
+            for t, rows in _rows({key: {"weight": leaf}}, key, layout).items():
+                out.setdefault(t, {})[name] = rows
+    return out
+
+
+def _rows(params, key, layout):
+    """The rows of each table in ``params[key]["weight"]`` (a (V,) or (V, D) leaf)."""
+    leaf = np.asarray(params[key]["weight"])
+    if isinstance(layout, S.ShardingPlan):
+        g = next(g for g in layout.groups if g.name == key)
+        dims = {t.name: t.embedding_dim for t in g.stack.tables}
+        return {
+            t: leaf[g.rows_of(t)] if leaf.ndim == 1 else leaf[g.rows_of(t)][:, : dims[t]]
+            for t in dims
+        }
+    stacks = jaxembed.collections._collection._plan(layout).stacks
+    s = next(s for s in stacks if s.name == key)
+    return {
+        t.name: leaf[off : off + t.num_embeddings]
+        for t, off in zip(s.tables, s.offsets, strict=True)
+    }
+
+
+def _train(params, state, layout, tx, seed):
+    """Two sparse Adagrad steps on a fixed batch under ``layout``."""
+    rng = np.random.default_rng(seed)
+    lists = {
+        f: [list(rng.integers(0, t.num_embeddings, rng.integers(0, 4))) for _ in range(16)]
+        for t in TABLES
+        for f in t.feature_names
+    }
+    if isinstance(layout, S.ShardingPlan):
+        opt = S.optimizer(tx, layout)
+        k = layout.num_devices
+        b = 16 // k
+        blocks = [
+            jaxembed.KeyedJagged.from_lists(
+                {f: v[i * b : (i + 1) * b] for f, v in lists.items()}, capacity=64
+            )
+            for i in range(k)
+        ]
+        features = S.put_features(blocks, layout)
+
+        def step(params, state):
+            pooled, lk = S.lookup(params, features, layout)
+            grads = jax.grad(lambda p: sum(jnp.sum(v**2) for v in p.values()))(pooled)
+            return opt.update(lk.grad(grads), state, lk.params)
+    else:
+        opt = jaxembed.collections.optimizer(tx, layout)
+        features = jaxembed.KeyedJagged.from_lists(lists)
+
+        def step(params, state):
+            pooled, lk = jaxembed.collections.lookup(params, features, layout)
+            grads = jax.grad(lambda p: sum(jnp.sum(v**2) for v in p.values()))(pooled)
+            return opt.update(lk.grad(grads), state, lk.params)
+
+    for _ in range(2):
+        params, state = jax.jit(step)(params, state)
+    return params, state
+
+
+def _init(layout, tx):
+    if isinstance(layout, S.ShardingPlan):
+        params = S.init(jax.random.key(0), layout)
+        return params, S.optimizer(tx, layout).init(params)
+    params = jaxembed.collections.init(jax.random.key(0), layout)
+    return params, jaxembed.collections.optimizer(tx, layout).init(params)
+
+
+@pytest.mark.parametrize("source", LAYOUTS)
+def test_a_collection_restores_under_every_other_layout(tmp_path, source):
+    tx = jaxembed.sparse.rowwise_adagrad(0.1, weight_decay=0.01)
+    src = _layout(source)
+    params, state = _init(src, tx)
+    params, state = _train(params, state, src, tx, seed=1)
+    saved = checkpoint.save_tables(tmp_path, 7, params, src, state=state)
+    assert saved.kind == "tables"
+    want_tables, want_state = _tables_of(params, src), _state_of(state, src)
+    for target in LAYOUTS:
+        dst = _layout(target)
+        back, back_state = checkpoint.restore_tables(tmp_path, dst, tx=tx)
+        got = _tables_of(back, dst)
+        for t in want_tables:
+            np.testing.assert_array_equal(got[t], want_tables[t], err_msg=f"{source}->{target} {t}")
+        got_state = _state_of(back_state, dst)
+        for t, leaves in want_state.items():
+            for leaf, rows in leaves.items():
+                np.testing.assert_array_equal(got_state[t][leaf], rows, err_msg=f"{t} {leaf}")
+        if isinstance(dst, S.ShardingPlan):  # placed as the plan places it
+            for key, p in back.items():
+                assert p["weight"].sharding.spec == S.spec_of(
+                    next(g for g in dst.groups if g.name == key), dst.axis
+                )
+
+
+@pytest.mark.parametrize("source,target", [("mixed", "mixed"), ("row_wise", "one_device")])
+def test_training_goes_on_from_a_restore(tmp_path, source, target):
+    """Two more Adam steps from the restore equal two more steps of the live run: bit for bit
+    onto the same plan; onto one device within the few ulp by which a sharded step's sums
+    differ from one device's (tests/multidevice/test_collection_mesh.py)."""
+    tx = jaxembed.sparse.lazy_adam(0.05)
+    src, dst = _layout(source), _layout(target)
+    params, state = _train(*_init(src, tx), src, tx, seed=2)
+    checkpoint.save_tables(tmp_path, 0, params, src, state=state)
+    live = _tables_of(_train(params, state, src, tx, seed=3)[0], src)
+    back, back_state = checkpoint.restore_tables(tmp_path, dst, tx=tx)
+    resumed = _tables_of(_train(back, back_state, dst, tx, seed=3)[0], dst)
+    for t in live:
+        if source == target:
+            np.testing.assert_array_equal(resumed[t], live[t], err_msg=t)
+        else:
+            np.testing.assert_allclose(resumed[t], live[t], rtol=1e-6, atol=1e-7, err_msg=t)
+
+
+def test_each_device_block_reads_only_its_rows(tmp_path, monkeypatch):
+    """Restoring table-wise, a device's block reads the rows of the tables it holds, and no
+    other: the reads, counted per table, add up to each table's rows once."""
+    src, dst = _layout("row_wise"), _layout("table_wise")
+    params, _ = _init(src, jaxembed.sparse.sgd(0.1))
+    checkpoint.save_tables(tmp_path, 0, params, src)
+    reads = {}
+    original = checkpoint._tables._Reader.read_into
+
+    def counting(self, name, rows, *args):
+        reads[name] = reads.get(name, 0) + len(rows)
+        return original(self, name, rows, *args)
+
+    monkeypatch.setattr(checkpoint._tables._Reader, "read_into", counting)
+    checkpoint.restore_tables(tmp_path, dst)
+    assert reads == {f"{t.name}/weight": t.num_embeddings for t in TABLES}
+
+
+def test_a_restore_onto_other_tables_or_a_damaged_file_raises(tmp_path):
+    src = _layout("row_wise")
+    params, state = _init(src, jaxembed.sparse.lazy_adam(0.1))
+    checkpoint.save_tables(tmp_path, 0, params, src, state=state)
+    other = [*TABLES[:3], E("d", 8, 62, ["fd"])]
+    with pytest.raises(checkpoint.CheckpointError, match="another collection"):
+        checkpoint.restore_tables(tmp_path, other)
+    with pytest.raises(checkpoint.CheckpointError, match="saved with another optimizer"):
+        checkpoint.restore_tables(tmp_path, TABLES, tx=jaxembed.sparse.rowwise_adagrad(0.1))
+    # tables stacked together whose step counts differ cannot share one count
+    path = tmp_path / "step_000000000" / "tables.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=r"do not match the manifest's SHA-256"):
+        checkpoint.restore_tables(tmp_path, TABLES, tx=jaxembed.sparse.lazy_adam(0.1))

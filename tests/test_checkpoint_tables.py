@@ -1,0 +1,107 @@
+"""A collection saved table by table (jaxembed.checkpoint.save_tables) restores onto another
+layout: here on one device, stacked and unstacked, bfloat16 tables, the optimizer state; the
+8-device plans are in tests/multidevice/test_checkpoint_mesh.py (run with -m slow)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxembed
+from jaxembed import checkpoint
+
+E = jaxembed.EmbeddingBagConfig
+TABLES = [
+    E("a", 4, 40, ["fa"]),
+    E("b", 4, 50, ["fb"], padding_idx=3),
+    E("c", 8, 30, ["fc"], pooling="mean"),
+    E("h", 4, 20, ["fh"], param_dtype=jnp.bfloat16),
+]
+
+
+def _trained(tx, stack, seed=0):
+    params = jaxembed.collections.init(jax.random.key(seed), TABLES, stack=stack)
+    opt = jaxembed.collections.optimizer(tx, TABLES, stack=stack)
+    state = opt.init(params)
+    rng = np.random.default_rng(seed)
+    lists = {
+        f: [list(rng.integers(0, t.num_embeddings, 3)) for _ in range(4)]
+        for t in TABLES
+        for f in t.feature_names
+    }
+    features = jaxembed.KeyedJagged.from_lists(lists)
+
+    @jax.jit
+    def step(params, state):
+        pooled, lk = jaxembed.collections.lookup(params, features, TABLES, stack=stack)
+        grads = jax.grad(lambda p: sum(jnp.sum(v.astype(jnp.float32) ** 2) for v in p.values()))(
+            pooled
+        )
+        return opt.update(lk.grad(grads), state, lk.params)
+
+    for _ in range(2):
+        params, state = step(params, state)
+    return params, state
+
+
+@pytest.mark.parametrize("tx_name", ["rowwise_adagrad", "lazy_adam"])
+@pytest.mark.parametrize("source_stack,target_stack", [(True, False), (False, True)])
+def test_stacked_and_unstacked_restore_each_other(tmp_path, tx_name, source_stack, target_stack):
+    tx = getattr(jaxembed.sparse, tx_name)(0.1)
+    params, state = _trained(tx, source_stack)
+    checkpoint.save_tables(tmp_path, 3, params, TABLES, state=state, stack=source_stack)
+    back, back_state = checkpoint.restore_tables(tmp_path, TABLES, tx=tx, stack=target_stack)
+    want = jaxembed.collections.tables_of(params, TABLES, stack=source_stack)
+    got = jaxembed.collections.tables_of(back, TABLES, stack=target_stack)
+    for t in want:
+        assert got[t].dtype == want[t].dtype
+        np.testing.assert_array_equal(np.asarray(got[t]), np.asarray(want[t]), err_msg=t)
+    assert _state_by_table(back_state, target_stack) == _state_by_table(state, source_stack)
+
+
+def _state_by_table(state, stack):
+    """``{(table, leaf): rows}``: each stack's state leaves, table by table (a scalar: its
+    value, for each table)."""
+    out = {}
+    for s in jaxembed.collections._collection._plan(TABLES, stack).stacks:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state[s.name])[0]:
+            name = jax.tree_util.keystr(path)
+            for t, off in zip(s.tables, s.offsets, strict=True):
+                value = np.asarray(leaf)
+                if leaf.ndim:
+                    value = value[off : off + t.num_embeddings]
+                out[t.name, name] = (str(value.dtype), value.tobytes())  # bit for bit
+    return out
+
+
+def test_a_bad_restore_names_what_is_wrong(tmp_path):
+    params, state = _trained(jaxembed.sparse.rowwise_adagrad(0.1), True)
+    with pytest.raises(KeyError, match="params must have the keys"):
+        checkpoint.save_tables(tmp_path, 0, params, TABLES, stack=False)
+    with pytest.raises(TypeError, match=r"layout must be a jaxembed\.sharding\.ShardingPlan"):
+        checkpoint.save_tables(tmp_path, 0, params, "tables")
+    checkpoint.save_tables(tmp_path, 0, params, TABLES, state=state)
+    with pytest.raises(checkpoint.CheckpointError, match="another collection"):
+        checkpoint.restore_tables(tmp_path, TABLES[:3])
+    with pytest.raises(checkpoint.CheckpointError, match="saved with another optimizer"):
+        checkpoint.restore_tables(tmp_path, TABLES, tx=jaxembed.sparse.lazy_adam(0.1))
+    with pytest.raises(checkpoint.CheckpointError, match=r"a 'tables' checkpoint"):
+        checkpoint.restore(tmp_path, params)
+    checkpoint.save(tmp_path, 1, params)
+    with pytest.raises(checkpoint.CheckpointError, match=r"is a 'full' checkpoint"):
+        checkpoint.restore_tables(tmp_path, TABLES)
+    path = tmp_path / "step_000000000" / "tables.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # in the last array: the last table's optimizer state
+    path.write_bytes(bytes(data))
+    back = checkpoint.restore_tables(tmp_path, TABLES, step=0)  # the tables alone read fine
+    np.testing.assert_array_equal(
+        np.asarray(back["h"]["weight"]), np.asarray(params["h"]["weight"])
+    )
+    with pytest.raises(checkpoint.CheckpointError, match=r"'h/state/sum' \(rows 0-.*SHA-256"):
+        checkpoint.restore_tables(tmp_path, TABLES, step=0, tx=jaxembed.sparse.rowwise_adagrad(0.1))
+    path.write_bytes(bytes(data[:-100]))
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or altered"):
+        checkpoint.restore_tables(tmp_path, TABLES, step=0)
