@@ -105,3 +105,28 @@ def test_a_bad_restore_names_what_is_wrong(tmp_path):
     path.write_bytes(bytes(data[:-100]))
     with pytest.raises(checkpoint.CheckpointError, match="truncated or altered"):
         checkpoint.restore_tables(tmp_path, TABLES, step=0)
+
+
+def test_export_writes_torchrecs_state_dict(tmp_path):
+    """The exported file loads into TorchRec's EmbeddingBagCollection as its state dict, each
+    table equal to the collection's (bfloat16 widened to TorchRec's float32 exactly)."""
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    modules = pytest.importorskip("torchrec.modules.embedding_modules")
+    from tests.torch_ref import torchrec_bag_configs
+
+    params, _ = _trained(jaxembed.sparse.rowwise_adagrad(0.1), True)
+    path = checkpoint.export_tables(tmp_path / "ebc.safetensors", params, TABLES)
+    state_dict = safetensors_torch.load_file(path)
+    ebc = modules.EmbeddingBagCollection(torchrec_bag_configs(TABLES))
+    ebc.load_state_dict(state_dict)  # strict: every key, every shape
+    want = jaxembed.collections.tables_of(params, TABLES)
+    for t in TABLES:
+        got = ebc.embedding_bags[t.name].weight.detach().to(torch.float32).numpy()
+        np.testing.assert_array_equal(got, np.asarray(want[t.name], np.float32), err_msg=t.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ebc.safetensors"]  # no leftover
+    seq = [jaxembed.EmbeddingConfig(t.name, t.embedding_dim, t.num_embeddings, t.feature_names)
+           for t in TABLES[:2]]  # fmt: skip
+    seq_params = jaxembed.collections.init(jax.random.key(1), seq)
+    names = jaxembed.safetensors_names(checkpoint.export_tables(tmp_path / "ec", seq_params, seq))
+    assert sorted(names) == ["embeddings.a.weight", "embeddings.b.weight"]

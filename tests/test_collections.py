@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import jaxembed
 from jaxembed.collections import _collection
-from tests.torch_ref import torch_embedding_bag
+from tests.torch_ref import torch_embedding_bag, torchrec_bag_configs
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -25,7 +25,6 @@ with warnings.catch_warnings():
     from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
     from torchrec.optim import RowWiseAdagrad
 
-POOLING = {"sum": torchrec.PoolingType.SUM, "mean": torchrec.PoolingType.MEAN}
 
 
 def _case(rng, tables, batch, max_len=4, empty_feature=None):
@@ -44,16 +43,7 @@ def _case(rng, tables, batch, max_len=4, empty_feature=None):
 
 
 def _torchrec_tables(tables):
-    return [
-        torchrec.EmbeddingBagConfig(
-            name=t.name,
-            embedding_dim=t.embedding_dim,
-            num_embeddings=t.num_embeddings,
-            feature_names=list(t.feature_names),
-            pooling=POOLING[t.pooling],
-        )
-        for t in tables
-    ]
+    return torchrec_bag_configs(tables)
 
 
 def _kjt(keys, values, lengths):

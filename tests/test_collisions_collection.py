@@ -23,8 +23,6 @@ from jaxembed.collisions import (
 
 torch = pytest.importorskip("torch")
 mc_modules = pytest.importorskip("torchrec.modules.mc_modules")
-from torchrec.modules.embedding_configs import EmbeddingBagConfig as TorchRecBagConfig  # noqa: E402
-from torchrec.modules.embedding_configs import PoolingType  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.modules.mc_embedding_modules import (  # noqa: E402
     ManagedCollisionEmbeddingBagCollection,
@@ -32,6 +30,7 @@ from torchrec.modules.mc_embedding_modules import (  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from tests.test_collisions import assert_same_state, torchrec_module  # noqa: E402
+from tests.torch_ref import torchrec_bag_configs  # noqa: E402
 
 INT64_MAX = 2**63 - 1
 
@@ -60,16 +59,7 @@ def policies(kind):
 
 
 def torchrec_mc_ebc(mcs, weights):
-    configs = [
-        TorchRecBagConfig(
-            name=t.name,
-            embedding_dim=t.embedding_dim,
-            num_embeddings=t.num_embeddings,
-            feature_names=list(t.feature_names),
-            pooling=PoolingType[t.pooling.upper()],
-        )
-        for t in TABLES
-    ]
+    configs = torchrec_bag_configs(TABLES)
     ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
     with torch.no_grad():
         for t in TABLES:

@@ -132,24 +132,14 @@ def _torchrec_quantized(tables, dtype, seed=0):
     torch = pytest.importorskip("torch")
     pytest.importorskip("fbgemm_gpu")
     import torch.ao.quantization as tq
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
     from torchrec.quant.embedding_modules import QuantConfig
 
+    from tests.torch_ref import torchrec_bag_configs
+
     torch.manual_seed(seed)
-    ebc = EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(
-                name=t.name,
-                embedding_dim=t.embedding_dim,
-                num_embeddings=t.num_embeddings,
-                feature_names=list(t.feature_names),
-                pooling=PoolingType[t.pooling.upper()],
-            )
-            for t in tables
-        ]
-    )
+    ebc = EmbeddingBagCollection(tables=torchrec_bag_configs(tables))
     with torch.no_grad():  # rows with a wide range, a constant row, a zero row
         for t in tables:
             w = ebc.embedding_bags[t.name].weight

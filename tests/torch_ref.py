@@ -108,3 +108,20 @@ def _composed_bag(w, idx, off, psw, *, mode, padding_idx=None, include_last_offs
         else:
             out.append(r.max(0).values)
     return torch.stack(out) if out else torch.zeros((0, w.shape[1]), dtype=w.dtype)
+
+
+def torchrec_bag_configs(tables) -> list:
+    """TorchRec's ``EmbeddingBagConfig`` of each jaxembed bag table (name, shape, features,
+    pooling): the oracle collections are built from these."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+    return [
+        EmbeddingBagConfig(
+            name=t.name,
+            embedding_dim=t.embedding_dim,
+            num_embeddings=t.num_embeddings,
+            feature_names=list(t.feature_names),
+            pooling=PoolingType[t.pooling.upper()],
+        )
+        for t in tables
+    ]

@@ -23,13 +23,15 @@ What this folder owns, module by module:
 * ``_store``: :func:`save`, :func:`restore`, :func:`steps`: the checkpoints on disk, the
   crash-safe write and the checks on read (:class:`CheckpointError`);
 * ``_tables``: :func:`save_tables` and :func:`restore_tables`: a collection saved table by
-  table, block by block, and restored onto any plan, any number of devices, or one device.
+  table, block by block, and restored onto any plan, any number of devices, or one device;
+  :func:`export_tables`: its tables as a TorchRec state dict in a ``.safetensors`` file,
+  written block by block.
 
 It may import every other folder (it is an entry point, as :mod:`jaxembed.serving` is).
 """
 
 from jaxembed.checkpoint._store import CheckpointError, Saved, restore, save, steps
-from jaxembed.checkpoint._tables import restore_tables, save_tables
+from jaxembed.checkpoint._tables import export_tables, restore_tables, save_tables
 from jaxembed.checkpoint._track import DeltaTracker, Touched, track, untouched
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "DeltaTracker",
     "Saved",
     "Touched",
+    "export_tables",
     "restore",
     "restore_tables",
     "save",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +28,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jaxembed import _interop, collections, sharding
 from jaxembed.checkpoint import _store
 from jaxembed.checkpoint._store import CheckpointError, Saved
+from jaxembed.collections import EmbeddingBagConfig
 from jaxembed.collections._collection import _plan as _stacks
 from jaxembed.sharding import ShardingPlan, spec_of
 from jaxembed.sharding._collection import _state_spec
@@ -101,7 +103,14 @@ def _leaf_name(path: Any) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def _entries(array: _Array, leaf_shape: tuple[int, ...], what: str) -> list[tuple[str, tuple]]:
+def _saved_name(table: str, what: str) -> str:
+    """A saved entry's name: ``"<table>/weight"``, ``"<table>/state/<leaf>"``."""
+    return f"{table}/{what}"
+
+
+def _entries(
+    array: _Array, leaf_shape: tuple[int, ...], what: str, name_of=_saved_name
+) -> list[tuple[str, tuple]]:
     """The file's entries for one physical leaf: a ``(V, D)``, ``(V,)`` or scalar per table."""
     out = []
     for t in array.tables:
@@ -113,7 +122,7 @@ def _entries(array: _Array, leaf_shape: tuple[int, ...], what: str) -> list[tupl
             shape = (len(t.rows), t.dim)
         else:
             raise ValueError(f"{what} of {array.key!r} has shape {leaf_shape}: not rows")
-        out.append((f"{t.name}/{what}", shape))
+        out.append((name_of(t.name, what), shape))
     return out
 
 
@@ -197,34 +206,15 @@ def save_tables(
     directory, _ = _store._begin(directory, step)
     step = int(step)
     arrays = _arrays(layout, stack)
-    names = {a.key for a in arrays}
-    if not isinstance(params, Mapping) or set(params) != names:
-        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-        raise KeyError(f"params must have the keys {sorted(names)} of layout, got {got}")
-    plan_of = [(a, _leaves(a, params, state)) for a in arrays]
-    specs: dict[str, tuple[Any, tuple]] = {}
-    leaf_meta: dict[str, dict] = {}
-    for a, leaves in plan_of:
-        for what, leaf in leaves:
-            if what == "weight" and tuple(leaf.shape) != a.shape:
-                raise ValueError(
-                    f"params[{a.key!r}]['weight'] has shape {tuple(leaf.shape)}, the layout's is "
-                    f"{a.shape}"
-                )
-            for name, shape in _entries(a, tuple(leaf.shape), what):
-                specs[name] = (np.dtype(leaf.dtype), shape)
-                leaf_meta[name] = {"dtype": str(np.dtype(leaf.dtype)), "shape": list(shape)}
+    _check_params(params, arrays)
     partial = _store._partial(directory, step)
     path = partial / TABLES
-    maps = _interop.allocate_arrays(path, specs)
-    for a, leaves in plan_of:
-        for what, leaf in leaves:
-            _write_leaf(a, what, leaf, maps)
-    for m in maps.values():
-        if isinstance(m, np.memmap):
-            m.flush()
-    del maps
-    _store._fsync(path)
+    try:
+        specs = _write(path, arrays, params, state, _saved_name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed call leaves nothing behind
+        raise
+    leaf_meta = {n: {"dtype": str(d), "shape": list(shape)} for n, (d, shape) in specs.items()}
     manifest = {
         "step": step,
         "kind": "tables",
@@ -239,12 +229,99 @@ def save_tables(
     return _store._commit(directory, step, partial, manifest)
 
 
-def _write_leaf(a: _Array, what: str, leaf: Any, maps: dict) -> None:
+def export_tables(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    layout: ShardingPlan | Sequence[Any],
+    *,
+    prefix: str | None = None,
+    stack: bool = True,
+) -> Path:
+    """Writes a collection's tables as a TorchRec state dict in one ``.safetensors`` file, block
+    by block: each device's block goes straight to its rows in the file, so no table is ever
+    whole in memory, however large and however sharded.
+
+    ``safetensors.torch.load_file(path)`` then gives the state dict of TorchRec's
+    ``EmbeddingBagCollection`` (``embedding_bags.<table>.weight``) or ``EmbeddingCollection``
+    (``embeddings.<table>.weight``) for ``load_state_dict``, and
+    :meth:`jaxembed.EmbeddingBagCollection.from_torch` reads it back. The file is written aside
+    and renamed into place.
+
+    Args:
+      path: the file to write.
+      params: ``{key: {"weight": array}}`` of ``layout``.
+      layout: a :class:`jaxembed.sharding.ShardingPlan`, or the table configs (unsharded).
+      prefix: before each ``<table>.weight`` (default: ``"embedding_bags."`` for bag tables,
+        ``"embeddings."`` otherwise, TorchRec's names).
+      stack: with table configs: whether ``params`` stacks tables.
+
+    Returns:
+      The path written.
+
+    Example:
+      >>> import os, tempfile, jax, jaxembed
+      >>> tables = [jaxembed.EmbeddingBagConfig("a", 4, 10, ["fa"])]
+      >>> params = jaxembed.collections.init(jax.random.key(0), tables)
+      >>> path = os.path.join(tempfile.mkdtemp(), "ebc.safetensors")
+      >>> _ = jaxembed.checkpoint.export_tables(path, params, tables)
+      >>> jaxembed.safetensors_names(path)
+      {'embedding_bags.a.weight': ('F32', (10, 4))}
+    """
+    arrays = _arrays(layout, stack)
+    _check_params(params, arrays)
+    if prefix is None:
+        configs = layout.tables if isinstance(layout, ShardingPlan) else layout
+        bags = all(isinstance(t, EmbeddingBagConfig) for t in configs)
+        prefix = "embedding_bags." if bags else "embeddings."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        _write(tmp, arrays, params, None, lambda table, what: f"{prefix}{table}.{what}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _check_params(params: Any, arrays: list[_Array]) -> None:
+    names = {a.key for a in arrays}
+    if not isinstance(params, Mapping) or set(params) != names:
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise KeyError(f"params must have the keys {sorted(names)} of layout, got {got}")
+
+
+def _write(path: Path, arrays: list[_Array], params, state, name_of) -> dict:
+    """Writes ``params`` (and ``state``) of ``arrays`` table by table to a new ``.safetensors``
+    file at ``path``, each device's block to its rows; returns ``{name: (dtype, shape)}``."""
+    plan_of = [(a, _leaves(a, params, state)) for a in arrays]
+    specs: dict[str, tuple[Any, tuple]] = {}
+    for a, leaves in plan_of:
+        for what, leaf in leaves:
+            if what == "weight" and tuple(leaf.shape) != a.shape:
+                raise ValueError(
+                    f"params[{a.key!r}]['weight'] has shape {tuple(leaf.shape)}, the layout's is "
+                    f"{a.shape}"
+                )
+            for name, shape in _entries(a, tuple(leaf.shape), what, name_of):
+                specs[name] = (np.dtype(leaf.dtype), shape)
+    maps = _interop.allocate_arrays(path, specs)
+    for a, leaves in plan_of:
+        for what, leaf in leaves:
+            _write_leaf(a, what, leaf, maps, name_of)
+    for m in maps.values():
+        if isinstance(m, np.memmap):
+            m.flush()
+    del maps
+    _store._fsync(path)
+    return specs
+
+
+def _write_leaf(a: _Array, what: str, leaf: Any, maps: dict, name_of=_saved_name) -> None:
     shape = tuple(leaf.shape)
     if not shape:  # a scalar: one value for each table
         value = np.asarray(jax.device_get(leaf))
         for t in a.tables:
-            maps[f"{t.name}/{what}"][...] = value
+            maps[name_of(t.name, what)][...] = value
         return
     for shard in leaf.addressable_shards:
         if shard.replica_id != 0:
@@ -258,7 +335,7 @@ def _write_leaf(a: _Array, what: str, leaf: Any, maps: dict) -> None:
             if block is None:
                 block = np.asarray(shard.data)  # this device's block, and no more
             mine, block_rows, block_cols, cols = hit
-            target = maps[f"{t.name}/{what}"]
+            target = maps[name_of(t.name, what)]
             if block_cols is None:
                 target[mine] = block[block_rows]
             else:

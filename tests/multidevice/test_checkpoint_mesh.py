@@ -205,3 +205,17 @@ def test_a_restore_onto_other_tables_or_a_damaged_file_raises(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match=r"do not match the manifest's SHA-256"):
         checkpoint.restore_tables(tmp_path, TABLES, tx=jaxembed.sparse.lazy_adam(0.1))
+
+
+@pytest.mark.parametrize("source", ["row_wise", "column_wise", "mixed"])
+def test_a_sharded_collection_exports_a_torchrec_state_dict(tmp_path, source):
+    layout = _layout(source)
+    params, _ = _init(layout, jaxembed.sparse.sgd(0.1))
+    path = checkpoint.export_tables(tmp_path / "ebc.safetensors", params, layout)
+    want = S.tables_of(params, layout)
+    assert sorted(jaxembed.safetensors_names(path)) == [
+        f"embedding_bags.{t}.weight" for t in "abcd"
+    ]
+    for t in want:
+        got = jaxembed.load_safetensors(path, prefix=f"embedding_bags.{t}.")["weight"]
+        np.testing.assert_array_equal(np.asarray(got), want[t], err_msg=t)
