@@ -26,7 +26,6 @@ with warnings.catch_warnings():
     from torchrec.optim import RowWiseAdagrad
 
 
-
 def _case(rng, tables, batch, max_len=4, empty_feature=None):
     """Random jagged ids for every feature of ``tables``: ``(keys, values, lengths)``."""
     keys, values, lengths = [], [], []
