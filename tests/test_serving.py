@@ -156,6 +156,22 @@ def test_load_gives_back_the_same_artifact(tmp_path):
     assert loaded.tables.keys() == art.tables.keys()
 
 
+def test_a_loaded_artifact_is_called_inside_a_users_jit(tmp_path):
+    """The first call of a loaded artifact may be inside the caller's own jit (a server that
+    jits its request handler): the tables are placed once, concretely, not kept as a tracer."""
+    params = _params("float32")
+    b, c = serving.symbolic_shape("b, c")
+    specs = (jax.ShapeDtypeStruct((c,), jnp.int32), jax.ShapeDtypeStruct((4 * b,), jnp.int32))
+    serving.export(forward, params, *specs).save(tmp_path)
+    served = serving.load(tmp_path)
+    handler = jax.jit(lambda v, n: served(v, n) * 2)
+    one, two = batch(3, seed=1, capacity=16), batch(5, seed=2, capacity=16)
+    want = _live(params, one, two)
+    np.testing.assert_array_equal(handler(*one), 2 * want[0])
+    np.testing.assert_array_equal(served(*two), want[1])  # eagerly after: no leaked tracer
+    np.testing.assert_array_equal(handler(*two), 2 * want[1])
+
+
 def test_calls_at_one_shape_compile_once():
     params = jaxembed.init(jax.random.key(0), 100, 4)
     (b,) = serving.symbolic_shape("b")

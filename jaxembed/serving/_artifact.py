@@ -180,7 +180,10 @@ class Artifact:
 
     def __call__(self, *inputs: Any) -> Any:
         if self._device_tables is None:
-            self._device_tables = jax.device_put(self.tables)
+            # placed once, concretely, even when the first call is inside a user's jit (a
+            # tracer kept here would leak into every later call)
+            with jax.ensure_compile_time_eval():
+                self._device_tables = jax.device_put(self.tables)
         return self._call(self._device_tables, *inputs)
 
     def manifest(self) -> dict[str, Any]:
