@@ -166,7 +166,7 @@ def main(argv=None):
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)
         print(f"saved {args.plot}")
-    return {"losses": losses, "aucs": aucs}
+    return {"losses": losses, "aucs": aucs, "model": model}
 
 
 if __name__ == "__main__":

@@ -77,3 +77,19 @@ def test_drifting_ids_tiny(tmp_path):
     # held ids keep rows of their own, where id % V shares them (fixed seeds)
     assert np.mean(history["managed"][-20:]) < np.mean(history["hashed"][-20:])
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_serve_tiny(tmp_path):
+    """Two (three, with the kernels) server processes answer over localhost, every one with the
+    live model's scores (the example asserts it on every request)."""
+    plot = tmp_path / "serve.png"
+    results = _load("serve").main(
+        ["--steps", "5", "--cap", "500", "--dim", "4", "--batches", "1,8", "--requests", "5",
+         "--plot", str(plot)]
+    )  # fmt: skip
+    assert sorted(results) == [1, 8]
+    for by_kind in results.values():
+        assert {"artifact", "live"} <= set(by_kind)
+        assert all(0 < p50 <= p99 for p50, p99 in by_kind.values())
+    assert plot.read_bytes()[:4] == b"\x89PNG"
