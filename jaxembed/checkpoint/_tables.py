@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jaxembed import _interop, collections, sharding
@@ -30,9 +31,12 @@ from jaxembed.checkpoint import _store
 from jaxembed.checkpoint._store import CheckpointError, Saved
 from jaxembed.collections import EmbeddingBagConfig
 from jaxembed.collections._collection import _plan as _stacks
+from jaxembed.collections._config import Plan
+from jaxembed.modules._collection import _Collection
 from jaxembed.sharding import ShardingPlan, spec_of
 from jaxembed.sharding._collection import _state_spec
-from jaxembed.sparse import RowOptimizer
+from jaxembed.sparse import Optimizer, RowOptimizer
+from jaxembed.sparse._nnx import sparse_tables
 
 TABLES = "tables.safetensors"
 CHUNK = 1 << 20  # bytes a checksum covers, rounded to whole rows
@@ -78,7 +82,7 @@ def _arrays(layout: Any, stack: bool) -> list[_Array]:
                 )
             )
         return out
-    if isinstance(layout, str | bytes) or not isinstance(layout, Sequence):
+    if isinstance(layout, str | bytes) or not isinstance(layout, Sequence | Plan):
         raise TypeError(
             "layout must be a jaxembed.sharding.ShardingPlan or a list of table configs, got "
             f"{type(layout).__name__}"
@@ -97,6 +101,55 @@ def _arrays(layout: Any, stack: bool) -> list[_Array]:
         )
         for s in _stacks(layout, stack).stacks
     ]
+
+
+def _module_layout(module: _Collection) -> Any:
+    if getattr(module, "bits", None) is not None:
+        raise ValueError(
+            "a quantized collection is frozen: save the float collection it came from, or its "
+            "bytes with jaxembed.checkpoint.save"
+        )
+    return module.sharding if module.sharding is not None else module.plan
+
+
+def _find_collection(model: Any) -> tuple[str, _Collection]:
+    """The one collection module in ``model`` (the model itself, or one inside it), and its
+    path there (``"ebc/"``, or ``""``)."""
+    found = [
+        ("/".join(str(p) for p in path), node)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, _Collection)
+    ]
+    if len(found) != 1:
+        paths = [p or "the model" for p, _ in found]
+        raise ValueError(
+            f"the model holds {len(found)} EmbeddingBagCollection / EmbeddingCollection modules "
+            f"({paths}); save_tables takes a model with exactly one"
+        )
+    path, module = found[0]
+    return (path + "/" if path else ""), module
+
+
+def _optimizer_keys(prefix: str, module: _Collection, optimizer: Any) -> dict[str, str]:
+    """``{physical key: the optimizer's key}`` for each of the module's tables: the optimizer's
+    state is keyed by the path from the model it was built for (the model passed here)."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a jaxembed.sparse.Optimizer, got {type(optimizer).__name__}"
+        )
+    keys = {k.removeprefix("weights/"): prefix + k for k in sparse_tables(module)}
+    missing = sorted(k for k in keys.values() if k not in optimizer.sparse_state)
+    if missing or not keys:
+        raise ValueError(
+            f"the optimizer holds no state for the tables {missing or 'of a dense collection'} "
+            f"(it holds {sorted(optimizer.sparse_state)}): pass the model it was built for, "
+            "with sparse=True tables"
+        )
+    return keys
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def _leaf_name(path: Any) -> str:
@@ -158,11 +211,12 @@ def _overlap(t: _Table, index: tuple[slice, ...], shape: tuple[int, ...]):
 def save_tables(
     directory: str | os.PathLike,
     step: int,
-    params: Mapping[str, Any],
-    layout: ShardingPlan | Sequence[Any],
+    params: Mapping[str, Any] | Any,
+    layout: ShardingPlan | Sequence[Any] | None = None,
     *,
     state: Mapping[str, Any] | None = None,
     stack: bool = True,
+    optimizer: Optimizer | None = None,
 ) -> Saved:
     """Saves a collection's tables, and its row-wise optimizer state, table by table.
 
@@ -175,14 +229,18 @@ def save_tables(
       step: an int >= 0, larger than every step already in ``directory``.
       params: ``{key: {"weight": array}}``: :func:`jaxembed.sharding.init` or
         :func:`~jaxembed.sharding.shard_params` for a plan, :func:`jaxembed.collections.init`
-        unsharded.
+        unsharded. Or an nnx model holding one :class:`jaxembed.EmbeddingBagCollection` /
+        :class:`~jaxembed.EmbeddingCollection` (or that module itself), on a mesh or not: its
+        tables, its layout, and with ``optimizer`` its tables' optimizer state.
       layout: the :class:`jaxembed.sharding.ShardingPlan` of ``params``, or the table configs of
-        an unsharded collection.
+        an unsharded collection (None for a module).
       state: the state of :func:`jaxembed.sharding.optimizer` (or
         :func:`jaxembed.collections.optimizer`) for ``params``, or None. Each ``(V, ...)`` entry is
         saved by table; a scalar (a step count) once for each table.
       stack: with table configs: whether ``params`` stacks tables (as
         :func:`jaxembed.collections.init`'s ``stack``).
+      optimizer: with a model: the :class:`jaxembed.sparse.Optimizer` built for that model,
+        whose state of the collection's tables is saved.
 
     Returns:
       A :class:`Saved` (kind ``"tables"``).
@@ -203,6 +261,21 @@ def save_tables(
       >>> sorted(back), back["b"]["weight"].shape
       (['a', 'b'], (6, 4))
     """
+    if isinstance(params, nnx.Module):
+        if layout is not None or state is not None:
+            raise TypeError("a module gives its own layout and state: pass optimizer= instead")
+        prefix, module = _find_collection(params)
+        layout = _module_layout(module)
+        params = {k: {"weight": v.get_value()} for k, v in module.weights.items()}
+        if optimizer is not None:
+            state = {
+                k: jax.tree.map(lambda v: v.get_value(), optimizer.sparse_state[o], is_leaf=_is_var)
+                for k, o in _optimizer_keys(prefix, module, optimizer).items()
+            }
+    elif optimizer is not None:
+        raise TypeError("optimizer= goes with a module; with params, pass state=")
+    elif layout is None:
+        raise TypeError("layout is required with params (a ShardingPlan, or the table configs)")
     directory, _ = _store._begin(directory, step)
     step = int(step)
     arrays = _arrays(layout, stack)
@@ -440,11 +513,12 @@ def _as_slice(rows: np.ndarray) -> slice | np.ndarray:
 
 def restore_tables(
     directory: str | os.PathLike,
-    layout: ShardingPlan | Sequence[Any],
+    layout: ShardingPlan | Sequence[Any] | Any,
     *,
     tx: RowOptimizer | None = None,
     step: int | None = None,
     stack: bool = True,
+    optimizer: Optimizer | None = None,
 ) -> Any:
     """A collection saved by :func:`save_tables`, laid out by ``layout``: any plan, any number
     of devices, or one device.
@@ -456,13 +530,16 @@ def restore_tables(
     Args:
       directory: the checkpoints' folder.
       layout: a :class:`jaxembed.sharding.ShardingPlan` of the same tables, or the table
-        configs (unsharded).
+        configs (unsharded). Or an nnx model holding one collection module (built on any plan,
+        or none): its tables, and with ``optimizer`` their optimizer state, are set in place.
       tx: the row-wise optimizer whose state was saved; its state is restored too.
+      optimizer: with a model: the :class:`jaxembed.sparse.Optimizer` built for that model.
       step: the step (default: the newest whole checkpoint).
       stack: with table configs: whether to stack tables (as :func:`jaxembed.collections.init`).
 
     Returns:
-      ``params`` (``{key: {"weight": array}}``), or ``(params, state)`` with ``tx``.
+      ``params`` (``{key: {"weight": array}}``), or ``(params, state)`` with ``tx``; None for a
+      module (restored in place: every array is read before the first is set).
 
     Raises:
       CheckpointError: no such checkpoint, a truncated or altered file, or tables (names,
@@ -495,6 +572,13 @@ def restore_tables(
         what = f"the save of step {step} did not finish ({partial[0]})" if partial else None
         raise CheckpointError(what or f"{folder} does not exist")
     reader = _Reader(folder)
+    module = None
+    if isinstance(layout, nnx.Module):
+        prefix, module = _find_collection(layout)
+        layout = _module_layout(module)
+        keys = {} if optimizer is None else _optimizer_keys(prefix, module, optimizer)
+    elif optimizer is not None:
+        raise TypeError("optimizer= goes with a module; with a layout, pass tx=")
     arrays = _arrays(layout, stack)
     saved = reader.manifest["tables"]
     want = {t.name: (len(t.rows), t.dim) for a in arrays for t in a.tables}
@@ -507,13 +591,30 @@ def restore_tables(
     for a in arrays:
         dtype = np.dtype(a.tables[0].dtype)
         params[a.key] = {"weight": _build(reader, a, "weight", a.shape, dtype, a.sharding, folder)}
+    if module is not None:
+        current = {
+            k: jax.tree.map(lambda v: v.get_value(), optimizer.sparse_state[o], is_leaf=_is_var)
+            for k, o in keys.items()
+        }
+        state = _restore_state(reader, arrays, current, folder) if keys else {}
+        for k, p in params.items():  # everything is read: now set
+            module.weights[k].set_value(p["weight"])
+        for k, o in keys.items():
+            jax.tree.map(
+                lambda v, x: v.set_value(x), optimizer.sparse_state[o], state[k], is_leaf=_is_var
+            )
+        return None
     if tx is None:
         return params
     if isinstance(layout, ShardingPlan):
         opt = sharding.optimizer(tx, layout)
     else:
         opt = collections.optimizer(tx, layout, stack=stack)
-    shapes = jax.eval_shape(opt.init, params)
+    return params, _restore_state(reader, arrays, jax.eval_shape(opt.init, params), folder)
+
+
+def _restore_state(reader, arrays: list[_Array], shapes: Mapping, folder: Path) -> dict:
+    """Each physical array's optimizer state, of ``shapes``' structure, read from the file."""
     state = {}
     for a in arrays:
         flat, treedef = jax.tree_util.tree_flatten_with_path(shapes[a.key])
@@ -525,7 +626,7 @@ def restore_tables(
                 _build(reader, a, what, tuple(leaf.shape), np.dtype(leaf.dtype), placed, folder)
             )
         state[a.key] = jax.tree.unflatten(treedef, leaves)
-    return params, state
+    return state
 
 
 def _build(reader, a: _Array, what, shape, dtype, placed, folder) -> jax.Array:
