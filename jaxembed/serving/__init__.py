@@ -10,11 +10,12 @@
 
 What this folder owns, module by module:
 
-* ``_artifact``: :func:`export`, :class:`Artifact`, :func:`load`, :func:`symbolic_shape`.
+* ``_artifact``: :func:`export`, :class:`Artifact`, :func:`load`, :func:`symbolic_shape`, and
+  :class:`MeshLayout` (where an artifact's tables go on a mesh).
 
 It may import every other folder (it is an entry point, as :mod:`jaxembed.modules` is).
 """
 
-from jaxembed.serving._artifact import Artifact, export, load, symbolic_shape
+from jaxembed.serving._artifact import Artifact, MeshLayout, export, load, symbolic_shape
 
-__all__ = ["Artifact", "export", "load", "symbolic_shape"]
+__all__ = ["Artifact", "MeshLayout", "export", "load", "symbolic_shape"]

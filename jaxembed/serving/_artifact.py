@@ -82,6 +82,12 @@ def export(
     Float and quantized tables (:class:`jaxembed.QuantizedTable`) both work. ``inputs`` may
     have symbolic dimensions (:func:`symbolic_shape`): one artifact then serves every size.
 
+    Tables placed on a mesh (a plan's, a :class:`jaxembed.TableSharding`'s) export as they are
+    placed: the artifact states the mesh (its axes and size) and each table's spec, and
+    :func:`load` puts them back on a mesh of the same axes over the first devices of the
+    loading process, or refuses a process with fewer. A sharded collection routes ids at a
+    static capacity, so its inputs take concrete shapes: one artifact per batch and capacity.
+
     By default the trace runs in :func:`jaxembed.kernels.pure_jax`: XLA's own ops only, which
     any jax runs, since ``jax.export`` refuses custom calls without a compatibility guarantee,
     and the process that loads the artifact need not have jaxembed. Its outputs equal the live
@@ -106,7 +112,8 @@ def export(
 
     Raises:
       ValueError: two table leaves would share a name.
-      NotImplementedError: a table is placed on a mesh (more than one device).
+      NotImplementedError: tables on more than one mesh, some on a mesh and some on one
+        device, or placed by another sharding than a ``NamedSharding``.
       RuntimeError: ``kernels=True`` where this process runs no kernels.
 
     Example:
@@ -119,20 +126,18 @@ def export(
       ((1, 4), (5, 4))
     """
     names, leaves, treedef = _names(tables)
-    for name, leaf in zip(names, leaves, strict=True):
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is not None and len(sharding.device_set) > 1:
-            raise NotImplementedError(
-                f"tables: {name!r} is placed on {len(sharding.device_set)} devices; exporting a "
-                "placement on a mesh is not supported yet (export the tables gathered to one "
-                "device, with the one-device forward pass)"
-            )
+    layout = MeshLayout.of(dict(zip(names, leaves, strict=True)))
     named = {n: np.asarray(leaf) for n, leaf in zip(names, leaves, strict=True)}
 
     def forward(named_tables, *args):
         return fn(jax.tree.unflatten(treedef, [named_tables[n] for n in names]), *args)
 
-    avals = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in named.items()}
+    avals = {
+        n: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=None if layout is None else layout.sharding(n)
+        )
+        for n, a in named.items()
+    }
     if kernels:
         if not _ffi.available():
             raise RuntimeError(f"kernels=True, but this process runs no kernels: {_ffi.status()}")
@@ -143,7 +148,99 @@ def export(
     else:
         with _ffi.pure_jax():
             exported = jax.export.export(jax.jit(forward), platforms=platforms)(avals, *inputs)
-    return Artifact(exported, named)
+    return Artifact(exported, named, layout)
+
+
+class MeshLayout:
+    """The mesh an artifact's tables are placed on: its axes, and each table's spec.
+
+    A sharded collection's lookups route ids to their owners at a static capacity, so an
+    artifact on a mesh takes inputs of concrete shapes (one artifact per batch and capacity);
+    its tables go back onto a mesh of the same axes, built from a process's first devices.
+
+    Args:
+      axis_names: the mesh's axis names.
+      axis_sizes: their sizes.
+      axis_types: their ``jax.sharding.AxisType`` names (``"Explicit"``, ``"Auto"``).
+      specs: ``{table name: PartitionSpec entries}`` (None, an axis, or a list of axes).
+      mesh: the mesh itself, where this process placed the tables (else built on demand).
+
+    Example:
+      >>> import jaxembed
+      >>> layout = jaxembed.serving.MeshLayout(["x"], [1], ["Explicit"], {"t": ["x", None]})
+      >>> layout.size, layout.sharding("t").spec
+      (1, P('x', None))
+    """
+
+    def __init__(self, axis_names, axis_sizes, axis_types, specs, mesh=None):
+        self.axis_names, self.axis_sizes = tuple(axis_names), tuple(axis_sizes)
+        self.axis_types, self.specs = tuple(axis_types), dict(specs)
+        self._mesh = mesh
+
+    @classmethod
+    def of(cls, leaves: dict[str, Any]) -> MeshLayout | None:
+        """The layout of tables placed on one mesh; None for tables on one device."""
+        meshes, specs = [], {}
+        for name, leaf in leaves.items():
+            sharding = getattr(leaf, "sharding", None)
+            if sharding is None or len(sharding.device_set) == 1:
+                continue
+            if not isinstance(sharding, jax.sharding.NamedSharding):
+                raise NotImplementedError(
+                    f"tables: {name!r} is placed by a {type(sharding).__name__}; an artifact on "
+                    "a mesh takes tables placed by a NamedSharding (a plan's, a TableSharding's)"
+                )
+            meshes.append(sharding.mesh)
+            specs[name] = [list(p) if isinstance(p, tuple) else p for p in sharding.spec]
+        if not meshes:
+            return None
+        mesh = meshes[0]
+        if any(m != mesh for m in meshes):
+            raise NotImplementedError("tables: placed on more than one mesh; export one mesh's")
+        missing = sorted(set(leaves) - set(specs))
+        if missing:
+            raise NotImplementedError(
+                f"tables: {missing} are on one device while the others are on a mesh of "
+                f"{mesh.size}: place them all on the mesh (replicated, where small)"
+            )
+        types = [str(t).rsplit(".", 1)[-1] for t in mesh.axis_types]
+        return cls(mesh.axis_names, mesh.axis_sizes, types, specs, mesh)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.axis_sizes))
+
+    def mesh(self) -> jax.sharding.Mesh:
+        """The mesh: the exporting process's own, or one of the same axes over this process's
+        first devices."""
+        if self._mesh is None:
+            if jax.device_count() < self.size:
+                raise ValueError(
+                    f"this artifact's tables are placed on a mesh of {self.size} devices (axes "
+                    f"{dict(zip(self.axis_names, self.axis_sizes, strict=True))}); this process "
+                    f"has {jax.device_count()}"
+                )
+            types = tuple(getattr(jax.sharding.AxisType, t) for t in self.axis_types)
+            self._mesh = jax.make_mesh(
+                self.axis_sizes,
+                self.axis_names,
+                axis_types=types,
+                devices=jax.devices()[: self.size],
+            )
+        return self._mesh
+
+    def sharding(self, name: str) -> jax.sharding.NamedSharding:
+        spec = [tuple(p) if isinstance(p, list) else p for p in self.specs[name]]
+        return jax.sharding.NamedSharding(self.mesh(), jax.sharding.PartitionSpec(*spec))
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "axis_names": list(self.axis_names),
+            "axis_sizes": list(self.axis_sizes),
+            "axis_types": list(self.axis_types),
+            "devices": self.size,
+            "table_specs": self.specs,
+        }
 
 
 class Artifact:
@@ -158,13 +255,20 @@ class Artifact:
       tables: ``{name: numpy array}``, the arguments the export takes first.
       kernels: the jaxembed CPU kernels the export calls (``export(..., kernels=True)``), else
         ``()``.
+      mesh: where the tables go on a mesh (a ``MeshLayout``: axes, size, each table's spec), or
+        None for tables on one device.
 
     Raises:
       RuntimeError: the export calls kernels this process does not run.
     """
 
-    def __init__(self, exported: jax.export.Exported, tables: dict[str, np.ndarray]):
-        self.exported, self.tables = exported, tables
+    def __init__(
+        self,
+        exported: jax.export.Exported,
+        tables: dict[str, np.ndarray],
+        mesh: MeshLayout | None = None,
+    ):
+        self.exported, self.tables, self.mesh = exported, tables, mesh
         self.kernels = tuple(sorted(set(re.findall(r"@(jaxembed_\w+)", exported.mlir_module()))))
         if self.kernels:
             missing = sorted(set(self.kernels) - set(_ffi.targets()))
@@ -183,7 +287,12 @@ class Artifact:
             # placed once, concretely, even when the first call is inside a user's jit (a
             # tracer kept here would leak into every later call)
             with jax.ensure_compile_time_eval():
-                self._device_tables = jax.device_put(self.tables)
+                if self.mesh is None:
+                    self._device_tables = jax.device_put(self.tables)
+                else:  # onto the mesh the artifact states, each table as it was placed
+                    self._device_tables = {
+                        n: jax.device_put(a, self.mesh.sharding(n)) for n, a in self.tables.items()
+                    }
         return self._call(self._device_tables, *inputs)
 
     def manifest(self) -> dict[str, Any]:
@@ -201,6 +310,7 @@ class Artifact:
             "inputs": [str(a) for a in exp.in_avals[len(self.tables) :]],
             "outputs": [str(a) for a in exp.out_avals],
             "constraints": _constraints(exp),
+            "mesh": None if self.mesh is None else self.mesh.manifest(),
         }
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -287,4 +397,11 @@ def load(directory: str | os.PathLike) -> Artifact:
     got = {n: [str(a.dtype), list(a.shape)] for n, a in sorted(tables.items())}
     if got != want:
         raise ValueError(f"{path / TABLES} holds {got}, where the export takes {want}")
-    return Artifact(exported, tables)
+    mesh = manifest.get("mesh")
+    layout = None
+    if mesh is not None:
+        layout = MeshLayout(
+            mesh["axis_names"], mesh["axis_sizes"], mesh["axis_types"], mesh["table_specs"]
+        )
+        layout.mesh()  # a process without enough devices is refused here, by name
+    return Artifact(exported, tables, layout)

@@ -621,14 +621,3 @@ def test_quantized_tables_shard_by_rows_and_equal_unsharded(bits):
     np.testing.assert_array_equal(np.asarray(bags), np.asarray(ref))
     with pytest.raises(ValueError, match="by rows"):
         jaxembed.Embedding.from_quantized(q, sharding=jaxembed.TableSharding(mesh, dim="model"))
-
-
-def test_a_table_on_a_mesh_is_not_exported_for_serving():
-    # jaxembed.serving exports one-device forward passes; a placement on a mesh raises, never
-    # an artifact that would silently run on other devices
-    mesh = jax.make_mesh((1, 8), ("data", "model"))
-    weight = jax.device_put(jnp.ones((16, 4)), NamedSharding(mesh, P("model", None)))
-    with pytest.raises(NotImplementedError, match="placed on 8 devices"):
-        jaxembed.serving.export(
-            lambda p, i: jaxembed.embedding(p, i)[0], {"weight": weight}, jnp.arange(3)
-        )
