@@ -91,7 +91,16 @@ def _trainer(opt_name, dtype=jnp.float32, seed=0):
     return model, opt, tracker, step
 
 
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+# the README's command runs two optimizers at one seed; -m slow the rest (CI runs both)
+@pytest.mark.parametrize(
+    "opt_name",
+    [
+        pytest.param("sgd", marks=pytest.mark.slow),
+        pytest.param("adagrad", marks=pytest.mark.slow),
+        "rowwise_adagrad",
+        "lazy_adam",
+    ],
+)
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_chain_of_deltas_restores_the_live_state_at_every_save(tmp_path, opt_name, seed):
     """Random save points over a Zipf stream: a full checkpoint now and then, deltas between;
@@ -241,20 +250,22 @@ def test_a_dense_read_and_a_reset_mark_their_rows():
     )
     tracker = checkpoint.DeltaTracker(model)
     seen = np.zeros(4, bool)
-    for ids in ([11, 12, 13, 14], [21, 22]):
+    grads_of = nnx.jit(
+        lambda m, raw: sparse.value_and_grad(lambda m: sum(v.sum() for v in m(raw).values()))(m)[1]
+    )
+    for ids in ([11, 12, 13, 14], [21, 22, 23, 24]):  # one shape: one compile
         raw = RawKeyedJagged.from_lists({"f": [ids]})
-        _, grads = sparse.value_and_grad(lambda m, raw: sum(v.sum() for v in m(raw).values()))(
-            model, raw
-        )
+        grads = grads_of(model, raw)
         fresh = np.asarray(grads.fresh["embedding_module/weights/t"])
         looked = np.asarray(grads.sparse["embedding_module/weights/t"].indices)
         seen[fresh[fresh < 4]] = True
         seen[looked[looked < 4]] = True
         tracker.update(grads)
-    assert grads.fresh["embedding_module/weights/t"].size  # the second call evicted
+    assert (np.asarray(grads.fresh["embedding_module/weights/t"]) < 4).any()  # it evicted
     np.testing.assert_array_equal(tracker.touched["embedding_module/weights/t"], seen)
 
 
+@pytest.mark.slow
 def test_a_managed_collision_model_resumes_from_its_deltas(tmp_path):
     tables = [jaxembed.EmbeddingBagConfig("t", 2, 8, ["f"])]
     mcc = ManagedCollisionCollection({"t": ManagedCollision("lfu", 2)}, tables)

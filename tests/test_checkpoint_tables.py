@@ -48,8 +48,15 @@ def _trained(tx, stack, seed=0):
     return params, state
 
 
-@pytest.mark.parametrize("tx_name", ["rowwise_adagrad", "lazy_adam"])
-@pytest.mark.parametrize("source_stack,target_stack", [(True, False), (False, True)])
+@pytest.mark.parametrize(
+    "tx_name,source_stack,target_stack",
+    [
+        ("rowwise_adagrad", True, False),
+        ("lazy_adam", False, True),
+        pytest.param("lazy_adam", True, False, marks=pytest.mark.slow),
+        pytest.param("rowwise_adagrad", False, True, marks=pytest.mark.slow),
+    ],
+)
 def test_stacked_and_unstacked_restore_each_other(tmp_path, tx_name, source_stack, target_stack):
     tx = getattr(jaxembed.sparse, tx_name)(0.1)
     params, state = _trained(tx, source_stack)
