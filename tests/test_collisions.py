@@ -32,11 +32,20 @@ INT64_MAX = 2**63 - 1
 
 
 def torchrec_module(mc: ManagedCollision, num_slots: int, offset: int = 0):
+    threshold = {
+        None: None,
+        "average": mc_modules.average_threshold_filter,
+        "dynamic": lambda counts: mc_modules.dynamic_threshold_filter(
+            counts, threshold_skew_multiplier=mc.admission_value
+        ),
+    }[mc.admission]
     policy = {
-        "lfu": lambda: mc_modules.LFU_EvictionPolicy(),
-        "lru": lambda: mc_modules.LRU_EvictionPolicy(decay_exponent=mc.decay_exponent),
+        "lfu": lambda: mc_modules.LFU_EvictionPolicy(threshold_filtering_func=threshold),
+        "lru": lambda: mc_modules.LRU_EvictionPolicy(
+            decay_exponent=mc.decay_exponent, threshold_filtering_func=threshold
+        ),
         "distance_lfu": lambda: mc_modules.DistanceLFU_EvictionPolicy(
-            decay_exponent=mc.decay_exponent
+            decay_exponent=mc.decay_exponent, threshold_filtering_func=threshold
         ),
     }[mc.eviction]()
     with warnings.catch_warnings():
@@ -146,6 +155,67 @@ def test_matches_torchrec_with_an_offset_over_a_long_stream(eviction):
     calls = stream(np.random.default_rng(5), "zipf", 40, 64, 2000)
     state, _, _ = run_against_torchrec(mc, 100, calls, offset=1000)
     assert held_ids(state)[0].size == 99  # full: every slot but the miss slot is held
+
+
+ADMITTING = [
+    ManagedCollision("lfu", 2, admission="average"),
+    ManagedCollision("lru", 1, admission="dynamic", admission_value=1.5),
+    ManagedCollision("distance_lfu", 3, admission="dynamic", admission_value=0.7),
+    ManagedCollision("lfu", 1, admission="dynamic"),  # TorchRec's default multiplier, 10
+]
+
+
+@pytest.mark.parametrize("mc", ADMITTING, ids=lambda m: f"{m.eviction}-{m.admission}")
+@pytest.mark.parametrize("kind", ["zipf", pytest.param("uniform", marks=pytest.mark.slow)])
+def test_admission_filters_match_torchrec(mc, kind):
+    """TorchRec's threshold_filtering_func (average_threshold_filter, dynamic_threshold_filter):
+    the ids it drops from an eviction are dropped here, call for call, state for state."""
+    rng = np.random.default_rng(7 + len(kind))
+    calls = stream(rng, kind, 12, 48, 300)
+    run_against_torchrec(mc, 40, calls)
+
+
+def _counts(state):
+    """``{held id: its count}`` (the state's arrays are in id order; ``slot`` maps each entry
+    to its row)."""
+    ids, slots = held_ids(state)
+    entry = {int(s): k for k, s in enumerate(np.asarray(state.slot))}
+    return {int(i): int(state.counts[entry[int(s)]]) for i, s in zip(ids, slots, strict=True)}
+
+
+def test_count_and_probabilistic_admission_by_hand():
+    """Hand-computed: 'count' admits an id seen at least k times in the window, and drops a
+    held id below k from the update; 'probabilistic' admits a frequent id sooner than a rare one,
+    and its draws depend only on the id and the call."""
+    mc = ManagedCollision("lfu", 2, admission="count", admission_value=2)
+    out = mc.remap(mc.init(6, 4), raw_ids([10, 20, 10, 30]))
+    out = mc.remap(out.state, raw_ids([40, 10, 50, 20]))  # window: 10 x3, 20 x2, others once
+    assert sorted(held_ids(out.state)[0].tolist()) == [10, 20]
+    assert _counts(out.state) == {10: 3, 20: 2}
+    out = mc.remap(out.state, raw_ids([10, 60, 60, 70]))
+    out = mc.remap(out.state, raw_ids([20, 20, 70, 80]))  # 10 once: its count stays 3
+    assert _counts(out.state) == {10: 3, 20: 4, 60: 2, 70: 2}
+
+    mc = ManagedCollision("lfu", 1, admission="probabilistic", admission_value=0.05)
+    rng = np.random.default_rng(0)
+    hot, cold = np.arange(1, 21), np.arange(1000, 1200)
+    state, admitted_at = mc.init(512, 60), {}
+    step = ours_step(mc)
+    for call in range(40):
+        ids = raw_ids(np.concatenate([np.repeat(hot, 2), rng.choice(cold, 20, replace=False)]))
+        state = step(state, ids.hi, ids.lo).state
+        for i in held_ids(state)[0].tolist():
+            admitted_at.setdefault(i, call)
+    hot_held = sum(int(i) in admitted_at for i in hot)
+    cold_held = sum(int(i) in admitted_at for i in cold)
+    assert hot_held / 20 > 0.7 > cold_held / 200 > 0.05  # seen 80 vs about 4 times
+    again = mc.init(512, 60)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        ids = raw_ids(np.concatenate([np.repeat(hot, 2), rng.choice(cold, 20, replace=False)]))
+        again = step(again, ids.hi, ids.lo).state
+    np.testing.assert_array_equal(again.hi, state.hi)  # the same stream, the same decisions
+    np.testing.assert_array_equal(again.lo, state.lo)
 
 
 def test_reference_examples():
@@ -341,6 +411,20 @@ def test_bad_config_and_state_raise():
         ManagedCollision("lfu", None)
     with pytest.raises(ValueError, match="decay_exponent"):
         ManagedCollision("lru", 1, decay_exponent=0.0)
+    bad_admissions = [
+        ({"admission": "fifo"}, ValueError, "admission must be None or one of"),
+        ({"admission_value": 2}, ValueError, "admission_value is set, but admission is None"),
+        ({"admission": "count"}, ValueError, "needs admission_value"),
+        ({"admission": "count", "admission_value": 1.5}, ValueError, "an int >= 1"),
+        ({"admission": "average", "admission_value": 2}, ValueError, "takes no admission_value"),
+        ({"admission": "dynamic", "admission_value": -1}, ValueError, "must be > 0"),
+        ({"admission": "probabilistic", "admission_value": 1.5}, ValueError, r"in \(0, 1\]"),
+        ({"admission": "dynamic", "admission_value": "2"}, TypeError, "must be a number"),
+    ]
+    for kwargs, error, match in bad_admissions:
+        with pytest.raises(error, match=match):
+            ManagedCollision("lfu", 1, **kwargs)
+    assert ManagedCollision("lfu", 1, admission="dynamic").admission_value == 10.0
     mc = ManagedCollision("lfu", 2)
     with pytest.raises(ValueError, match="num_slots"):
         mc.init(1, 4)

@@ -47,8 +47,12 @@ from jaxembed.collisions import _ids
 from jaxembed.collisions._ids import EMPTY, RawIds
 from jaxembed.core import _serialization, _validation
 from jaxembed.kernels import _ffi as _kernels
+from jaxembed.sparse._update import _mix
 
 POLICIES = ("lfu", "lru", "distance_lfu")
+#: admission filters, applied to the window's distinct ids at each eviction
+ADMISSIONS = ("average", "dynamic", "count", "probabilistic")
+_ADMISSION_DEFAULTS = {"average": None, "dynamic": 10.0, "count": None, "probabilistic": 0.01}
 _SATURATED = 2**31 - 2  # a held id's count stops here; the miss slot's pin is above it
 _PIN = 2**31 - 1
 
@@ -147,6 +151,22 @@ class ManagedCollision:
       eviction_interval: evict every this many training calls (>= 1).
       decay_exponent: ``d`` in the LRU and distance-LFU scores (> 0; TorchRec's default 1.0).
         Ignored by LFU.
+      admission: which of the window's distinct ids take part in an eviction; the others are
+        dropped from it (a new id is not admitted, a held one's count and last use are not
+        updated), as TorchRec's ``threshold_filtering_func``. With ``c`` an id's count in the
+        window, ``n`` the window's distinct ids and ``C`` their total count:
+
+        * None: every id (TorchRec's default);
+        * ``"average"``: ``c > C / n`` (TorchRec's ``average_threshold_filter``);
+        * ``"dynamic"``: ``c > admission_value * C / n`` (``dynamic_threshold_filter``, its
+          ``threshold_skew_multiplier``, default 10);
+        * ``"count"``: ``c >= admission_value`` (an int >= 1);
+        * ``"probabilistic"``: with ``p = admission_value`` (default 0.01), an id seen ``c``
+          times takes part with probability ``1 - (1 - p) ** c``
+          (``probabilistic_threshold_filter``), so a new id is admitted after about ``1 / p``
+          sightings, with no counter kept between windows. The draw is a hash of the id and the
+          call, not a PRNG stream: the same stream gives the same decisions.
+      admission_value: the admission's parameter (see above); None takes its default.
 
     Raises:
       ValueError, TypeError: a bad argument, named.
@@ -167,6 +187,8 @@ class ManagedCollision:
     eviction: str = "lfu"
     eviction_interval: int = 1
     decay_exponent: float = 1.0
+    admission: str | None = None
+    admission_value: float | None = None
 
     def __post_init__(self):
         if self.eviction not in POLICIES:
@@ -178,6 +200,55 @@ class ManagedCollision:
         if isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d) or d <= 0:
             raise ValueError(f"decay_exponent must be a finite number > 0, got {d!r}")
         object.__setattr__(self, "decay_exponent", float(d))
+        self._check_admission()
+
+    def _check_admission(self) -> None:
+        kind, value = self.admission, self.admission_value
+        if kind is None:
+            if value is not None:
+                raise ValueError("admission_value is set, but admission is None")
+            return
+        if kind not in ADMISSIONS:
+            raise ValueError(f"admission must be None or one of {ADMISSIONS}, got {kind!r}")
+        if value is None:
+            value = _ADMISSION_DEFAULTS[kind]
+            if kind == "count":
+                raise ValueError("admission='count' needs admission_value, the least count (>= 1)")
+        if kind == "average":
+            if value is not None:
+                raise ValueError("admission='average' takes no admission_value")
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"admission_value must be a number, got {type(value).__name__}")
+        if kind == "count" and (value != int(value) or value < 1):
+            raise ValueError(f"admission_value for 'count' must be an int >= 1, got {value!r}")
+        if kind == "dynamic" and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"admission_value for 'dynamic' must be > 0, got {value!r}")
+        if kind == "probabilistic" and not 0 < value <= 1:
+            raise ValueError(
+                f"admission_value for 'probabilistic' must be in (0, 1], got {value!r}"
+            )
+        object.__setattr__(self, "admission_value", float(value))
+
+    def _admits(self, u_hi, u_lo, u_count, u_ok, it) -> jax.Array:
+        """Which of the window's distinct ids take part in this eviction (see ``admission``)."""
+        if self.admission is None:
+            return u_ok
+        c = u_count.astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(u_ok.astype(jnp.int32)), 1).astype(jnp.float32)
+        total = jnp.sum(jnp.where(u_ok, u_count, 0)).astype(jnp.float32)
+        if self.admission == "average":
+            keep = c > total / n
+        elif self.admission == "dynamic":
+            keep = c > jnp.float32(self.admission_value) * total / n
+        elif self.admission == "count":
+            keep = u_count >= int(self.admission_value)
+        else:  # probabilistic: a uniform draw from a hash of the id and the call
+            h = _mix(_mix(u_hi ^ _mix(u_lo + jnp.uint32(0x9E3779B9))) ^ it.astype(jnp.uint32))
+            draw = (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+            score = 1 - jnp.power(jnp.float32(1 - self.admission_value), c)
+            keep = score > draw
+        return u_ok & keep
 
     @property
     def uses_counts(self) -> bool:
@@ -353,7 +424,7 @@ class ManagedCollision:
         head = jnp.where(first, seg, window)
         u_hi = jnp.full((window,), EMPTY, jnp.uint32).at[head].set(s_hi, mode="drop")
         u_lo = jnp.full((window,), EMPTY, jnp.uint32).at[head].set(s_lo, mode="drop")
-        u_ok = u_count > 0
+        u_ok = self._admits(u_hi, u_lo, u_count, u_count > 0, it)
 
         # 2. by count, descending; equal counts keep the smaller id first (TorchRec's order F)
         order = jnp.arange(window, dtype=jnp.int32)
