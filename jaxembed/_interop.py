@@ -363,10 +363,10 @@ def _maps(path, specs, spans, mode) -> dict[str, np.memmap]:
     return out
 
 
-def map_arrays(path: str | os.PathLike) -> dict[str, np.memmap]:
-    """A read-only memory map of every array of a ``.safetensors`` file: slicing one reads only
-    those bytes. ``ValueError`` names the file if it is not one, or is shorter than its header
-    says."""
+def map_arrays(path: str | os.PathLike, *, writable: bool = False) -> dict[str, np.memmap]:
+    """A memory map of every array of a ``.safetensors`` file (read-only, or ``writable``):
+    slicing one reads only those bytes. ``ValueError`` names the file if it is not one, or is
+    shorter than its header says."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         header, data_start = _read_header(f, path)
@@ -380,7 +380,7 @@ def map_arrays(path: str | os.PathLike) -> dict[str, np.memmap]:
         if data_start + end > size:
             raise ValueError(f"{path} is truncated: {key!r} ends past its end")
         specs[key], spans[key] = (dtype, shape), (data_start + begin, end - begin)
-    return _maps(path, specs, spans, "r")
+    return _maps(path, specs, spans, "r+" if writable else "r")
 
 
 def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:

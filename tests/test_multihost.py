@@ -68,3 +68,6 @@ def test_two_processes_train_a_sharded_collection(tmp_path):
         want = np.asarray(params[t.name]["weight"])
         # a routed owner, and a small replica's psum, add each device's per-row sums: a few ulp
         np.testing.assert_allclose(result[t.name], want, rtol=2e-6, atol=2e-7, err_msg=t.name)
+        # saved by both processes, restored by both onto another plan: bit for bit
+        np.testing.assert_array_equal(result[f"restored/{t.name}"], result[t.name], err_msg=t.name)
+    assert "saved tables step_000000003" in logs[0]

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.typing import ArrayLike
 
 from jaxembed import _interop
@@ -312,10 +313,13 @@ def save(
     return _commit(directory, step, partial, manifest)
 
 
-def _begin(directory: str | os.PathLike, step: Any) -> tuple[Path, list[int]]:
-    """The checks before a save of ``step``: the folder (created), and its whole steps."""
+def _begin(
+    directory: str | os.PathLike, step: Any, *, processes: bool = False
+) -> tuple[Path, list[int]]:
+    """The checks before a save of ``step``: the folder (created), and its whole steps.
+    ``processes``: the save runs in every process of a multi-process job (else it refuses one)."""
     step = _check_step(step)
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not processes:
         raise NotImplementedError(
             "jaxembed.checkpoint saves from a single process; a multi-process state needs each "
             "process to write its own blocks, which is not built yet"
@@ -334,10 +338,27 @@ def _begin(directory: str | os.PathLike, step: Any) -> tuple[Path, list[int]]:
 
 
 def _partial(directory: Path, step: int) -> Path:
-    """A new hidden folder to write the checkpoint of ``step`` into."""
-    partial = directory / f".{_name(step)}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    partial.mkdir()
+    """A new hidden folder to write the checkpoint of ``step`` into: one name in every process
+    of a job, made by the first."""
+    partial = directory / f".{_name(step)}.partial-{_shared_token()}"
+    if jax.process_index() == 0:
+        partial.mkdir()
+    sync("partial folder made")
     return partial
+
+
+def _shared_token() -> str:
+    """A random token, the same in every process (the first process's)."""
+    token = np.frombuffer(secrets.token_bytes(8), np.uint32).copy()
+    if jax.process_count() > 1:
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    return f"{os.getpid() if jax.process_count() == 1 else 'job'}-{token[0]:08x}{token[1]:08x}"
+
+
+def sync(what: str) -> None:
+    """Every process of a multi-process job waits here for the others (no-op in one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxembed.checkpoint: {what}")
 
 
 def _file_entry(path: Path, **extra: Any) -> dict:
@@ -345,12 +366,15 @@ def _file_entry(path: Path, **extra: Any) -> dict:
 
 
 def _commit(directory: Path, step: int, partial: Path, manifest: dict) -> Saved:
-    """Writes the manifest, flushes ``partial`` and renames it into place as ``step``."""
-    _write_manifest(partial, {"format": FORMAT, **manifest})
-    _fsync(partial)
+    """Writes the manifest, flushes ``partial`` and renames it into place as ``step`` (the
+    first process of a job does, once every process has written its blocks)."""
     final = directory / _name(step)
-    os.rename(partial, final)  # atomic: the checkpoint appears whole, or not at all
-    _fsync(directory)
+    if jax.process_index() == 0:
+        _write_manifest(partial, {"format": FORMAT, **manifest})
+        _fsync(partial)
+        os.rename(partial, final)  # atomic: the checkpoint appears whole, or not at all
+        _fsync(directory)
+    sync("committed")
     nbytes = sum(p.stat().st_size for p in final.iterdir())
     return Saved(step, manifest["kind"], manifest["parent"], final, nbytes)
 

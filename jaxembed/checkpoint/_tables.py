@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -223,6 +224,9 @@ def save_tables(
     Restore it with :func:`restore_tables` onto any layout of the same tables: another plan,
     another number of devices, or one device. Each device's block is written straight to its
     rows in the file; no table is gathered whole. The write is crash-safe as :func:`save`'s.
+    In a multi-process job every process calls it: the first sizes the file, each writes the
+    blocks of its own devices, and the first commits the checkpoint once all have written
+    (a folder all processes share, as on one host or a shared disk with coherent writes).
 
     Args:
       directory: the checkpoints' folder (created if missing).
@@ -276,7 +280,7 @@ def save_tables(
         raise TypeError("optimizer= goes with a module; with params, pass state=")
     elif layout is None:
         raise TypeError("layout is required with params (a ShardingPlan, or the table configs)")
-    directory, _ = _store._begin(directory, step)
+    directory, _ = _store._begin(directory, step, processes=True)
     step = int(step)
     arrays = _arrays(layout, stack)
     _check_params(params, arrays)
@@ -347,12 +351,15 @@ def export_tables(
         bags = all(isinstance(t, EmbeddingBagConfig) for t in configs)
         prefix = "embedding_bags." if bags else "embeddings."
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.partial-{_store._shared_token()}")
     try:
         _write(tmp, arrays, params, None, lambda table, what: f"{prefix}{table}.{what}")
-        os.replace(tmp, path)
+        if jax.process_index() == 0:
+            os.replace(tmp, path)
+        _store.sync("exported")
     finally:
-        tmp.unlink(missing_ok=True)
+        if jax.process_index() == 0:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -377,22 +384,34 @@ def _write(path: Path, arrays: list[_Array], params, state, name_of) -> dict:
                 )
             for name, shape in _entries(a, tuple(leaf.shape), what, name_of):
                 specs[name] = (np.dtype(leaf.dtype), shape)
-    maps = _interop.allocate_arrays(path, specs)
+    first = jax.process_index() == 0
+    if first:  # one process sizes the file; each then writes the blocks of its own devices
+        _interop.allocate_arrays(path, specs)  # its maps are dropped unwritten
+    _store.sync("file allocated")
+    maps = _interop.map_arrays(path, writable=True)
     for a, leaves in plan_of:
         for what, leaf in leaves:
-            _write_leaf(a, what, leaf, maps, name_of)
+            _write_leaf(a, what, leaf, maps, name_of, scalars=first)
     for m in maps.values():
         if isinstance(m, np.memmap):
             m.flush()
     del maps
     _store._fsync(path)
+    _store.sync("blocks written")
     return specs
 
 
-def _write_leaf(a: _Array, what: str, leaf: Any, maps: dict, name_of=_saved_name) -> None:
+def _write_leaf(
+    a: _Array, what: str, leaf: Any, maps: dict, name_of=_saved_name, scalars: bool = True
+) -> None:
+    """Writes the blocks of ``leaf`` this process holds (replica 0 of each) to their tables'
+    rows; a scalar, where ``scalars``, once for each table."""
+    leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
     shape = tuple(leaf.shape)
     if not shape:  # a scalar: one value for each table
-        value = np.asarray(jax.device_get(leaf))
+        if not scalars:
+            return
+        value = np.asarray(leaf.addressable_data(0))
         for t in a.tables:
             maps[name_of(t.name, what)][...] = value
         return
@@ -646,7 +665,7 @@ def _build(reader, a: _Array, what, shape, dtype, placed, folder) -> jax.Array:
                 f"layout, but their {what!r} differ ({sorted(values)}); restore them apart"
             )
         value = reader.scalar(f"{a.tables[0].name}/{what}").astype(dtype)
-        return jax.device_put(value, placed)
+        return jax.make_array_from_callback((), placed, lambda _: value)
 
     def block(index):
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))

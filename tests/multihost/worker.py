@@ -3,7 +3,8 @@
 
 Each process builds the global batch from one seed, feeds its own devices' blocks
 (``jax.sharding.put_features`` over ``make_array_from_process_local_data``), and the two train
-a sharded collection 3 sparse steps; process 0 writes the tables.
+a sharded collection 3 sparse steps; both save it with jaxembed.checkpoint.save_tables and restore
+it onto another plan; process 0 writes the tables, trained and restored.
 """
 
 import os
@@ -53,8 +54,19 @@ def main(process_id: int, port: str, out: str) -> None:
         for _ in range(3):
             params, state = step(params, state, features)
         result = S.tables_of(params, plan)
+    # both processes save the collection table by table, each writing its own devices' blocks
+    # to one file, then restore it onto every table row-wise, each reading its own blocks
+    folder = os.path.join(os.path.dirname(out), "ckpt")
+    saved = jaxembed.checkpoint.save_tables(folder, 3, params, plan, state=state)
+    other = S.by_hand(tables(), mesh, {t.name: S.row_wise() for t in tables()})
+    with jax.set_mesh(mesh):
+        back, _ = jaxembed.checkpoint.restore_tables(
+            folder, other, tx=jaxembed.sparse.rowwise_adagrad(0.1)
+        )
+        restored = S.tables_of(back, other)
     if process_id == 0:
-        np.savez(out, **result)
+        print("saved", saved.kind, saved.path.name, flush=True)
+        np.savez(out, **result, **{f"restored/{k}": v for k, v in restored.items()})
     print(f"process {process_id}: done, {B_LOCAL * K} samples", flush=True)
     jax.distributed.shutdown()
 
