@@ -301,7 +301,8 @@ def save_tables(
             t.name: {"num_rows": len(t.rows), "dim": t.dim} for a in arrays for t in a.tables
         },
         "leaves": leaf_meta,
-        "files": {TABLES: _chunk_digests(path, specs)},
+        # the first process, which writes the manifest, hashes the file once all have written
+        "files": {TABLES: _chunk_digests(path, specs)} if jax.process_index() == 0 else {},
     }
     return _store._commit(directory, step, partial, manifest)
 
