@@ -71,6 +71,7 @@ def track(touched: Mapping[str, ArrayLike], grads: ModelGrads | Mapping[str, Any
 
     Raises:
       ValueError: ``grads`` names a table ``touched`` does not track.
+      NotImplementedError: rows split over a mesh (a sharded update's entries).
 
     Example:
       >>> import jax.numpy as jnp, jaxembed
@@ -95,9 +96,23 @@ def track(touched: Mapping[str, ArrayLike], grads: ModelGrads | Mapping[str, Any
         if rows is None:
             out[key] = jnp.ones_like(out[key])
         else:  # rows >= V (padding) drop; negatives are never rows here
-            rows = jnp.where(rows < 0, out[key].shape[0], rows)
+            rows = _refuse_a_mesh(jnp.where(rows < 0, out[key].shape[0], rows), key)
             out[key] = out[key].at[rows].set(True, mode="drop")
     return out
+
+
+def _refuse_a_mesh(rows: jax.Array, key: str) -> jax.Array:
+    """``rows`` as they are, where they are on one device; a sharded update's entries (split
+    over a mesh, in each device's own rows) raise: they are not the table's rows."""
+    sharding = getattr(jax.typeof(rows), "sharding", None)
+    spec = getattr(sharding, "spec", ())
+    if any(p is not None for p in spec):
+        raise NotImplementedError(
+            f"grads[{key!r}] is split over a mesh: a sharded update's entries index each "
+            "device's own rows, not the table's, so they cannot mark its rows yet. Save tables "
+            "on a mesh with jaxembed.checkpoint.save_tables (every row) instead"
+        )
+    return rows
 
 
 def _renorming(model: Any) -> list[str]:
@@ -132,6 +147,8 @@ class DeltaTracker(nnx.Pytree):
       ValueError: the model has no sparse table, or a sparse table renorms as it is read
         (``max_norm``): a forward pass, in evaluation too, then changes rows that no update
         records, so only full checkpoints are exact for it.
+      NotImplementedError: a sparse table placed on a mesh (save it with
+        :func:`save_tables`).
 
     Example:
       >>> import jax.numpy as jnp, jaxembed, optax
@@ -160,12 +177,19 @@ class DeltaTracker(nnx.Pytree):
                 "pass, in evaluation too, changes rows that no update records, so a delta "
                 "checkpoint would miss them. Save full checkpoints (touched=None) for this model"
             )
-        self.masks = nnx.data(
-            {
-                key: Touched(m)
-                for key, m in untouched({k: v[...] for k, v in tables.items()}).items()
-            }
-        )
+        on_a_mesh = [
+            key
+            for key, var in tables.items()
+            if len(getattr(var[...], "sharding", None).device_set) > 1
+        ]
+        if on_a_mesh:
+            raise NotImplementedError(
+                f"the sparse tables {on_a_mesh} are placed on a mesh: a sharded update's "
+                "gradient entries index each device's own rows, so delta checkpoints cannot "
+                "follow them yet. Save them with jaxembed.checkpoint.save_tables (every row)"
+            )
+        masks = untouched({key: var[...] for key, var in tables.items()})
+        self.masks = nnx.data({key: Touched(m) for key, m in masks.items()})
 
     @property
     def touched(self) -> dict[str, jax.Array]:

@@ -252,3 +252,20 @@ def test_a_sharded_module_restores_into_a_module_on_another_plan(tmp_path):
     back2 = checkpoint.restore_tables(again, TABLES, tx=jaxembed.sparse.rowwise_adagrad(0.1))[1]
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(back2), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_delta_tracking_refuses_tables_on_a_mesh():
+    """A sharded update's gradient entries index each device's own rows: a delta mask built
+    from them would mark the wrong rows, so the tracker and track refuse them by name."""
+    from flax import nnx
+
+    model = jaxembed.EmbeddingBagCollection(
+        TABLES, rngs=nnx.Rngs(0), sparse=True, sharding=_layout("row_wise")
+    )
+    with pytest.raises(NotImplementedError, match=r"placed on a mesh.*save_tables"):
+        checkpoint.DeltaTracker(model)
+    mesh = jax.make_mesh((8,), ("x",))
+    rows = jax.device_put(jnp.arange(16), jax.sharding.NamedSharding(mesh, jax.P("x")))
+    touched = checkpoint.untouched({"t": jnp.zeros((40, 2))})
+    with pytest.raises(NotImplementedError, match=r"grads\['t'\] is split over a mesh"):
+        checkpoint.track(touched, {"t": rows})
