@@ -13,6 +13,7 @@ Dtypes are kept (bfloat16 included); nothing is rounded on the way in or out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -381,6 +382,25 @@ def map_arrays(path: str | os.PathLike, *, writable: bool = False) -> dict[str, 
             raise ValueError(f"{path} is truncated: {key!r} ends past its end")
         specs[key], spans[key] = (dtype, shape), (data_start + begin, end - begin)
     return _maps(path, specs, spans, "r+" if writable else "r")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def named_leaves(tree: Any, what: str) -> tuple[list[str], list[Any], Any]:
+    """A pytree's leaves named by their paths (``"users/weight"``), and its treedef; ``what``
+    (the argument's name) leads the ``ValueError`` where two leaves would share a name."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in flat]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: two leaves share a name: {names}")
+    return names, [leaf for _, leaf in flat], treedef
 
 
 def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -111,13 +111,9 @@ def _partials(directory: Path, step: int) -> list[Path]:
     )
 
 
-def _leaves(state: Any) -> list[tuple[str, Any]]:
-    flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    named = [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in flat]
-    names = [n for n, _ in named]
-    if len(set(names)) != len(names):
-        raise ValueError("state has two leaves with the same path name; give them distinct keys")
-    return named
+def _leaves(state: Any, what: str = "state") -> list[tuple[str, Any]]:
+    names, leaves, _ = _interop.named_leaves(state, what)
+    return list(zip(names, leaves, strict=True))
 
 
 def _segments(name: str) -> list[str]:
@@ -155,14 +151,6 @@ def _host(leaf: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(leaf), None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -179,7 +167,9 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _read_manifest(folder: Path) -> tuple[dict, str]:
+def _read_manifest(folder: Path, kinds: tuple[str, ...] | None = None) -> tuple[dict, str]:
+    """A checkpoint's manifest and its SHA-256; with ``kinds``, one of those kinds (a
+    ``"tables"`` checkpoint is :func:`restore_tables`'s, the others :func:`restore`'s)."""
     path = folder / MANIFEST
     try:
         raw = path.read_bytes()
@@ -191,6 +181,10 @@ def _read_manifest(folder: Path) -> tuple[dict, str]:
         raise CheckpointError(f"{path} is not a checkpoint manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} manifest")
+    kind = manifest.get("kind")
+    if kinds is not None and kind not in kinds:
+        reader = "restore_tables" if kind == "tables" else "restore"
+        raise CheckpointError(f"{path} is a {kind!r} checkpoint: {reader} reads it")
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
@@ -274,7 +268,7 @@ def save(
     used: set[str] = set()
     rows = {key: np.flatnonzero(m).astype(np.int64) for key, m in masks.items()}
     for name, leaf in named:
-        shape = _abstract(leaf)[0]
+        shape, dtype = _abstract(leaf)
         table = _table_of(name, shape, tables) if tables else None
         if table is not None:
             used.add(table)
@@ -284,7 +278,7 @@ def save(
             value, impl = _host(leaf)
         arrays[name] = value
         leaves[name] = {
-            "dtype": _abstract(leaf)[1],
+            "dtype": dtype,
             "shape": list(shape),
             "table": table,
             "key_impl": impl,
@@ -362,7 +356,7 @@ def sync(what: str) -> None:
 
 
 def _file_entry(path: Path, **extra: Any) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path), **extra}
+    return {"bytes": path.stat().st_size, "sha256": _interop.file_sha256(path), **extra}
 
 
 def _commit(directory: Path, step: int, partial: Path, manifest: dict) -> Saved:
@@ -380,7 +374,7 @@ def _commit(directory: Path, step: int, partial: Path, manifest: dict) -> Saved:
 
 
 def _load(folder: Path) -> tuple[dict, str, dict[str, np.ndarray]]:
-    manifest, digest = _read_manifest(folder)
+    manifest, digest = _read_manifest(folder, ("full", "delta"))
     files = manifest.get("files", {})
     if set(files) != {ARRAYS}:
         raise CheckpointError(f"{folder / MANIFEST} lists {sorted(files)}, not [{ARRAYS!r}]")
@@ -392,7 +386,7 @@ def _load(folder: Path) -> tuple[dict, str, dict[str, np.ndarray]]:
         raise CheckpointError(
             f"{path} has {size} bytes, its manifest says {want['bytes']}: truncated or altered"
         )
-    if _sha256(path) != want["sha256"]:
+    if _interop.file_sha256(path) != want["sha256"]:
         raise CheckpointError(f"{path} does not match its manifest's SHA-256: altered or corrupt")
     arrays = _interop.read_arrays(path)
     missing = sorted(set(manifest["leaves"]) - set(arrays))
@@ -401,28 +395,35 @@ def _load(folder: Path) -> tuple[dict, str, dict[str, np.ndarray]]:
     return manifest, digest, arrays
 
 
+def _folder(directory: Path, step: int | None) -> tuple[int, Path]:
+    """The step (default: the newest whole one) and its folder; ``CheckpointError`` where
+    there is none, naming a save of it that did not finish."""
+    if step is None:
+        done = steps(directory)
+        if not done:
+            raise CheckpointError(f"{directory} holds no whole checkpoint")
+        step = done[-1]
+    step = _check_step(step)
+    folder = directory / _name(step)
+    if not folder.is_dir():
+        partial = _partials(directory, step) if directory.is_dir() else []
+        if partial:
+            raise CheckpointError(
+                f"the save of step {step} did not finish ({partial[0]} is left, partly "
+                f"written): it is never loaded. Whole checkpoints: {steps(directory)}"
+            )
+        raise CheckpointError(
+            f"{folder} does not exist; whole checkpoints in {directory}: {steps(directory)}"
+        )
+    return step, folder
+
+
 def _chain(directory: Path, step: int) -> list[tuple[dict, dict[str, np.ndarray]]]:
     """The checkpoints to replay for ``step``: its last full one, then each delta, in order."""
     chain = []
     want_digest = None
     while True:
-        folder = directory / _name(step)
-        if not folder.is_dir():
-            partial = _partials(directory, step) if directory.is_dir() else []
-            if partial:
-                raise CheckpointError(
-                    f"the save of step {step} did not finish ({partial[0]} is left, partly "
-                    f"written): it is never loaded. Whole checkpoints: {steps(directory)}"
-                )
-            raise CheckpointError(
-                f"{folder} does not exist; whole checkpoints in {directory}: {steps(directory)}"
-            )
-        manifest, _ = _read_manifest(folder)
-        if manifest.get("kind") not in ("full", "delta"):
-            raise CheckpointError(
-                f"{folder / MANIFEST} is a {manifest.get('kind')!r} checkpoint: "
-                "restore_tables reads it"
-            )
+        _, folder = _folder(directory, step)
         manifest, digest, arrays = _load(folder)
         if want_digest is not None and digest != want_digest:
             raise CheckpointError(
@@ -471,14 +472,9 @@ def restore(directory: str | os.PathLike, like: Any, step: int | None = None) ->
       Array([0., 1., 2., 3.], dtype=float32)
     """
     directory = Path(directory)
-    if step is None:
-        done = steps(directory)
-        if not done:
-            raise CheckpointError(f"{directory} holds no whole checkpoint")
-        step = done[-1]
-    step = _check_step(step)
+    step, _ = _folder(directory, step)
     chain = _chain(directory, step)
-    named = _leaves(like)
+    named = _leaves(like, "like")
     names = [n for n, _ in named]
     saved = chain[-1][0]["leaves"]
     if set(saved) != set(names):

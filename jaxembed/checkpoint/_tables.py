@@ -463,12 +463,7 @@ class _Reader:
     """The saved tables' file, read by rows; each chunk it reads from is checked once."""
 
     def __init__(self, folder: Path):
-        manifest, _ = _store._read_manifest(folder)
-        if manifest.get("kind") != "tables":
-            raise CheckpointError(
-                f"{folder / _store.MANIFEST} is a {manifest.get('kind')!r} checkpoint; "
-                "restore_tables reads what save_tables wrote (restore reads the others)"
-            )
+        manifest, _ = _store._read_manifest(folder, ("tables",))
         self.path = folder / TABLES
         entry = manifest["files"].get(TABLES)
         if not self.path.is_file() or entry is None:
@@ -580,17 +575,7 @@ def restore_tables(
       >>> bool((jaxembed.sharding.tables_of(params2, plan)["a"] == params["a"]["weight"]).all())
       True
     """
-    directory = Path(directory)
-    if step is None:
-        done = _store.steps(directory)
-        if not done:
-            raise CheckpointError(f"{directory} holds no whole checkpoint")
-        step = done[-1]
-    folder = directory / _store._name(_store._check_step(step))
-    if not folder.is_dir():
-        partial = _store._partials(directory, step) if directory.is_dir() else []
-        what = f"the save of step {step} did not finish ({partial[0]})" if partial else None
-        raise CheckpointError(what or f"{folder} does not exist")
+    _, folder = _store._folder(Path(directory), step)
     reader = _Reader(folder)
     module = None
     if isinstance(layout, nnx.Module):
@@ -652,20 +637,20 @@ def _restore_state(reader, arrays: list[_Array], shapes: Mapping, folder: Path) 
 def _build(reader, a: _Array, what, shape, dtype, placed, folder) -> jax.Array:
     """The physical array ``what`` of ``a``, each device's block read from its tables' rows."""
     for t in a.tables:
-        name = f"{t.name}/{what}"
+        name = _saved_name(t.name, what)
         meta = reader.manifest["leaves"].get(name)
         if meta is None:
             raise CheckpointError(f"{folder} holds no {name!r}: saved with another optimizer?")
         if meta["dtype"] != str(dtype):
             raise CheckpointError(f"{folder} holds {name!r} as {meta['dtype']}, layout has {dtype}")
     if not shape:
-        values = {str(reader.scalar(f"{t.name}/{what}")) for t in a.tables}
+        values = {str(reader.scalar(_saved_name(t.name, what))) for t in a.tables}
         if len(values) != 1:
             raise CheckpointError(
                 f"{folder}: the tables {[t.name for t in a.tables]} share one array in this "
                 f"layout, but their {what!r} differ ({sorted(values)}); restore them apart"
             )
-        value = reader.scalar(f"{a.tables[0].name}/{what}").astype(dtype)
+        value = reader.scalar(_saved_name(a.tables[0].name, what)).astype(dtype)
         return jax.make_array_from_callback((), placed, lambda _: value)
 
     def block(index):
@@ -681,7 +666,9 @@ def _build(reader, a: _Array, what, shape, dtype, placed, folder) -> jax.Array:
             if hit is None:
                 continue
             mine, block_rows, block_cols, cols = hit
-            reader.read_into(f"{t.name}/{what}", mine, cols, out, _as_slice(block_rows), block_cols)
+            reader.read_into(
+                _saved_name(t.name, what), mine, cols, out, _as_slice(block_rows), block_cols
+            )
         return out
 
     return jax.make_array_from_callback(shape, placed, block)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -58,14 +57,6 @@ def symbolic_shape(spec: str, *, max_size: int = DEFAULT_MAX) -> tuple[Any, ...]
     names = sorted(set(re.findall(r"[A-Za-z_]\w*", spec)) - {"max", "min", "mod", "floordiv"})
     constraints = [f"{n} <= {max_size}" for n in names]
     return jax.export.symbolic_shape(spec, constraints=constraints)
-
-
-def _names(tables: Any) -> tuple[list[str], list[Any], Any]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tables)
-    names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in flat]
-    if len(set(names)) != len(names):
-        raise ValueError(f"tables: two leaves share a name: {names}")
-    return names, [leaf for _, leaf in flat], treedef
 
 
 def export(
@@ -125,7 +116,7 @@ def export(
       >>> art(jnp.array([[1, 2, 3]])).shape, art(jnp.zeros((5, 3), jnp.int32)).shape
       ((1, 4), (5, 4))
     """
-    names, leaves, treedef = _names(tables)
+    names, leaves, treedef = _interop.named_leaves(tables, "tables")
     layout = MeshLayout.of(dict(zip(names, leaves, strict=True)))
     named = {n: np.asarray(leaf) for n, leaf in zip(names, leaves, strict=True)}
 
@@ -326,7 +317,7 @@ class Artifact:
         _write(path / MODEL, self.exported.serialize())
         _interop.write_arrays(path / TABLES, self.tables)
         manifest = self.manifest()
-        manifest["sha256"] = {f: _sha256(path / f) for f in (MODEL, TABLES)}
+        manifest["sha256"] = {f: _interop.file_sha256(path / f) for f in (MODEL, TABLES)}
         _write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
@@ -347,14 +338,6 @@ def _write(path: pathlib.Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load(directory: str | os.PathLike) -> Artifact:
@@ -386,7 +369,7 @@ def load(directory: str | os.PathLike) -> Artifact:
         raise ValueError(f"{path / MANIFEST}: format {manifest.get('format')!r}, not {FORMAT!r}")
     for name in (MODEL, TABLES):
         expected = manifest.get("sha256", {}).get(name)
-        if not (path / name).is_file() or _sha256(path / name) != expected:
+        if not (path / name).is_file() or _interop.file_sha256(path / name) != expected:
             raise ValueError(
                 f"{path / name} does not match {path / MANIFEST} (missing, truncated, corrupted "
                 "or replaced): refusing to load it"
