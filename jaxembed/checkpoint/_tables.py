@@ -153,10 +153,6 @@ def _is_var(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _leaf_name(path: Any) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def _saved_name(table: str, what: str) -> str:
     """A saved entry's name: ``"<table>/weight"``, ``"<table>/state/<leaf>"``."""
     return f"{table}/{what}"
@@ -185,8 +181,8 @@ def _leaves(array: _Array, params: Mapping, state: Mapping | None) -> list[tuple
     if state is not None:
         if array.key not in state:
             raise KeyError(f"state has no entry for {array.key!r} (it has {sorted(state)})")
-        flat = jax.tree_util.tree_flatten_with_path(state[array.key])[0]
-        leaves += [("state/" + _leaf_name(p), leaf) for p, leaf in flat]
+        names, values, _ = _interop.named_leaves(state[array.key], "state")
+        leaves += [("state/" + n, leaf) for n, leaf in zip(names, values, strict=True)]
     return leaves
 
 
@@ -622,10 +618,10 @@ def _restore_state(reader, arrays: list[_Array], shapes: Mapping, folder: Path) 
     """Each physical array's optimizer state, of ``shapes``' structure, read from the file."""
     state = {}
     for a in arrays:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(shapes[a.key])
+        names, flat, treedef = _interop.named_leaves(shapes[a.key], "state")
         leaves = []
-        for path, leaf in flat:
-            what = "state/" + _leaf_name(path)
+        for name, leaf in zip(names, flat, strict=True):
+            what = "state/" + name
             placed = a.state_sharding(leaf)
             leaves.append(
                 _build(reader, a, what, tuple(leaf.shape), np.dtype(leaf.dtype), placed, folder)
