@@ -1,7 +1,8 @@
 // jaxembed's CPU kernels: what every kernel file shares.
 //
 // The kernels are reached through the XLA FFI (one handler a file: bag_sum.cc, bag_max.cc,
-// gather.cc, sparse_update.cc; search.cc and argsort.cc for managed collisions). Each handler
+// gather.cc, sparse_update.cc; search.cc and argsort.cc for managed collisions; bucket.cc for
+// the sharded collection's routing). Each handler
 // checks its buffers, fills one of the argument structs below (or its own), and runs a kernel
 // body over ranges of its work on XLA's own intra-op thread pool. The bag and update bodies
 // (kernels.h) are compiled once per instruction set (isa.cc: generic, AVX2, AVX-512) and picked

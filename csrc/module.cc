@@ -11,6 +11,7 @@ XLA_FFI_Error* jaxembed_bag_sum(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_bag_max(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_gather(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_argsort(XLA_FFI_CallFrame*);
+XLA_FFI_Error* jaxembed_bucket(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_search(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_sparse_update(XLA_FFI_CallFrame*);
 }
@@ -27,6 +28,7 @@ PyObject* registrations(PyObject*, PyObject*) {
       {"jaxembed_bag_max", reinterpret_cast<void*>(&jaxembed_bag_max)},
       {"jaxembed_gather", reinterpret_cast<void*>(&jaxembed_gather)},
       {"jaxembed_argsort", reinterpret_cast<void*>(&jaxembed_argsort)},
+      {"jaxembed_bucket", reinterpret_cast<void*>(&jaxembed_bucket)},
       {"jaxembed_search", reinterpret_cast<void*>(&jaxembed_search)},
       {"jaxembed_sparse_update", reinterpret_cast<void*>(&jaxembed_sparse_update)},
   };

@@ -20,6 +20,7 @@ The whole suite also runs on each path: ``python -m pytest`` (the kernels) and
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pathlib
@@ -686,3 +687,90 @@ def test_argsort_kernel_is_a_stable_sort(n, spread, seed):
         ref = jax.jit(_ids.argsort)(hi, lo)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(ours), np.argsort(keys, kind="stable"))
+
+
+# -- the sharded collection's routing -----------------------------------------------------------
+
+
+@st.composite
+def bucket_cases(draw):
+    """A device's entries to route: any number of devices, blocks of any size (up to
+    ``devices * rows`` just below 2**31), capacities from none to all, uniform or skewed rows,
+    and unsent entries holding anything."""
+    devices = draw(st.integers(1, 9))
+    rows = draw(st.sampled_from([1, 3, 50, 1000, (2**31 - 2) // devices]))
+    n = draw(st.integers(0, 400))
+    capacity = draw(st.sampled_from([0, 1, 5, 64, n]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    local = rng.integers(0, rows, n) if draw(st.booleans()) else (rng.zipf(1.2, n) - 1) % rows
+    owner = rng.integers(0, devices, n)
+    send = rng.random(n) < draw(st.sampled_from([1.0, 0.6, 0.0]))
+    owner = np.where(send, owner, rng.integers(-(2**31), 2**31 - 1, n))  # never read
+    return (jnp.asarray(owner, jnp.int32), jnp.asarray(local, jnp.int32), jnp.asarray(send),
+            dict(devices=devices, rows=rows, capacity=capacity))  # fmt: skip
+
+
+@needs_kernels
+@costly
+@given(bucket_cases())
+def test_bucket_kernel_equals_the_reference(case):
+    """Slots, the rows each slot holds, its entry counts, the owners' distinct rows and the
+    entries in slot order: every output, exactly, against the pure-JAX sort and search."""
+    from jaxembed.sharding import _route
+
+    owner, local, send, attrs = case
+    ours = jax.jit(lambda *a: _ffi.bucket(*a, **attrs))(owner, local, send)
+    with reference_path():
+        ref = jax.jit(lambda *a: _route.bucket(*a, **attrs))(owner, local, send)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    slot, size = np.asarray(ours[0]), attrs["devices"] * attrs["capacity"]
+    served = slot < size
+    assert not served[~np.asarray(send)].any()
+    np.testing.assert_array_equal(np.asarray(ours[2]), np.bincount(slot[served], minlength=size))
+
+
+@needs_kernels
+def test_bucket_kernel_refuses_a_sent_entry_outside_its_owner_or_block():
+    """A sent entry's owner and row are checked before anything is written."""
+    ok = jnp.zeros(3, jnp.int32), jnp.zeros(3, jnp.int32), jnp.ones(3, bool)
+    attrs = dict(devices=2, rows=4, capacity=2)
+    jax.block_until_ready(_ffi.bucket(*ok, **attrs))
+    for owner, local in (([0, 2, 0], [0, 0, 0]), ([0, -1, 0], [0, 0, 0]), ([0, 0, 0], [0, 4, 0]),
+                         ([0, 0, 0], [-1, 0, 0])):  # fmt: skip
+        with pytest.raises(Exception, match=r"outside \[0, devices\) x \[0, rows\)"):
+            owner, local = jnp.asarray(owner, jnp.int32), jnp.asarray(local, jnp.int32)
+            jax.block_until_ready(_ffi.bucket(owner, local, ok[2], **attrs))
+
+
+@needs_kernels
+@costly
+@given(st.integers(0, 300), st.sampled_from(["sum", "mean"]), st.booleans(),
+       st.sampled_from([jnp.float32, jnp.float64]), st.integers(0, 2**31))  # fmt: skip
+def test_into_slots_sums_each_slot_as_the_scatter_does(n, mode, weighted, dtype, seed):
+    """The gradient's way back into the slots, by the bag kernel, equals the pure-JAX spread
+    and scatter-add bit for bit (the same shares, added in the same order). Weighted bags stay
+    on the pure-JAX path (the kernel's weighted bag fuses the multiply-add): equal too."""
+    from jaxembed.sharding import _route
+
+    rng = np.random.default_rng(seed)
+    bags, devices, rows, capacity = 7, 3, 20, 6
+    with jax.enable_x64(dtype == jnp.float64):
+        lengths = rng.multinomial(n, np.ones(bags) / bags)
+        starts = jnp.asarray(np.cumsum(lengths) - lengths, jnp.int32)
+        keep = jnp.asarray(rng.random(n) < 0.9)
+        psw = jnp.asarray(rng.normal(size=n), dtype) if weighted else None
+        cot = jnp.asarray(rng.normal(size=(bags, 5)), dtype)
+        owner = jnp.asarray(rng.integers(0, devices, n), jnp.int32)
+        local = jnp.asarray((rng.zipf(1.3, n) - 1) % rows, jnp.int32)
+        route = _ffi.bucket(owner, local, keep, devices=devices, rows=rows, capacity=capacity)
+        slot, _, filled, _, order = route
+        parts = _bag.spread_parts(cot, keep, starts, None, psw, None, mode, None)
+        into = jax.jit(functools.partial(_route.into_slots, weighted=weighted))
+        ours = into(parts, slot, order, filled)
+        if n and not weighted:  # the kernel's path was taken
+            assert "jaxembed_bag_sum" in into.lower(parts, slot, order, filled).as_text()
+        with reference_path():
+            ref = into(parts, slot, order, filled)
+        assert ours.dtype == ref.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))

@@ -334,3 +334,21 @@ def argsort(hi: jax.Array, lo: jax.Array) -> jax.Array:
     int32, as ``jaxembed.collisions._ids.argsort`` computes it."""
     out = jax.ShapeDtypeStruct(hi.shape, jnp.int32)
     return _call("jaxembed_argsort", out, hi, lo)
+
+
+def bucket(
+    owner: jax.Array, local: jax.Array, send: jax.Array, *, devices: int, rows: int, capacity: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A device's entries bucketed by owner at a static capacity: ``(slot, keys, counts,
+    per_owner, order)``, as ``jaxembed.sharding._route.bucket`` computes them (see it)."""
+    n, size = owner.shape[0], devices * capacity
+    out = (
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((size,), jnp.int32),
+        jax.ShapeDtypeStruct((size,), jnp.int32),
+        jax.ShapeDtypeStruct((devices,), jnp.int32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    return _call("jaxembed_bucket", out, owner.astype(jnp.int32), local.astype(jnp.int32),
+                 send.astype(bool), devices=np.int64(devices), rows=np.int64(rows),
+                 capacity=np.int64(capacity))  # fmt: skip

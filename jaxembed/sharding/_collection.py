@@ -359,6 +359,8 @@ def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: 
             weights=None if s.weights is None else jax.lax.stop_gradient(s.weights),
             pos=pos,
             refused=r.refused[None],
+            order=r.order,
+            filled=r.filled,
         )
     else:
         bags = _bag._bags(got, jax.lax.stop_gradient(got), at, None, keep, s.weights,
@@ -389,11 +391,10 @@ jax.tree_util.register_pytree_node(
 def _routed_grad(g: Group, cot: jax.Array, p: dict, axis: str) -> SparseGrad:
     """The owner's :class:`~jaxembed.sparse.SparseGrad` from the cotangent of the bags this
     device pooled: each entry's share summed into its slot, sent back to the owner."""
-    values = _bag.spread(cot, p["keep"], p["bounds"], None, p["weights"], p["pos"],
-                         g.stack.pooling, None)  # fmt: skip
-    size = p["indices"].shape[0]
-    slots = jnp.zeros((size, values.shape[1]), values.dtype)
-    slots = slots.at[p["slot"]].add(values, mode="drop")
+    parts = _bag.spread_parts(cot, p["keep"], p["bounds"], None, p["weights"], p["pos"],
+                              g.stack.pooling, None)  # fmt: skip
+    slots = _route.into_slots(parts, p["slot"], p["order"], p["filled"],
+                              weighted=p["weights"] is not None)  # fmt: skip
     values = _route.back(slots.astype(g.dtype), axis)
     if p["scale"] is not None:
         values = (values * p["scale"][:, None]).astype(g.dtype)

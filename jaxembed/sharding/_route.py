@@ -23,10 +23,14 @@ the device's distinct ids over ``K`` (with slack for skew), which :func:`needed`
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxembed.core import _bag
+from jaxembed.kernels import _ffi as _kernels
 
 
 class Route(NamedTuple):
@@ -45,6 +49,9 @@ class Route(NamedTuple):
       dropped: ``()`` int32, this device's entries that overflowed.
       refused: ``()`` bool, the same on every device: under the ``error`` policy, some device
         overflowed, so nothing was sent (every slot empty); else False.
+      order: ``(n,)`` int32, the entries stably sorted by slot.
+      filled: ``(K * capacity,)`` int32, at the source: how many entries each slot stands for
+        (zeros where refused).
     """
 
     slot: jax.Array
@@ -54,20 +61,27 @@ class Route(NamedTuple):
     needed: jax.Array
     dropped: jax.Array
     refused: jax.Array
+    order: jax.Array
+    filled: jax.Array
 
 
-def buckets(owner, local, send, devices: int, rows: int):
-    """Step 1 without the capacity: ``(sorted keys, rank, per_owner, at)``. Each entry to send
-    is the key ``owner * rows + local`` (one sort of int32 keys alone: a payload would cost
-    several times the sort); each sorted key's distinct pair's rank within its owner; each
-    owner's number of distinct pairs; and each entry's position in the sorted keys (its pair's
-    first), by binary search. Unsent entries sort last, as ``devices * rows``."""
-    n, big = owner.shape[0], devices * rows
-    if big >= 2**31 - 1:
+def _check(devices: int, rows: int) -> None:
+    if devices * rows >= 2**31 - 1:
         raise ValueError(
             f"a routed group's keys are int32: {devices} devices x {rows} rows a block must be "
             "below 2**31 - 1; split the tables into smaller groups"
         )
+
+
+def buckets(owner, local, send, devices: int, rows: int):
+    """Step 1 without the capacity, on the pure-JAX path: ``(sorted keys, rank, per_owner,
+    at)``. Each entry to send is the key ``owner * rows + local`` (one sort of int32 keys
+    alone: a payload would cost several times the sort); each sorted key's distinct pair's
+    rank within its owner; each owner's number of distinct pairs; and each entry's position in
+    the sorted keys (its pair's first), by binary search. Unsent entries sort last, as
+    ``devices * rows``."""
+    _check(devices, rows)
+    n, big = owner.shape[0], devices * rows
     key = jnp.where(send, owner * rows + local, big).astype(jnp.int32)
     sk = jnp.sort(key)
     sent = sk < big
@@ -80,6 +94,45 @@ def buckets(owner, local, send, devices: int, rows: int):
     rank = pair - jnp.take(before, jnp.minimum(so, devices - 1))
     at = jnp.searchsorted(sk, key, side="left", method="scan").astype(jnp.int32)
     return sk, rank, per_owner, at
+
+
+def _vma(x) -> frozenset:
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def bucket(owner, local, send, *, devices: int, rows: int, capacity: int):
+    """Step 1: ``(slot, keys, counts, per_owner, order)``.
+
+    ``slot`` ``(n,)``: each entry's slot, ``owner * capacity + rank`` (``rank`` numbers the
+    owner's distinct rows, ascending), or ``devices * capacity`` for an entry not sent or past
+    its owner's capacity; ``keys`` ``(devices * capacity,)``: the row each slot holds (``rows``
+    where empty); ``counts``: how many entries each slot stands for; ``per_owner``
+    ``(devices,)``: each owner's distinct rows, served or not; ``order`` ``(n,)``: the
+    entries stably sorted by slot (what :func:`into_slots` sums slot by slot). On CPU the kernel
+    (``jaxembed_bucket``: a counting sort and one pass) computes it, elsewhere :func:`buckets`.
+    """
+    _check(devices, rows)
+    size = devices * capacity
+
+    def reference(owner, local, send):
+        sk, rank, per_owner, at = buckets(owner, local, send, devices, rows)
+        ok = (sk < devices * rows) & (rank < capacity)
+        slot_sorted = jnp.where(ok, (sk // rows) * capacity + rank, size).astype(jnp.int32)
+        # duplicates of a pair write the same local row to its slot
+        keys = jnp.full((size,), rows, jnp.int32).at[slot_sorted].set(sk % rows, mode="drop")
+        counts = jnp.zeros((size,), jnp.int32).at[slot_sorted].add(1, mode="drop")
+        slot = jnp.where(send, jnp.take(slot_sorted, at, mode="clip"), size)
+        order = jnp.argsort(slot, stable=True).astype(jnp.int32)
+        # inside shard_map jnp.argsort's result varies over no axis: cast it to vary as slot does
+        axes = tuple(sorted(_vma(slot) - _vma(order)))
+        if axes:
+            order = jax.lax.pcast(order, axes, to="varying")
+        return slot, keys, counts, per_owner, order
+
+    if not _kernels.available() or owner.shape[0] == 0:
+        return reference(owner, local, send)
+    kernel = functools.partial(_kernels.bucket, devices=devices, rows=rows, capacity=capacity)
+    return jax.lax.platform_dependent(owner, local, send, cpu=kernel, default=reference)
 
 
 def route(
@@ -110,32 +163,58 @@ def route(
         nothing is sent, so that the step changes nothing.
     """
     size = devices * capacity
-    sk, rank, per_owner, at = buckets(owner, local, send, devices, rows)
-    sent = sk < devices * rows
-    ok = sent & (rank < capacity)
-    dropped = jnp.sum(sent & ~ok, dtype=jnp.int32)
+    slot, keys, filled, per_owner, order = bucket(owner, local, send, devices=devices, rows=rows,
+                                                  capacity=capacity)  # fmt: skip
+    dropped = jnp.sum(send & (slot == size), dtype=jnp.int32)
     refused = jnp.zeros((), bool)
-    if refuse:
+    if refuse:  # nothing is sent: every slot empty
         refused = jax.lax.psum(dropped, axis) > 0
-        ok = ok & ~refused
-    slot_sorted = jnp.where(ok, (sk // rows) * capacity + rank, size).astype(jnp.int32)
-    # duplicates of a pair write the same local row to its slot
-    keys = jnp.full((size,), rows, jnp.int32).at[slot_sorted].set(sk % rows, mode="drop")
+        slot = jnp.where(refused, size, slot)
+        keys = jnp.where(refused, rows, keys)
+        filled = jnp.where(refused, 0, filled)
     exchange = jax.lax.all_to_all
     received = exchange(keys, axis, 0, 0, tiled=True)
-    many = None
-    if counts:
-        many = jnp.zeros((size,), jnp.int32).at[slot_sorted].add(1, mode="drop")
-        many = exchange(many, axis, 0, 0, tiled=True)
-    slot = jnp.take(slot_sorted, at, mode="clip")
-    served = send & (slot < size)
-    slot = jnp.where(served, slot, size)
-    return Route(slot, served, received, many, jnp.max(per_owner), dropped, refused)
+    many = exchange(filled, axis, 0, 0, tiled=True) if counts else None
+    served = slot < size
+    return Route(slot, served, received, many, jnp.max(per_owner), dropped, refused, order,
+                 filled)  # fmt: skip
 
 
 def needed(owner, local, send, *, devices: int, rows: int) -> jax.Array:
     """The most distinct rows this device would send any one owner: the capacity it needs."""
-    return jnp.max(buckets(owner, local, send, devices, rows)[2])
+    return jnp.max(bucket(owner, local, send, devices=devices, rows=rows, capacity=0)[3])
+
+
+def into_slots(parts: _bag.Spread, slot: jax.Array, order: jax.Array, filled: jax.Array, *,
+               weighted: bool) -> jax.Array:  # fmt: skip
+    """The gradient's way back, at the source: each slot's sum of its entries' shares of their
+    bags' cotangents (``parts``, the core's :class:`~jaxembed.core._bag.Spread`), in the
+    entries' order: ``(K * capacity, D)`` in the cotangent's type. ``slot``, ``order`` and
+    ``filled`` are the :class:`Route`'s; ``weighted``: the bags have per-sample weights.
+
+    On CPU the bag kernel sums them, reading the cotangent as its table: slot ``s``'s bag is
+    its entries (``order``), each a bag's row times its factor (1, or 0 for an entry not
+    kept), added in order from zero as the scatter adds them: bit for bit the same. Max bags
+    (their shares are per column) and weighted bags take the pure-JAX path: a share there is a
+    rounded product, where the kernel's weighted bag fuses the multiply and the add. Elsewhere
+    the ``(n, D)`` shares are spread and scattered into the slots.
+    """
+    size, n = filled.shape[0], slot.shape[0]
+
+    def reference(cot, factor, starts, pos, slot, order, filled):
+        values = _bag.spread_values(_bag.Spread(cot, starts, factor, pos))
+        return jnp.zeros((size, cot.shape[1]), cot.dtype).at[slot].add(values, mode="drop")
+
+    def kernel(cot, factor, starts, pos, slot, order, filled):
+        bag = jnp.take(_bag._bag_ids(starts, n), order)
+        ends = jnp.cumsum(filled, dtype=jnp.int32)
+        return _kernels.bag_sum(cot, bag, None, jnp.take(factor, order), ends - filled, ends,
+                                mean=False, fill=0.0)  # fmt: skip
+
+    args = (parts.cot, parts.factor, parts.starts, parts.pos, slot, order, filled)
+    if weighted or parts.pos is not None or n == 0 or not _kernels.table_applies(parts.cot):
+        return reference(*args)
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
 
 
 def back(x: jax.Array, axis: str) -> jax.Array:
