@@ -59,6 +59,7 @@ from jaxembed.modules import (
     ManagedCollisionEmbeddingCollection,
     ManagedCollisionState,
     QuantizedWeight,
+    RoutingStats,
 )
 from jaxembed.quantized import QuantizedTable, dequantize, quantize
 from jaxembed.sharding import ShardingPlan, TableSharding, plan
@@ -82,6 +83,7 @@ __all__ = [
     "ManagedCollisionState",
     "QuantizedTable",
     "QuantizedWeight",
+    "RoutingStats",
     "ShardingPlan",
     "TableSharding",
     "checkpoint",

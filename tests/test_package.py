@@ -96,6 +96,7 @@ ALLOWED = {
     "jaxembed.core": ("jaxembed.kernels", "jaxembed.core"),
     "jaxembed.sparse": ("jaxembed.kernels", "jaxembed.core", "jaxembed.sparse"),
     "jaxembed.sharding": (
+        "jaxembed.kernels",
         "jaxembed.core",
         "jaxembed.sparse",
         "jaxembed.collections",

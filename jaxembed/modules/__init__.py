@@ -3,8 +3,8 @@
 What this folder owns, module by module:
 
 * ``_nnx``: ``flax.nnx`` :class:`~jaxembed.Embedding`, :class:`~jaxembed.EmbeddingBag`,
-  :class:`~jaxembed.FrozenWeight` and :class:`~jaxembed.QuantizedWeight` (a quantized module's
-  frozen rows);
+  :class:`~jaxembed.FrozenWeight`, :class:`~jaxembed.QuantizedWeight` (a quantized module's
+  frozen rows) and :class:`~jaxembed.RoutingStats` (a sharded collection's last routing);
 * ``_linen``: the ``flax.linen`` modules (public as :mod:`jaxembed.linen`);
 * ``_collection``: the ``flax.nnx`` :class:`~jaxembed.EmbeddingBagCollection` and
   :class:`~jaxembed.EmbeddingCollection` over :mod:`jaxembed.collections`;
@@ -26,7 +26,14 @@ from jaxembed.modules._managed import (
     ManagedCollisionEmbeddingCollection,
     ManagedCollisionState,
 )
-from jaxembed.modules._nnx import Embed, Embedding, EmbeddingBag, FrozenWeight, QuantizedWeight
+from jaxembed.modules._nnx import (
+    Embed,
+    Embedding,
+    EmbeddingBag,
+    FrozenWeight,
+    QuantizedWeight,
+    RoutingStats,
+)
 
 __all__ = [
     "Embed",
@@ -39,4 +46,5 @@ __all__ = [
     "ManagedCollisionEmbeddingCollection",
     "ManagedCollisionState",
     "QuantizedWeight",
+    "RoutingStats",
 ]

@@ -15,7 +15,7 @@ from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Pl
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _gradient, _validation
 from jaxembed.modules import _table
-from jaxembed.modules._nnx import FrozenWeight, QuantizedWeight
+from jaxembed.modules._nnx import FrozenWeight, QuantizedWeight, RoutingStats
 from jaxembed.quantized import _format as _quantized
 from jaxembed.sharding import _collection as _mesh
 from jaxembed.sharding._placement import ShardingPlan
@@ -73,6 +73,10 @@ class _Collection(nnx.Module):
             params = _collection.stack_tables(_weights, self.plan)
         kind = FrozenWeight if _freeze else (_sparse_nnx.SparseParam if sparse else nnx.Param)
         self.weights = nnx.Dict({name: kind(p["weight"]) for name, p in params.items()})
+        if sharding is not None:
+            self.routing = nnx.Dict(
+                {name: RoutingStats(v) for name, v in _mesh.no_stats(sharding).items()}
+            )
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -198,8 +202,9 @@ class _Collection(nnx.Module):
         features are recorded side by side, and its gradient is its own entries."""
         params = self._params()
         if tape is None:
-            out, new_params = _mesh.embedding_bag_collection(params, features, self.sharding)
+            out, new_params, stats = _mesh.bags_and_stats(params, features, self.sharding)
             self._write_back(params, new_params)
+            self._keep_stats(stats)
             return out
         recorded = {key for key, _ in tape.records}
         if any(tape.keys.get(id(self.weights[name])) in recorded for name in self._names()):
@@ -209,6 +214,7 @@ class _Collection(nnx.Module):
             )
         pooled, lk = _mesh.lookup(params, features, self.sharding)
         self._write_back(params, lk.params)
+        self._keep_stats(lk.stats)
         pooled = dict(pooled)
         for g in self.sharding.groups:
             feats = _mesh.group_features(g, features.keys)
@@ -216,6 +222,27 @@ class _Collection(nnx.Module):
             rows = tape.record(self.weights[g.name], rows, lk.group(g.name))
             pooled.update(zip(feats, jnp.split(rows, len(feats)), strict=True))
         return pooled
+
+    def _keep_stats(self, stats: Mapping[str, jax.Array]) -> None:
+        for name, value in stats.items():
+            self.routing[name].set_value(value)
+
+    def check_routing(self) -> None:
+        """Raises where the last call on a mesh overflowed a routed group's capacity.
+
+        Called eagerly, a sharded lookup raises (or warns) at once; under ``nnx.jit`` it cannot,
+        so an overflowing step serves none of the group's ids (NaN bags, no update, under the
+        ``error`` policy) and keeps its stats in :attr:`routing`. Call this on the host after
+        the step.
+
+        Raises:
+          jaxembed.sharding.CapacityError: under the plan's ``error`` policy, naming the group,
+            its capacity and what the batch needed (``drop``: a warning instead).
+          ValueError: a collection on one device (no ``sharding=``).
+        """
+        if self.sharding is None:
+            raise ValueError("check_routing reads a sharded collection's stats (sharding=)")
+        _mesh.check_stats({k: v.get_value() for k, v in self.routing.items()}, self.sharding)
 
     def _lookup(self, fn: Any, features: KeyedJagged) -> Any:
         tape = _sparse_nnx.active_tape() if self.sparse else None
@@ -330,7 +357,9 @@ class EmbeddingBagCollection(_Collection):
       sharding: a :class:`jaxembed.sharding.ShardingPlan` (:func:`jaxembed.plan`): the tables
         placed on its mesh, the variables ``weights[group name]``, and the module called on
         :func:`jaxembed.sharding.put_features`' batches (see
-        :func:`jaxembed.sharding.embedding_bag_collection`); None: one device.
+        :func:`jaxembed.sharding.embedding_bag_collection`); None: one device. Each call
+        keeps its routing stats in ``routing[group name]`` (:class:`~jaxembed.RoutingStats`);
+        under ``nnx.jit``, call :meth:`check_routing` on the host after the step.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed

@@ -37,6 +37,14 @@ class FrozenWeight(nnx.Variable):
     """A table that gets no gradient (torch's ``requires_grad=False``): not an ``nnx.Param``."""
 
 
+class RoutingStats(nnx.Variable):
+    """A sharded collection's routing stats from its last call, ``(K, 2)`` int32 per routed
+    group: per device, the most distinct rows it sent one owner (the capacity it needed) and
+    its ids that overflowed (:attr:`jaxembed.sharding.ShardedLookup.stats`). Not a parameter:
+    it leaves ``nnx.jit`` as state does, for the host to check afterwards
+    (:meth:`jaxembed.EmbeddingBagCollection.check_routing`)."""
+
+
 class QuantizedWeight(nnx.Variable):
     """A quantized table's packed rows, ``(V, row bytes)`` uint8 in torch's layout: frozen."""
 

@@ -18,7 +18,8 @@ What this folder owns, module by module:
   under ``jax.shard_map``, row- and table-wise groups through ``_route``; the stats pass
   :func:`capacity_for` and the overflow check :func:`check_stats`.
 
-It may import :mod:`jaxembed.core`, :mod:`jaxembed.sparse` and :mod:`jaxembed.collections`.
+It may import :mod:`jaxembed.core`, :mod:`jaxembed.kernels` (the routing's CPU kernel),
+:mod:`jaxembed.sparse` and :mod:`jaxembed.collections`.
 Nothing below it imports it: the core and the sparse update reach it through the ``Layout``
 interface.
 """

@@ -510,18 +510,36 @@ def embedding_bag_collection(
       the ``error`` policy (:meth:`ShardingPlan.with_capacity`; under ``jit`` that group's
       bags are NaN instead, and its tables get no gradient).
     """
+    pooled, out, _ = bags_and_stats(params, features, sharding)
+    return pooled, out
+
+
+def bags_and_stats(params, features, sharding):
+    """:func:`embedding_bag_collection`, and its routing stats (``{group: (K, 2)}``, as
+    :attr:`ShardedLookup.stats`): ``(pooled, new_params, stats)``."""
     plan = _check_plan(sharding)
     weights = _check_params(params, plan)
     features = _check_features(features, plan)
     pooled, new, _, stats = _collection(weights, features, plan=plan)
     check_stats(stats, plan, features)
     if all(g.stack.options.max_norm is None for g in plan.groups):
-        return pooled, params
+        return pooled, params, stats
     out = dict(params)
     for g, w in zip(plan.groups, new, strict=True):
         if g.stack.options.max_norm is not None:
             out[g.name] = {**params[g.name], "weight": jax.lax.stop_gradient(w)}
-    return pooled, out
+    return pooled, out, stats
+
+
+def no_stats(sharding: ShardingPlan) -> dict[str, jax.Array]:
+    """``{group: (K, 2) zeros}`` for every routed group, laid out as a step's stats."""
+    plan = _check_plan(sharding)
+    k = plan.num_devices
+    return {
+        g.name: _put(np.zeros((k, 2), np.int32), plan.mesh, P(plan.axis, None))
+        for g in plan.groups
+        if g.routed
+    }
 
 
 # -- sparse training ------------------------------------------------------------------------------

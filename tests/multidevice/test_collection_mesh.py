@@ -607,3 +607,67 @@ def test_the_nnx_collection_trains_on_the_plan():
             jaxembed.sparse.value_and_grad(lambda m: loss(m, features) + loss(m, features))(sharded)
     with pytest.raises(ValueError, match="ShardingPlan of these tables"):
         jaxembed.EmbeddingBagCollection(tables[:2], rngs=nnx.Rngs(0), sharding=plan)
+
+
+def test_the_nnx_collection_keeps_its_routing_stats_for_the_host_under_jit():
+    """Under ``nnx.jit`` an overflow cannot raise inside the step: the module keeps the step's
+    routing stats (``module.routing``) and ``check_routing`` raises on the host afterwards,
+    naming the group, its capacity and the need; the tables are as they were. A batch that
+    fits passes, with the stats of the batch."""
+    from flax import nnx
+
+    tables = [t for t in _tables() if t.name in ("a", "b", "c")]
+    mesh = _mesh()
+    plan = S.by_hand(tables, mesh, {t.name: S.row_wise() for t in tables})
+    _, blocks = _zipf_batch(tables)
+    features = S.put_features(blocks, plan)
+    need = S.capacity_for(plan, [features], slack=1.0)
+    small = {name: max(1, n - 3) for name, n in need.items()}
+    traces = []
+
+    def loss(module, kj):
+        traces.append(1)
+        return sum((v * v).sum() for v in module(kj).values())
+
+    @nnx.jit
+    def step(module, opt, kj):
+        value, grads = jaxembed.sparse.value_and_grad(loss)(module, kj)
+        opt.update(module, grads)
+        return value
+
+    with jax.set_mesh(mesh):
+        for caps, fits in ((small, False), (need, True)):
+            module = jaxembed.EmbeddingBagCollection(
+                tables, rngs=nnx.Rngs(0), sparse=True, sharding=plan.with_capacity(caps)
+            )
+            assert set(module.routing.keys()) == set(need)
+            module.check_routing()  # nothing looked up yet
+            before = module.tables()
+            opt = jaxembed.sparse.Optimizer(
+                module, optax.sgd(0.0), jaxembed.sparse.rowwise_adagrad(0.1)
+            )
+            traces.clear()
+            step(module, opt, features)
+            first = len(traces)  # sparse.value_and_grad traces the loss more than once
+            step(module, opt, features)
+            assert len(traces) == first  # the stats are state: the step does not retrace
+            stats = {n: np.asarray(v.get_value()) for n, v in module.routing.items()}
+            assert {n: int(s[:, 0].max()) for n, s in stats.items()} == need
+            if fits:
+                module.check_routing()
+                assert all(s[:, 1].sum() == 0 for s in stats.values())
+                assert any((module.tables()[t] != before[t]).any() for t in before)
+                continue
+            name = module.sharding.groups[0].name
+            message = f"group '{name}': \\d+ ids overflowed its capacity of {small[name]} .* "
+            with pytest.raises(S.CapacityError, match=message + f"needs {need[name]}"):
+                module.check_routing()
+            for t, w in module.tables().items():
+                np.testing.assert_array_equal(w, before[t], err_msg=t)
+            # a forward alone (no gradient) keeps its stats too
+            module.routing[name].set_value(jnp.zeros_like(module.routing[name].get_value()))
+            nnx.jit(lambda m, kj: m(kj))(module, features)
+            with pytest.raises(S.CapacityError, match=message):
+                module.check_routing()
+    with pytest.raises(ValueError, match="sharded collection's stats"):
+        jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0)).check_routing()
