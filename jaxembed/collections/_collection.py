@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxembed.collections._config import EmbeddingBagConfig, EmbeddingConfig, Plan, Stack
+from jaxembed.collections._config import Plan, Stack
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.core import _bag, _gradient, _layout, _serialization, _validation
 from jaxembed.core._packed import is_packed
@@ -78,11 +78,7 @@ def init(key: ArrayLike, tables: Any, *, stack: bool = True) -> Params:
 
 
 def _plan(tables: Any, stack: bool = True) -> Plan:
-    if isinstance(tables, Plan):
-        return tables
-    first = next(iter(tables)) if not isinstance(tables, EmbeddingConfig) else tables
-    kind = EmbeddingBagConfig if isinstance(first, EmbeddingBagConfig) else EmbeddingConfig
-    return Plan.of(tables, kind, stack=stack)
+    return Plan.of_either(tables, stack=stack)
 
 
 def stack_tables(weights: Mapping[str, ArrayLike], tables: Any, *, stack: bool = True) -> Params:

@@ -269,6 +269,25 @@ class Plan:
             stacks.append(Stack("+".join(t.name for t in group), tuple(group), offsets[:-1]))
         return cls(tables, tuple(stacks))
 
+    @classmethod
+    def of_either(cls, tables: Any, *, stack: bool = True) -> Plan:
+        """:meth:`of` for a collection of either kind: bag configs, or (unpooled) plain
+        :class:`EmbeddingConfig` s, the kind of the first table (the rest must match).
+
+        Raises:
+          As :meth:`of`.
+        """
+        if isinstance(tables, Plan):
+            return tables
+        first = next(iter([tables] if isinstance(tables, EmbeddingConfig) else tables), None)
+        kind = EmbeddingBagConfig if isinstance(first, EmbeddingBagConfig) else EmbeddingConfig
+        return cls.of(tables, kind, stack=stack)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the tables are bag configs (pooled), not plain ones (unpooled)."""
+        return self.tables[0].pooling is not None
+
     @property
     def feature_names(self) -> tuple[str, ...]:
         """Every feature, in table order (the order of the concatenated output)."""

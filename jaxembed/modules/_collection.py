@@ -53,11 +53,6 @@ class _Collection(nnx.Module):
             self.weights = nnx.Dict({k: QuantizedWeight(v) for k, v in packed.items()})
             return
         if sharding is not None:
-            if self._kind is not EmbeddingBagConfig:
-                raise NotImplementedError(
-                    "EmbeddingCollection on a mesh is not built yet; sharding= is for "
-                    "EmbeddingBagCollection"
-                )
             if not isinstance(sharding, ShardingPlan) or sharding.tables != self.plan.tables:
                 raise ValueError(
                     "sharding must be a jaxembed.sharding.ShardingPlan of these tables "
@@ -197,30 +192,33 @@ class _Collection(nnx.Module):
                 old = params[name]["weight"]
                 self.weights[name].set_value(_gradient.straight_through(old, new))
 
-    def _lookup_on_mesh(self, features: KeyedJagged, tape: Any) -> dict[str, jax.Array]:
-        """The pooled features on the plan's mesh; under ``sparse.value_and_grad`` each group's
-        features are recorded side by side, and its gradient is its own entries."""
+    def _lookup_on_mesh(self, features: KeyedJagged, tape: Any) -> dict[str, Any]:
+        """The pooled features (unpooled: ``{feature: Jagged}``) on the plan's mesh; under
+        ``sparse.value_and_grad`` each group's features (their rows' values) are recorded side
+        by side, and its gradient is its own entries."""
         params = self._params()
         if tape is None:
-            out, new_params, stats = _mesh.bags_and_stats(params, features, self.sharding)
+            out, new_params, stats = _mesh.forward_and_stats(params, features, self.sharding)
             self._write_back(params, new_params)
             self._keep_stats(stats)
             return out
         recorded = {key for key, _ in tape.records}
         if any(tape.keys.get(id(self.weights[name])) in recorded for name in self._names()):
             raise ValueError(
-                "a sharded EmbeddingBagCollection is looked up once per loss under "
+                f"a sharded {type(self).__name__} is looked up once per loss under "
                 "jaxembed.sparse.value_and_grad (concatenate the batches instead)"
             )
         pooled, lk = _mesh.lookup(params, features, self.sharding)
         self._write_back(params, lk.params)
         self._keep_stats(lk.stats)
         pooled = dict(pooled)
+        jagged = not self.sharding.pooled
         for g in self.sharding.groups:
             feats = _mesh.group_features(g, features.keys)
-            rows = jnp.concatenate([pooled[f] for f in feats])
-            rows = tape.record(self.weights[g.name], rows, lk.group(g.name))
-            pooled.update(zip(feats, jnp.split(rows, len(feats)), strict=True))
+            values = [pooled[f].values if jagged else pooled[f] for f in feats]
+            rows = tape.record(self.weights[g.name], jnp.concatenate(values), lk.group(g.name))
+            for f, v in zip(feats, jnp.split(rows, len(feats)), strict=True):
+                pooled[f] = pooled[f]._replace(values=v) if jagged else v
         return pooled
 
     def _keep_stats(self, stats: Mapping[str, jax.Array]) -> None:

@@ -257,10 +257,10 @@ def _check_features(features: Any, plan: ShardingPlan) -> KeyedJagged:
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
     addressable = not traced and all(getattr(x, "is_fully_addressable", True) for x in leaves)
     # the keys and the weights; the ids block by block where this process can read them all
-    _coll._check_features(features, stack_plan, pooled=True, ids=False)
+    _coll._check_features(features, stack_plan, pooled=plan.pooled, ids=False)
     if addressable:
         for block in range(k):
-            _coll._check_features(_block(features, block, k), stack_plan, pooled=True)
+            _coll._check_features(_block(features, block, k), stack_plan, pooled=plan.pooled)
     return features
 
 
@@ -311,9 +311,11 @@ def _owners(g: Group, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _to_route(g: Group, s: _coll._StackIds):
     """``(owner, local, send)`` of the device's entries of a routed group: an id outside its
-    table is not sent (it stays here, a NaN bag)."""
+    table is not sent (it stays here, a NaN bag or row); nor is a bag's padding entry (an
+    unpooled lookup returns the padding row, so sends it)."""
     owner, local = _owners(g, s.ids)
-    return owner, local, s.keep & (s.ids < g.stack.num_embeddings)
+    in_table = s.ids < g.stack.num_embeddings
+    return owner, local, (s.keep & in_table) if g.pooled else in_table
 
 
 def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: int, *,
@@ -347,6 +349,16 @@ def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: 
     keep = s.keep & (r.served | ~valid)  # an id that overflowed leaves its bag
     style, mode = options.lookup_style, g.stack.pooling
     pieces = None
+    if not g.pooled:  # each entry's row: an id outside its table NaN, an overflowed one zeros
+        out = jnp.take(got, at, axis=0, mode="fill", fill_value=0)
+        out = jnp.where((s.ids >= g.stack.num_embeddings)[:, None], jnp.nan, out)
+        if sparse:
+            pieces = dict(indices=lookup.local, slot=at, keep=s.keep, scale=scale,
+                          refused=r.refused[None], order=r.order, filled=r.filled)  # fmt: skip
+        else:  # a padding entry's row gets no gradient, as torch's
+            out = jnp.where(s.keep[:, None], out, jax.lax.stop_gradient(out))
+        out = jnp.where(r.refused, jnp.nan, out)  # the error policy: never a partial lookup
+        return out, lookup.new_weight, pieces, jnp.stack([r.needed, r.dropped])[None]
     if sparse:
         bags, pos = _bag.bags_of_table(got, at, keep, s.weights, (s.starts, s.ends), mode, None,
                                        style)  # fmt: skip
@@ -391,10 +403,16 @@ jax.tree_util.register_pytree_node(
 def _routed_grad(g: Group, cot: jax.Array, p: dict, axis: str) -> SparseGrad:
     """The owner's :class:`~jaxembed.sparse.SparseGrad` from the cotangent of the bags this
     device pooled: each entry's share summed into its slot, sent back to the owner."""
-    parts = _bag.spread_parts(cot, p["keep"], p["bounds"], None, p["weights"], p["pos"],
-                              g.stack.pooling, None)  # fmt: skip
-    slots = _route.into_slots(parts, p["slot"], p["order"], p["filled"],
-                              weighted=p["weights"] is not None)  # fmt: skip
+    if g.pooled:
+        parts = _bag.spread_parts(cot, p["keep"], p["bounds"], None, p["weights"], p["pos"],
+                                  g.stack.pooling, None)  # fmt: skip
+        weighted = p["weights"] is not None
+    else:  # each entry its own bag of one
+        n = cot.shape[0]
+        parts = _bag.spread_parts(cot, p["keep"], jnp.arange(n, dtype=jnp.int32), None, None,
+                                  None, "sum", None)  # fmt: skip
+        weighted = False
+    slots = _route.into_slots(parts, p["slot"], p["order"], p["filled"], weighted=weighted)
     values = _route.back(slots.astype(g.dtype), axis)
     if p["scale"] is not None:
         values = (values * p["scale"][:, None]).astype(g.dtype)
@@ -409,7 +427,7 @@ def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bo
     if g.routed:
         capacity = plan.capacity_of(g, features.capacity)
         bags, new_weight, pieces, stats = _routed(g, weight, s, plan, capacity, sparse=sparse)
-        return _split(g, bags, keys, features), new_weight, pieces, stats
+        return _split(g, bags, keys, features, s, pieces), new_weight, pieces, stats
     stats = jnp.zeros((1, 2), jnp.int32)
     ids, keep, psw, bounds = s.ids, s.keep, s.weights, (s.starts, s.ends)
     if g.kind is Kind.COLUMN_WISE:
@@ -429,7 +447,20 @@ def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bo
         )
     style, mode = g.stack.options.lookup_style, g.stack.pooling
     pieces = None
-    if sparse:
+    if not g.pooled:  # each entry's row, as the unsharded collection's
+        bags = lookup.rows(gradient=False)
+        if sparse:
+            pieces = dict(
+                indices=jnp.where(keep & (lookup.local < rows), lookup.local, rows),
+                keep=keep,
+                bounds=bounds,
+                scale=lookup.scale(padding=False),
+            )
+        else:
+            scale, factor = lookup.scale(), keep.astype(bags.dtype)
+            factor = factor if scale is None else scale * factor
+            bags = _gradient.with_table_gradient(bags, lookup.weight, lookup.local, factor)
+    elif sparse:
         bags, pos = _bag.bags_of_table(lookup.table, lookup.local, keep, psw, bounds, mode, None,
                                        style)  # fmt: skip
         pieces = dict(
@@ -445,14 +476,21 @@ def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bo
             lookup.weight, lookup.table, lookup.local, lookup.scale(), keep, psw, bounds, mode,
             None, style,
         )  # fmt: skip
-    if g.kind is Kind.COLUMN_WISE:  # each device's column slice of every bag, to its samples
+    if g.kind is Kind.COLUMN_WISE:  # each device's column slice of every bag (row), back
         bags = jax.lax.all_to_all(bags, axis, 0, 1, tiled=True)
-    return _split(g, bags, keys, features), lookup.new_weight, pieces, stats
+    return _split(g, bags, keys, features, s, pieces), lookup.new_weight, pieces, stats
 
 
-def _split(g: Group, out: jax.Array, keys, features: KeyedJagged) -> dict[str, jax.Array]:
-    """``{feature: (B_local, D)}`` from the group's bags on this device."""
+def _split(g: Group, out: jax.Array, keys, features: KeyedJagged, s: _coll._StackIds,
+           pieces: dict | None) -> dict[str, Any]:  # fmt: skip
+    """``{feature: (B_local, D)}`` from the group's bags on this device; unpooled, ``{feature:
+    Jagged}`` from its ``(C, D)`` rows (and where each feature's rows are, into ``pieces``)."""
     js = g.stack.positions_in(keys)
+    if not g.pooled:
+        starts, lengths = _coll._feature_starts(s), features.lengths.reshape(len(keys), -1)
+        if pieces is not None:
+            pieces.update(starts=starts, lengths=lengths[np.asarray(js)])
+        return _coll._jagged_features(out, starts, lengths, keys, js)
     per = out.reshape(len(js), features.batch_size, out.shape[-1])
     return {keys[j]: per[i] for i, j in enumerate(js)}
 
@@ -510,13 +548,64 @@ def embedding_bag_collection(
       the ``error`` policy (:meth:`ShardingPlan.with_capacity`; under ``jit`` that group's
       bags are NaN instead, and its tables get no gradient).
     """
-    pooled, out, _ = bags_and_stats(params, features, sharding)
+    pooled, out, _ = forward_and_stats(params, features, _kind(sharding, True))
     return pooled, out
 
 
-def bags_and_stats(params, features, sharding):
-    """:func:`embedding_bag_collection`, and its routing stats (``{group: (K, 2)}``, as
-    :attr:`ShardedLookup.stats`): ``(pooled, new_params, stats)``."""
+def embedding_collection(
+    params: Mapping[str, Any], features: KeyedJagged, sharding: ShardingPlan
+) -> tuple[dict[str, _coll.Jagged], Params]:
+    """:func:`jaxembed.embedding_collection` on a mesh: every feature's rows, unpooled, the
+    tables (:class:`~jaxembed.EmbeddingConfig`) placed by ``sharding``.
+
+    Args:
+      params: the sharded params (:func:`init`, :func:`shard_params`).
+      features: the batch, one block per device (:func:`put_features`).
+      sharding: a :class:`ShardingPlan` of :class:`~jaxembed.EmbeddingConfig` tables.
+
+    Returns:
+      ``(rows, new_params)``: ``rows[feature]`` is a :class:`~jaxembed.collections.Jagged`
+      laid out as ``features``: its ``values`` ``(K * C, D)`` hold device ``k``'s block of
+      ``C`` rows (sample after sample, then zeros) at ``[k * C, (k + 1) * C)``, its
+      ``lengths`` ``(B,)`` are split as the samples. Padding entries give their row (no
+      gradient), an id outside its table a NaN row under ``jit``, as on one device; under a
+      routed group's ``drop`` policy an overflowed id's row is zeros (no gradient).
+      Differentiable w.r.t. ``params``, as :func:`embedding_bag_collection`.
+
+    Raises:
+      TypeError: a plan of bag configs (use :func:`embedding_bag_collection`).
+      As :func:`embedding_bag_collection` otherwise.
+
+    Example:
+      >>> import jax, jaxembed
+      >>> from jaxembed import sharding as S
+      >>> mesh = jax.make_mesh((1,), ("x",))
+      >>> tables = [jaxembed.EmbeddingConfig("t", 4, 10, ["f"])]
+      >>> plan = S.by_hand(tables, mesh, {"t": S.row_wise()})
+      >>> params = S.init(jax.random.key(0), plan)
+      >>> kj = S.put_features([jaxembed.KeyedJagged.from_lists({"f": [[1, 2], [3]]})], plan)
+      >>> rows, _ = S.embedding_collection(params, kj, plan)
+      >>> rows["f"].values.shape, rows["f"].lengths.tolist()
+      ((16, 4), [2, 1])
+    """
+    rows, out, _ = forward_and_stats(params, features, _kind(sharding, False))
+    return rows, out
+
+
+def _kind(sharding: Any, pooled: bool) -> ShardingPlan:
+    """The plan, checked to be of bag configs (``pooled``) or of plain ones."""
+    plan = _check_plan(sharding)
+    if plan.pooled != pooled:
+        has, fn = ("EmbeddingConfig", "embedding_collection") if pooled else (
+            "EmbeddingBagConfig", "embedding_bag_collection")  # fmt: skip
+        raise TypeError(f"the plan's tables are {has}s: use jaxembed.sharding.{fn}")
+    return plan
+
+
+def forward_and_stats(params, features, sharding):
+    """:func:`embedding_bag_collection` (or :func:`embedding_collection`, by the plan's
+    tables), and its routing stats (``{group: (K, 2)}``, as :attr:`ShardedLookup.stats`):
+    ``(outputs, new_params, stats)``."""
     plan = _check_plan(sharding)
     weights = _check_params(params, plan)
     features = _check_features(features, plan)
@@ -584,7 +673,9 @@ class ShardedLookup:
         missing = [f for f in self.keys if f not in pooled_grads]
         if missing:
             raise KeyError(f"pooled_grads lack the features {missing}")
-        cots = {f: jnp.asarray(pooled_grads[f]) for f in self.keys}
+        # unpooled: a Jagged's gradient, or its values'
+        cots = {f: jnp.asarray(getattr(pooled_grads[f], "values", pooled_grads[f]))
+                for f in self.keys}  # fmt: skip
         return _grads(cots, self.pieces, plan=self.plan, keys=self.keys)
 
     def group(self, name: str) -> GroupLookup:
@@ -629,11 +720,24 @@ class GroupLookup:
         return out[self.name]
 
 
-def _cotangent(g: Group, cots: Mapping[str, jax.Array], keys, axis) -> jax.Array:
+def _cotangent(g: Group, cots: Mapping[str, jax.Array], keys, axis, p: dict) -> jax.Array:
     """The cotangent of the bags this device pooled for the group (the transpose of the
-    column-wise ``all_to_all``)."""
+    column-wise ``all_to_all``); unpooled, of its ``(C, D)`` rows (the transpose of their split
+    into features)."""
     js = g.stack.positions_in(keys)
-    cot = jnp.concatenate([cots[keys[j]] for j in js])
+    if g.pooled:
+        cot = jnp.concatenate([cots[keys[j]] for j in js])
+    else:
+        first = cots[keys[js[0]]]
+        lengths = jnp.zeros((len(keys), p["lengths"].shape[1]), jnp.int32)
+        lengths = lengths.at[np.asarray(js)].set(p["lengths"])
+
+        def split(rows):
+            out = _coll._jagged_features(rows, p["starts"], lengths, keys, js)
+            return [out[keys[j]].values for j in js]
+
+        rows = jnp.zeros(first.shape, first.dtype)
+        cot = jax.vjp(split, rows)[1]([cots[keys[j]] for j in js])[0]
     if g.kind is Kind.COLUMN_WISE:
         return jax.lax.all_to_all(cot, axis, 1, 0, tiled=True)
     return cot
@@ -687,14 +791,19 @@ def _grads(cots, pieces, *, plan: ShardingPlan, keys, names=None):
     def body(cots, pieces):
         out = {}
         for g, p in zip(groups, pieces, strict=True):
-            cot = _cotangent(g, cots, keys, axis)
+            cot = _cotangent(g, cots, keys, axis, p)
             if g.routed:
                 out[g.name] = _routed_grad(g, cot, p, axis)
                 continue
-            values = _bag.spread(
-                cot, p["keep"], p["bounds"], p["scale"], p["weights"], p["pos"], g.stack.pooling,
-                None,
-            )  # fmt: skip
+            if g.pooled:
+                values = _bag.spread(
+                    cot, p["keep"], p["bounds"], p["scale"], p["weights"], p["pos"],
+                    g.stack.pooling, None,
+                )  # fmt: skip
+            else:  # each entry's row gradient, scaled (padding's dropped by its index)
+                values = cot.astype(_renorm.compute_dtype(cot.dtype))
+                if p["scale"] is not None:
+                    values = values * p["scale"][:, None].astype(values.dtype)
             indices, bounds = p["indices"], p["bounds"]
             if g.kind is Kind.DATA_PARALLEL and dense_replica(g, indices.shape[0], k):
                 out[g.name] = _replica_grad(g, indices, values, axis)
@@ -970,14 +1079,15 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
     ==============  =========================================  ==========================
 
     On one device XLA leaves out the all-to-alls. ``w`` is the weights' bytes per id (0
-    unweighted); ``a`` the accumulator's (4: float32
+    unweighted, and for unpooled tables); an unpooled column-wise group's all-to-alls move
+    its ``C`` rows, ``C D s``, in place of ``FB`` bags; ``a`` the accumulator's (4: float32
     for 16-bit tables). A routed group's bytes do not depend on
     ``C``: with ``c`` about ``C / K`` they are flat in ``K``.
     """
     plan = _check_plan(sharding)
     k = plan.num_devices
     c, b = features.capacity // k, features.batch_size // k
-    w = 0 if features.weights is None else np.dtype(features.weights.dtype).itemsize
+    weights = 0 if features.weights is None else np.dtype(features.weights.dtype).itemsize
     look: dict[str, int] = {}
     grad: dict[str, int] = {}
 
@@ -990,6 +1100,8 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
         d = g.cols * (k if g.kind is Kind.COLUMN_WISE else 1)
         f = len(g.stack.positions_in(features.keys))
         options = g.stack.options
+        w = weights if g.pooled else 0  # unpooled rows read no weights
+        out = f * b if g.pooled else c  # what a column-wise device returns: bags, or rows
         if g.kind is Kind.DATA_PARALLEL:
             if options.max_norm is not None or options.scale_grad_by_freq:
                 add(look, "all-reduce", 4 * k * c)
@@ -1006,8 +1118,8 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
             add(look, "all-gather", k * c * (5 + w) + 8 * k * f * b)
             if options.max_norm is not None:
                 add(look, "all-reduce", 4 * k * c)  # the referenced rows' norms over the columns
-            add(look, "all-to-all", f * b * d * s)
-            add(grad, "all-to-all", f * b * d * s)
+            add(look, "all-to-all", out * d * s)
+            add(grad, "all-to-all", out * d * s)
     if k == 1:  # XLA drops an all-to-all over one device (its other collectives stay)
         look.pop("all-to-all", None)
         grad.pop("all-to-all", None)

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxembed.collections._config import EmbeddingBagConfig, Plan, Stack, _stack_key
+from jaxembed.collections._config import EmbeddingConfig, Plan, Stack, _stack_key
 from jaxembed.sharding._layout import replicate_onto
 
 OVERFLOW = ("error", "drop")
@@ -151,6 +151,11 @@ class Group:
         return self.kind in (Kind.ROW_WISE, Kind.TABLE_WISE)
 
     @property
+    def pooled(self) -> bool:
+        """Whether the group's tables are bags (else unpooled: a row per id)."""
+        return self.stack.pooling is not None
+
+    @property
     def split_rows(self) -> bool:
         """Whether each device's block holds other rows (row- and table-wise)."""
         return self.kind in (Kind.ROW_WISE, Kind.TABLE_WISE)
@@ -194,7 +199,8 @@ class ShardingPlan:
     :class:`jaxembed.EmbeddingBagCollection`.
 
     Attributes:
-      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table.
+      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table (or, for an unpooled
+        collection, the :class:`~jaxembed.EmbeddingConfig` of every table).
       placements: ``((table name, Placement), ...)`` in the tables' order.
       mesh: the ``jax.sharding.Mesh``.
       axis: the mesh axis the batch and the tables spread over; every other axis of the mesh
@@ -217,7 +223,7 @@ class ShardingPlan:
       Placement('table_wise', 0)
     """
 
-    tables: tuple[EmbeddingBagConfig, ...]
+    tables: tuple[EmbeddingConfig, ...]
     placements: tuple[tuple[str, Placement], ...]
     mesh: Any
     axis: str
@@ -226,7 +232,7 @@ class ShardingPlan:
     overflow: str = "error"
 
     def __post_init__(self):
-        tables = Plan.of(self.tables, EmbeddingBagConfig).tables
+        tables = Plan.of_either(self.tables).tables
         object.__setattr__(self, "tables", tables)
         if not isinstance(self.mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
@@ -373,7 +379,12 @@ class ShardingPlan:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return Plan.of(self.tables, EmbeddingBagConfig).feature_names
+        return Plan.of_either(self.tables).feature_names
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the tables are bag configs (a bag collection), not plain ones (unpooled)."""
+        return Plan.of_either(self.tables).pooled
 
     # -- memory ---------------------------------------------------------------------------------
 

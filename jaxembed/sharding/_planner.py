@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxembed.collections._config import EmbeddingBagConfig, Plan
+from jaxembed.collections._config import EmbeddingConfig, Plan
 from jaxembed.sharding._placement import Kind, Placement, ShardingPlan, block_bytes, default_axis
 
 #: a device's table read bandwidth in the model (bytes per second; only ratios matter)
@@ -80,14 +80,12 @@ def _group_passes(trial: ShardingPlan, ids: float) -> float:
     return total / READ_BYTES_PER_S
 
 
-def _step_cost(
-    t: EmbeddingBagConfig, p: Placement, k: int, batch: int, pooling: float, link: float
-):
+def _step_cost(t: EmbeddingConfig, p: Placement, k: int, batch: int, pooling: float, link: float):
     """``(K,)`` seconds of the model for table ``t`` placed as ``p``."""
     f = len(t.feature_names)
     n = batch * pooling * f
     d, s = t.embedding_dim, np.dtype(t.param_dtype).itemsize
-    pooled = 2 * f * batch * d * 4
+    pooled = 2 * (f * batch if t.pooling is not None else n) * d * 4  # bags, or every row
     read = np.zeros(k)
     moved = np.zeros(k)
     if p.kind is Kind.DATA_PARALLEL:  # the update: a psum of (V, D), or every entry gathered
@@ -105,7 +103,7 @@ def _step_cost(
     return read / READ_BYTES_PER_S + moved / link
 
 
-def _candidates(t: EmbeddingBagConfig, k: int):
+def _candidates(t: EmbeddingConfig, k: int):
     for d in range(k):
         yield Placement(Kind.TABLE_WISE, d)
     yield Placement(Kind.ROW_WISE)
@@ -128,7 +126,8 @@ def plan(
     """Places every table of a collection on ``mesh``: TorchRec's planner, in miniature.
 
     Args:
-      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table.
+      tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table (or every
+        :class:`~jaxembed.EmbeddingConfig`: an unpooled collection).
       mesh: a ``jax.sharding.Mesh``.
       axis: the mesh axis to spread over (default: the mesh's one axis of size > 1).
       memory_per_device: each device's bytes for tables and optimizer state; None: unbounded.
@@ -153,7 +152,7 @@ def plan(
       >>> jaxembed.plan(tables, mesh).placement("t")
       Placement('data_parallel')
     """
-    tables = Plan.of(tables, EmbeddingBagConfig).tables
+    tables = Plan.of_either(tables).tables
     axis = default_axis(mesh) if axis is None else axis
     k = mesh.shape[axis] if axis in mesh.axis_names else 0
     if k == 0:

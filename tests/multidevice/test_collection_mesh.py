@@ -671,3 +671,240 @@ def test_the_nnx_collection_keeps_its_routing_stats_for_the_host_under_jit():
                 module.check_routing()
     with pytest.raises(ValueError, match="sharded collection's stats"):
         jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0)).check_routing()
+
+
+# -- unpooled collections (EmbeddingConfig tables) ------------------------------------------------
+
+
+def _plain_tables():
+    P_ = jaxembed.EmbeddingConfig
+    return [
+        P_("a", 16, 40, ["fa"]),
+        P_("b", 16, 50, ["fb", "fb2"], padding_idx=3, lr_scale=2.0),
+        P_("c", 16, 30, ["fc"], max_norm=1.0),
+        P_("d", 8, 64, ["fd"], scale_grad_by_freq=True),
+    ]
+
+
+def _whole_rows(jagged, k=K):
+    """A sharded feature's rows in the whole batch's order (each device's block, its rows only),
+    and whether every block is zeros past its rows."""
+    values, lengths = np.asarray(jagged.values), np.asarray(jagged.lengths)
+    c, b = values.shape[0] // k, lengths.shape[0] // k
+    parts, zeros = [], True
+    for d in range(k):
+        n = int(lengths[d * b : (d + 1) * b].sum())
+        parts.append(values[d * c : d * c + n])
+        zeros &= not values[d * c + n : (d + 1) * c].any()
+    return np.concatenate(parts), zeros
+
+
+def _to_blocks(whole, lengths, c, k=K):
+    """The whole batch's ``(N, D)`` per-row values as a sharded feature's ``(K * C, D)``."""
+    lengths = np.asarray(lengths)
+    b = lengths.shape[0] // k
+    out, at = np.zeros((k * c, whole.shape[1]), whole.dtype), 0
+    for d in range(k):
+        n = int(lengths[d * b : (d + 1) * b].sum())
+        out[d * c : d * c + n] = whole[at : at + n]
+        at += n
+    return jnp.asarray(out)
+
+
+@pytest.mark.parametrize("name", ["mixed", "planned", "data_parallel", "table_wise", "row_wise",
+                                  "column_wise"])  # fmt: skip
+def test_unpooled_placements_equal_the_unsharded_collection(name):
+    """``S.embedding_collection`` and ``S.lookup`` of :class:`~jaxembed.EmbeddingConfig` tables
+    on every placement against :func:`jaxembed.embedding_collection` on the whole batch (checked
+    against TorchRec in tests/test_collections.py): the rows (padding's own row, duplicates,
+    a row in two features), the renormed tables, the dense gradients and three sparse
+    steps."""
+    tables = _plain_tables()
+    mesh = _mesh()
+    plan = _plan(name, tables, mesh)
+    assert not plan.pooled
+    whole, blocks = _batch(tables)
+    features = S.put_features(blocks, plan)
+    params = jaxembed.collections.init(jax.random.key(0), tables, stack=False)
+    sharded = S.init(jax.random.key(0), plan)
+    for t, w in S.tables_of(sharded, plan).items():
+        np.testing.assert_array_equal(w, params[t]["weight"])
+    ref, ref_new = jaxembed.embedding_collection(params, whole, tables, stack=False)
+    rng = np.random.default_rng(3)
+    totals = {f: int(np.asarray(ref[f].lengths).sum()) for f in ref}
+    cot = {f: rng.normal(size=(totals[f], ref[f].values.shape[1])).astype(np.float32)
+           for f in ref}  # fmt: skip
+    with jax.set_mesh(mesh):
+        out, new = S.embedding_collection(sharded, features, plan)
+        for f in ref:
+            rows, zeros = _whole_rows(out[f])
+            np.testing.assert_array_equal(rows, np.asarray(ref[f].values)[: totals[f]], f)
+            assert zeros, f
+            np.testing.assert_array_equal(out[f].lengths, ref[f].lengths)
+        for t, w in S.tables_of(new, plan).items():
+            _same(w, ref_new[t]["weight"], True, f"renormed {t}")
+        blocks_cot = {f: _to_blocks(cot[f], out[f].lengths, CAPACITY) for f in ref}
+
+        def loss(p):
+            rows = S.embedding_collection(p, features, plan)[0]
+            return sum((rows[f].values * blocks_cot[f]).sum() for f in rows)
+
+        def ref_loss(p):
+            rows = jaxembed.embedding_collection(p, whole, tables, stack=False)[0]
+            return sum((rows[f].values[: totals[f]] * cot[f]).sum() for f in rows)
+
+        g, g_ref = jax.grad(loss)(sharded), jax.grad(ref_loss)(params)
+        for t, w in S.tables_of(g, plan).items():
+            _same(w, g_ref[t]["weight"], False, f"gradient {t}")
+
+        tx = jaxembed.sparse.rowwise_adagrad(0.1)
+        opt = S.optimizer(tx, plan)
+        ref_opt = jaxembed.collections.optimizer(tx, tables, stack=False)
+        state, ref_state = opt.init(sharded), ref_opt.init(params)
+
+        @jax.jit
+        def step(p, st):
+            rows, lk = S.lookup(p, features, plan)
+            values = {f: r.values for f, r in rows.items()}
+            grads = jax.grad(lambda v: sum((v[f] * blocks_cot[f]).sum() for f in v))(values)
+            return opt.update(lk.grad(grads), st, lk.params)
+
+        @jax.jit
+        def ref_step(p, st):
+            # the unsharded sparse path the nnx EmbeddingCollection trains with
+            seq = jaxembed.collections._collection
+            rows, lookups = seq.lookup_sequences(p, whole, tables, stack=False)
+
+            def seq_loss(values):
+                stacks = {k: (v, rows[k][1]) for k, v in values.items()}
+                feats = seq.sequence_features(stacks, whole, seq._plan(tables, stack=False))
+                return sum((feats[f].values[: totals[f]] * cot[f]).sum() for f in feats)
+
+            row_cot = jax.grad(seq_loss)({k: r for k, (r, _) in rows.items()})
+            grads = {k: lookups[k].grad(row_cot[k]) for k in lookups}
+            return ref_opt.update(grads, st, {k: lk.params for k, lk in lookups.items()})
+
+        for _ in range(3):
+            sharded, state = step(sharded, state)
+            params, ref_state = ref_step(params, ref_state)
+        for t, w in S.tables_of(sharded, plan).items():
+            _same(w, params[t]["weight"], in_order(plan, t, CAPACITY), f"sparse steps {t}")
+        with pytest.raises(TypeError, match=r"use jaxembed\.sharding\.embedding_collection"):
+            S.embedding_bag_collection(sharded, features, plan)
+
+
+@pytest.mark.parametrize("name,rows", [("mixed", 1), ("column_wise", 1), ("data_parallel", 40)])
+def test_the_bytes_an_unpooled_step_moves_are_those_the_plan_states(name, rows):
+    """Every collective of an unpooled lookup and its gradient, read off the compiled HLO,
+    against ``S.step_bytes`` (column-wise devices return rows, not bags)."""
+    tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * rows)
+              for t in _plain_tables()]  # fmt: skip
+    mesh = _mesh()
+    plan = S.by_hand(tables, mesh, _placements(name, tables))
+    _, blocks = _batch(tables)
+    features = S.put_features(blocks, plan)
+    params = S.init(jax.random.key(0), plan)
+    stated = S.step_bytes(plan, features)
+    assert S.collective_bytes(_compiled(plan, params, features)) == stated["lookup"]
+    with jax.set_mesh(mesh):
+        _, lk = S.lookup(params, features, plan)
+    cot = {f: jnp.ones((K * CAPACITY, plan.group_of(whole_table(tables, f)).stack.embedding_dim))
+           for f in features.keys}  # fmt: skip
+    hlo = S._collection._grads.lower(cot, lk.pieces, plan=plan, keys=features.keys)
+    assert S.collective_bytes(hlo.compile().as_text()) == stated["grad"]
+
+
+@pytest.mark.parametrize("name", ["row_wise", "data_parallel", "column_wise"])
+def test_an_unpooled_id_outside_its_table_gives_a_nan_row_and_an_overflow_is_loud(name):
+    """Under ``jit`` an id outside its table reads a NaN row (the others are exact); eagerly it
+    raises, as on one device. A routed group's overflow raises under ``error`` and, under
+    ``drop``, leaves the dropped ids' rows zeros, counted exactly."""
+    tables = _plain_tables()
+    mesh = _mesh()
+    plan = S.by_hand(tables, mesh, _placements(name, tables))
+    whole, blocks = _batch(tables, out_of_range="fa")
+    features = S.put_features(blocks, plan)
+    params = S.init(jax.random.key(0), plan)
+    unsharded = jaxembed.collections.init(jax.random.key(0), tables, stack=False)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda p, x: S.embedding_collection(p, x, plan)[0])(params, features)
+        ref = jax.jit(lambda p, x: jaxembed.embedding_collection(p, x, tables, stack=False)[0])(
+            unsharded, whole
+        )
+        for f in ref:
+            rows, _ = _whole_rows(out[f])
+            np.testing.assert_array_equal(rows, np.asarray(ref[f].values)[: rows.shape[0]], f)
+        assert np.isnan(_whole_rows(out["fa"])[0]).any()
+        with pytest.raises(IndexError):
+            S.embedding_collection(params, features, plan)
+        if name != "row_wise":
+            return
+        _, blocks = _batch(tables)
+        features = S.put_features(blocks, plan)
+        need = S.capacity_for(plan, [features], slack=1.0)
+        small = {n: max(1, c - 2) for n, c in need.items()}
+        with pytest.raises(S.CapacityError, match="overflowed its capacity"):
+            S.embedding_collection(params, features, plan.with_capacity(small))
+        loose = plan.with_capacity(small, overflow="drop")
+        with pytest.warns(UserWarning, match="ids overflowed"):
+            rows, lk = S.lookup(params, features, loose)
+        dropped = sum(int(np.asarray(v)[:, 1].sum()) for v in lk.stats.values())
+        full, _ = S.embedding_collection(params, features, plan)
+        zeroed = 0
+        for f in rows:
+            a, b = _whole_rows(rows[f])[0], _whole_rows(full[f])[0]
+            lost = ~(a == b).all(axis=1)
+            assert not a[lost].any(), f  # a dropped id's row is zeros
+            zeroed += int(lost.sum())
+        assert 0 < zeroed <= dropped  # (a dropped padding entry of an all-zero row is unseen)
+
+
+def test_the_nnx_embedding_collection_trains_on_the_plan():
+    """``EmbeddingCollection(sharding=plan)``, dense and sparse, trains as on one device."""
+    from flax import nnx
+
+    tables = _plain_tables()
+    mesh = _mesh()
+    plan = S.by_hand(tables, mesh, _placements("mixed", tables))
+    whole, blocks = _batch(tables)
+    features = S.put_features(blocks, plan)
+
+    def loss(module, kj):
+        rows = module(kj)
+        return sum((jnp.sin(r.values) ** 2).sum() for r in rows.values())
+
+    def train(module, sparse):
+        tx = jaxembed.sparse.rowwise_adagrad(0.1)
+        if sparse:
+            opt = jaxembed.sparse.Optimizer(module, optax.sgd(0.0), tx)
+        else:
+            opt = nnx.Optimizer(module, optax.adagrad(0.1), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(module, opt, kj):
+            if sparse:
+                value, grads = jaxembed.sparse.value_and_grad(loss)(module, kj)
+            else:
+                value, grads = nnx.value_and_grad(loss)(module, kj)
+            opt.update(module, grads)
+            return value
+
+        return [float(step(module, opt, kj)) for kj in [features if module.sharding else whole] * 3]
+
+    with jax.set_mesh(mesh):
+        for sparse in (True, False):
+            sharded = jaxembed.EmbeddingCollection(
+                tables, rngs=nnx.Rngs(0), sparse=sparse, stack=False, sharding=plan
+            )
+            single = jaxembed.EmbeddingCollection(
+                tables, rngs=nnx.Rngs(0), sparse=sparse, stack=False
+            )
+            np.testing.assert_allclose(train(sharded, sparse), train(single, sparse), rtol=1e-5)
+            for t, w in sharded.tables().items():
+                _same(w, single.tables()[t], False, t)
+            if sparse:
+                twice = jaxembed.sparse.value_and_grad(
+                    lambda m: loss(m, features) + loss(m, features)
+                )
+                with pytest.raises(ValueError, match="EmbeddingCollection is looked up once"):
+                    twice(sharded)
