@@ -155,6 +155,20 @@ def main(argv=None):
 
     sharded_jit = jax.jit(sharded_step, donate_argnums=(0, 1))
     single_jit = jax.jit(single_step, donate_argnums=(0, 1))
+    # peak memory: the compiled step's per-device program (arguments, temporaries, outputs not
+    # aliased to a donated argument), against the plan's estimate of the tables and state
+    with jax.set_mesh(mesh):
+        stats = sharded_jit.lower(params, state, features).compile().memory_analysis()
+    peak = stats.peak_memory_in_bytes or (
+        stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    print(
+        f"peak memory per device (compiled step): {peak / 2**20:.1f} MiB = "
+        f"{peak / estimate.max():.2f}x the plan's estimate of tables and state "
+        f"({estimate.max() / 2**20:.1f} MiB); temporaries {stats.temp_size_in_bytes / 2**20:.1f} "
+        f"MiB, arguments {stats.argument_size_in_bytes / 2**20:.1f} MiB"
+    )
     box = {"s": (params, state), "1": (single_params, single_state)}
 
     def run_sharded():
@@ -213,7 +227,7 @@ def main(argv=None):
                   f"step / one device {t_step / np.median([t_single]):.2f}")  # fmt: skip
     weak = weak_scaling(args, tables, tx, batch, routed, loss, median_ms) if args.weak else None
     return {"held": held, "estimate": estimate, "ratios": ratios, "stated": stated,
-            "seen": {"lookup": seen, "grad": grad_seen}, "weak": weak}  # fmt: skip
+            "seen": {"lookup": seen, "grad": grad_seen}, "weak": weak, "peak": peak}  # fmt: skip
 
 
 def weak_scaling(args, tables, tx, batch, routed, loss, median_ms):
