@@ -160,7 +160,9 @@ def main(argv=None):
     with jax.set_mesh(mesh):
         stats = sharded_jit.lower(params, state, features).compile().memory_analysis()
     peak = stats.peak_memory_in_bytes or (
-        stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+        stats.argument_size_in_bytes
+        + stats.temp_size_in_bytes
+        + stats.output_size_in_bytes
         - stats.alias_size_in_bytes
     )
     print(
