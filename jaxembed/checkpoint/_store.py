@@ -188,6 +188,23 @@ def _read_manifest(folder: Path, kinds: tuple[str, ...] | None = None) -> tuple[
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
+def _take_rows(leaf: Any, rows: np.ndarray) -> Any:
+    """``leaf[rows]``: on one device a gather there; split over devices, each shard's rows
+    picked from its block on the host, one block at a time (no table is gathered whole)."""
+    shards = getattr(leaf, "addressable_shards", None)
+    if not shards or len(shards) == 1 or _is_key(leaf):
+        return jnp.take(jnp.asarray(leaf), jnp.asarray(rows), axis=0)
+    out = np.zeros((rows.shape[0], *leaf.shape[1:]), leaf.dtype)
+    for shard in shards:
+        if shard.replica_id != 0:
+            continue
+        start, stop, _ = shard.index[0].indices(leaf.shape[0])
+        mine = (rows >= start) & (rows < stop)
+        if mine.any():
+            out[(mine, *shard.index[1:])] = np.asarray(shard.data)[rows[mine] - start]
+    return out
+
+
 def save(
     directory: str | os.PathLike,
     step: int,
@@ -272,8 +289,7 @@ def save(
         table = _table_of(name, shape, tables) if tables else None
         if table is not None:
             used.add(table)
-            picked = jnp.take(jnp.asarray(leaf), jnp.asarray(rows[table]), axis=0)
-            value, impl = _host(picked)
+            value, impl = _host(_take_rows(leaf, rows[table]))
         else:
             value, impl = _host(leaf)
         arrays[name] = value

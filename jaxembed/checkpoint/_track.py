@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from jaxembed.sharding._placement import ShardingPlan
 from jaxembed.sparse import ModelGrads, SparseGrad
 from jaxembed.sparse._nnx import sparse_tables
 
@@ -129,6 +130,35 @@ def _renorming(model: Any) -> list[str]:
     return found
 
 
+def _groups_on_a_mesh(model: Any) -> dict[str, tuple[Any, Any]]:
+    """``{key: (plan, group)}`` for each sparse table of a collection placed on a mesh
+    (``EmbeddingBagCollection(sharding=plan)``): its variable is one group's array."""
+    found = {}
+    for path, node in nnx.iter_graph(model):
+        plan = getattr(node, "sharding", None)
+        if not isinstance(plan, ShardingPlan) or not isinstance(node, nnx.Module):
+            continue
+        prefix = "/".join(str(p) for p in path)
+        for g in plan.groups:
+            found["/".join(x for x in (prefix, "weights", g.name) if x)] = (plan, g)
+    return found
+
+
+def _mark_on_a_mesh(mask: jax.Array, rows: jax.Array, plan: Any, g: Any) -> jax.Array:
+    """``mask`` with the rows of a sharded update set: each device's entries index its own
+    block of the group's array (a row- or table-wise owner's), or, for a replica or a
+    column-split group, the whole array's rows, alike on every device."""
+    spec = jax.P(plan.axis) if g.split_rows else jax.P()
+
+    def body(mask, rows):
+        rows = jnp.where(rows < 0, mask.shape[0], rows)
+        return mask.at[rows].set(True, mode="drop")
+
+    mapped = jax.shard_map(body, mesh=plan.mesh, in_specs=(spec, jax.P(plan.axis)),
+                           out_specs=spec, check_vma=False)  # fmt: skip
+    return mapped(mask, rows)
+
+
 class Touched(nnx.Variable):
     """The ``(V,)`` bool mask of the rows of a table changed since the last checkpoint."""
 
@@ -147,8 +177,10 @@ class DeltaTracker(nnx.Pytree):
       ValueError: the model has no sparse table, or a sparse table renorms as it is read
         (``max_norm``): a forward pass, in evaluation too, then changes rows that no update
         records, so only full checkpoints are exact for it.
-      NotImplementedError: a sparse table placed on a mesh (save it with
-        :func:`save_tables`).
+      NotImplementedError: a sparse table placed on a mesh by a
+        :class:`~jaxembed.TableSharding` (save it with :func:`save_tables`). A collection on a
+        mesh (``sharding=plan``) is tracked: each group's mask is laid out as its array's rows,
+        and each device marks the rows its own update wrote.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed, optax
@@ -177,19 +209,24 @@ class DeltaTracker(nnx.Pytree):
                 "pass, in evaluation too, changes rows that no update records, so a delta "
                 "checkpoint would miss them. Save full checkpoints (touched=None) for this model"
             )
+        groups = _groups_on_a_mesh(model)
         on_a_mesh = [
             key
             for key, var in tables.items()
-            if len(getattr(var[...], "sharding", None).device_set) > 1
+            if len(getattr(var[...], "sharding", None).device_set) > 1 and key not in groups
         ]
         if on_a_mesh:
             raise NotImplementedError(
-                f"the sparse tables {on_a_mesh} are placed on a mesh: a sharded update's "
-                "gradient entries index each device's own rows, so delta checkpoints cannot "
-                "follow them yet. Save them with jaxembed.checkpoint.save_tables (every row)"
+                f"the sparse tables {on_a_mesh} are placed on a mesh by a TableSharding: its "
+                "update's gradient entries index each device's own rows, so delta checkpoints "
+                "cannot follow them yet. Save them with jaxembed.checkpoint.save_tables"
             )
         masks = untouched({key: var[...] for key, var in tables.items()})
+        for key, (plan, g) in groups.items():  # laid out as the group's rows
+            spec = jax.P(plan.axis) if g.split_rows else jax.P()
+            masks[key] = jax.device_put(masks[key], jax.NamedSharding(plan.mesh, spec))
         self.masks = nnx.data({key: Touched(m) for key, m in masks.items()})
+        self.groups = groups
 
     @property
     def touched(self) -> dict[str, jax.Array]:
@@ -203,7 +240,12 @@ class DeltaTracker(nnx.Pytree):
                 "grads must come from jaxembed.sparse.value_and_grad (a ModelGrads), got "
                 f"{type(grads).__name__}"
             )
-        for key, mask in track(self.touched, grads).items():
+        touched = self.touched
+        sparse = dict(grads.sparse)
+        for key, (plan, g) in self.groups.items():
+            if key in sparse:
+                touched[key] = _mark_on_a_mesh(touched[key], sparse.pop(key).indices, plan, g)
+        for key, mask in track(touched, grads._replace(sparse=sparse)).items():
             self.masks[key].set_value(mask)
 
     def clear(self) -> None:

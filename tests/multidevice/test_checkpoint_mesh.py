@@ -254,18 +254,100 @@ def test_a_sharded_module_restores_into_a_module_on_another_plan(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_delta_tracking_refuses_tables_on_a_mesh():
-    """A sharded update's gradient entries index each device's own rows: a delta mask built
-    from them would mark the wrong rows, so the tracker and track refuse them by name."""
+def _features(layout, seed, rows=None):
+    """A batch of 16 samples in ``layout``'s device blocks (ids below ``rows`` where given)."""
+    rng = np.random.default_rng(seed)
+    lists = {
+        f: [list(rng.integers(0, rows or t.num_embeddings, rng.integers(0, 4))) for _ in range(16)]
+        for t in TABLES
+        for f in t.feature_names
+    }
+    k = layout.num_devices
+    b = 16 // k
+    blocks = [
+        jaxembed.KeyedJagged.from_lists(
+            {f: v[i * b : (i + 1) * b] for f, v in lists.items()}, capacity=64
+        )
+        for i in range(k)
+    ]
+    return S.put_features(blocks, layout)
+
+
+@pytest.mark.parametrize("name", ["mixed", "row_wise"])
+def test_delta_checkpoints_of_a_sharded_collection_restore_bit_for_bit(tmp_path, name):
+    """A DeltaTracker over a collection on a mesh marks, in each group's array, the rows its
+    sharded update wrote (a routed owner's entries index its own block): every changed row of
+    every table and state array is marked, and a full checkpoint plus deltas restores the live
+    model and optimizer bit for bit into a fresh one."""
+    import optax
     from flax import nnx
 
-    model = jaxembed.EmbeddingBagCollection(
-        TABLES, rngs=nnx.Rngs(0), sparse=True, sharding=_layout("row_wise")
-    )
-    with pytest.raises(NotImplementedError, match=r"placed on a mesh.*save_tables"):
-        checkpoint.DeltaTracker(model)
+    layout = _layout(name)
+
+    def build(seed):
+        model = jaxembed.EmbeddingBagCollection(
+            TABLES, rngs=nnx.Rngs(seed), sparse=True, sharding=layout
+        )
+        opt = jaxembed.sparse.Optimizer(model, optax.sgd(0.1), jaxembed.sparse.rowwise_adagrad(0.1))
+        return model, opt
+
+    model, opt = build(0)
+    tracker = checkpoint.DeltaTracker(model)
+
+    @nnx.jit
+    def step(model, opt, tracker, kj):
+        loss = lambda m: sum(jnp.sum(v**2) for v in m(kj).values())  # noqa: E731
+        _, grads = jaxembed.sparse.value_and_grad(loss)(model)
+        opt.update(model, grads)
+        tracker.update(grads)
+
+    def arrays():
+        return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state((model, opt)))}
+
+    with jax.set_mesh(layout.mesh):
+        checkpoint.save(tmp_path, 0, nnx.state((model, opt)))
+        for i in (1, 2, 3):
+            before = arrays()
+            step(model, opt, tracker, _features(layout, i, rows=12))  # low ids: some rows kept
+            after = arrays()
+            masks = {k: np.asarray(m) for k, m in tracker.touched.items()}
+            for path, a in after.items():
+                changed = (a != before[path]).reshape(a.shape[0], -1).any(axis=1) if a.ndim else 0
+                if not np.any(changed):
+                    continue
+                key = next((k for k in masks if k in "/".join(map(str, path))), None)
+                if key is None:  # the routing stats: no table's rows
+                    assert "routing" in path, path
+                    continue
+                mask = masks[key]
+                assert mask.shape[0] == a.shape[0], path
+                assert not (changed & ~mask).any(), f"{path}: changed rows left unmarked"
+            assert any(not m.all() for m in masks.values())  # a delta, not everything
+            checkpoint.save(tmp_path, i, nnx.state((model, opt)), tracker.touched)
+            tracker.clear()
+        fresh, fresh_opt = build(7)
+        nnx.update((fresh, fresh_opt), checkpoint.restore(tmp_path, nnx.state((fresh, fresh_opt))))
+    for path, a in arrays().items():
+        got = dict(nnx.to_flat_state(nnx.state((fresh, fresh_opt))))[path]
+        np.testing.assert_array_equal(np.asarray(got), a, err_msg=str(path))
+
+
+def test_delta_tracking_refuses_rows_split_over_a_mesh_in_track():
+    """The functional track takes a table's rows: a sharded update's entries (each device's
+    own rows) are refused by name (the DeltaTracker maps them to the group's array)."""
     mesh = jax.make_mesh((8,), ("x",))
     rows = jax.device_put(jnp.arange(16), jax.sharding.NamedSharding(mesh, jax.P("x")))
     touched = checkpoint.untouched({"t": jnp.zeros((40, 2))})
     with pytest.raises(NotImplementedError, match=r"grads\['t'\] is split over a mesh"):
         checkpoint.track(touched, {"t": rows})
+
+
+def test_delta_tracking_refuses_a_table_placed_by_a_table_sharding():
+    from flax import nnx
+
+    mesh = jax.make_mesh((8,), ("x",))
+    emb = jaxembed.Embedding(
+        64, 4, sparse=True, rngs=nnx.Rngs(0), sharding=jaxembed.TableSharding(mesh, vocab="x")
+    )
+    with pytest.raises(NotImplementedError, match=r"placed on a mesh by a TableSharding"):
+        checkpoint.DeltaTracker(emb)
