@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -139,3 +140,35 @@ def test_the_bytes_stated_for_one_device_are_the_compiled_ones(kind):
     assert S.collective_bytes(lowered.compile().as_text()) == stated["lookup"]
     assert S.collective_bytes(grad.compile().as_text()) == stated["grad"]
     assert "all-to-all" not in stated["lookup"]
+
+
+def test_row_wise_ownership_mod_or_block_places_each_row_once():
+    """A row-wise group's rows: ``mod`` puts stacked row ``r`` on device ``r % K``, ``block``
+    on device ``r // R`` (TorchRec's contiguous blocks); either way every row of every table
+    has one place in the array, and a bad ownership is refused by name."""
+    import jax
+
+    from jaxembed import sharding as S
+
+    mesh = jax.make_mesh((1,), ("x",))
+    tables = [jaxembed.EmbeddingBagConfig("a", 4, 10, ["fa"]),
+              jaxembed.EmbeddingBagConfig("b", 4, 7, ["fb"])]  # fmt: skip
+    for own in ("mod", "block"):
+        p = S.row_wise(own)
+        assert p.ownership == own
+        g = S.by_hand(tables, mesh, {t.name: p for t in tables}).groups[0]
+        g = dataclasses.replace(g, devices=3, rows=6)  # 17 rows over 3 devices
+        rows = np.concatenate([g.rows_of("a"), g.rows_of("b")])
+        assert len(set(rows.tolist())) == 17 and rows.max() < 18
+        owner, local = g.owner_of(np.arange(17))
+        np.testing.assert_array_equal(owner * 6 + local, rows)
+        if own == "block":
+            np.testing.assert_array_equal(owner, np.arange(17) // 6)
+        else:
+            np.testing.assert_array_equal(owner, np.arange(17) % 3)
+    assert repr(S.row_wise("block")) == "Placement('row_wise', ownership='block')"
+    assert repr(S.row_wise()) == "Placement('row_wise')"
+    with pytest.raises(ValueError, match="ownership must be one of"):
+        S.row_wise("stripes")
+    with pytest.raises(ValueError, match="ownership is for row_wise placements only"):
+        S.Placement("table_wise", 1, ownership="block")

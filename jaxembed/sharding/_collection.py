@@ -298,8 +298,8 @@ def _gathered(s: _coll._StackIds, axis: str, capacity: int):
 
 def _owners(g: Group, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(owner, row in the owner's block)`` of each of the group's stacked rows ``ids``."""
-    if g.kind is Kind.ROW_WISE:  # row r on device r % K: hot (low) ids spread over devices
-        return ids % g.devices, ids // g.devices
+    if g.kind is Kind.ROW_WISE:  # mod ownership: hot (low) ids spread over the devices
+        return g.owner_of(ids)
     firsts = np.asarray(g.stack.offsets, np.int32)
     where = [g.where(t.name) for t in g.stack.tables]
     device = np.asarray([d for d, _ in where], np.int32)
@@ -972,7 +972,7 @@ def _row_scale(g: Group, axis: str):
         scale = _coll.RowScale(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
     else:
         scale = _coll.RowScale(g.stack.offsets, tuple(t.lr_scale for t in g.stack.tables))
-    if g.kind is Kind.ROW_WISE:  # local row l of device k holds stacked row l * K + k
+    if g.kind is Kind.ROW_WISE and not g.block:  # local row l of device k: stacked l * K + k
         return lambda rows: scale(rows * g.devices + jax.lax.axis_index(axis))
     if not g.split_rows:
         return scale

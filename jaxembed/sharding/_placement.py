@@ -39,6 +39,7 @@ from jaxembed.collections._config import EmbeddingConfig, Plan, Stack, _stack_ke
 from jaxembed.sharding._layout import replicate_onto
 
 OVERFLOW = ("error", "drop")
+OWNERSHIP = ("mod", "block")
 
 
 class Kind(enum.Enum):
@@ -57,6 +58,9 @@ class Placement:
     Attributes:
       kind: a :class:`Kind` (or its value, e.g. ``"row_wise"``).
       device: for ``table_wise``, the device's position along the plan's axis; else None.
+      ownership: for ``row_wise``, which device owns stacked row ``r``: ``"mod"`` (device
+        ``r % K``, the default: hot low ids spread over the devices) or ``"block"`` (device
+        ``r // R``, contiguous blocks of ``R = ceil(V / K)`` rows, as TorchRec's); else None.
 
     Example:
       >>> import jaxembed
@@ -66,6 +70,7 @@ class Placement:
 
     kind: Kind
     device: int | None = None
+    ownership: str | None = None
 
     def __post_init__(self):
         try:
@@ -81,13 +86,23 @@ class Placement:
             object.__setattr__(self, "device", int(self.device))
         elif self.device is not None:
             raise ValueError(f"device is for table_wise placements only, got {kind.value} with it")
+        if kind is Kind.ROW_WISE:
+            ownership = "mod" if self.ownership is None else self.ownership
+            if ownership not in OWNERSHIP:
+                raise ValueError(f"ownership must be one of {OWNERSHIP}, got {ownership!r}")
+            object.__setattr__(self, "ownership", ownership)
+        elif self.ownership is not None:
+            raise ValueError(f"ownership is for row_wise placements only, got {kind.value} with it")
 
     def __repr__(self) -> str:
         extra = "" if self.device is None else f", {self.device}"
+        if self.ownership not in (None, "mod"):
+            extra += f", ownership={self.ownership!r}"
         return f"Placement({self.kind.value!r}{extra})"
 
     def __str__(self) -> str:
-        return self.kind.value + ("" if self.device is None else f"@{self.device}")
+        tail = "" if self.ownership in (None, "mod") else f"({self.ownership})"
+        return self.kind.value + ("" if self.device is None else f"@{self.device}") + tail
 
 
 def data_parallel() -> Placement:
@@ -100,9 +115,15 @@ def table_wise(device: int) -> Placement:
     return Placement(Kind.TABLE_WISE, device)
 
 
-def row_wise() -> Placement:
-    """Rows split evenly over the devices; partial bag sums are reduce-scattered."""
-    return Placement(Kind.ROW_WISE)
+def row_wise(ownership: str = "mod") -> Placement:
+    """Rows split evenly over the devices; each id is sent to the device owning its row.
+
+    Args:
+      ownership: ``"mod"``: stacked row ``r`` on device ``r % K`` (hot low ids spread over the
+        devices); ``"block"``: on device ``r // R``, contiguous blocks of ``R = ceil(V / K)``
+        rows (TorchRec's row-wise layout).
+    """
+    return Placement(Kind.ROW_WISE, ownership=ownership)
 
 
 def column_wise() -> Placement:
@@ -122,6 +143,7 @@ class Group:
       rows: each device's block of the array, its rows.
       cols: and its columns.
       devices: the devices along the plan's axis.
+      block: ``row_wise``: stacked row ``r`` is on device ``r // rows`` (else ``r % devices``).
     """
 
     name: str
@@ -131,6 +153,7 @@ class Group:
     rows: int
     cols: int
     devices: int
+    block: bool = False
 
     @property
     def global_shape(self) -> tuple[int, int]:
@@ -160,15 +183,23 @@ class Group:
         """Whether each device's block holds other rows (row- and table-wise)."""
         return self.kind in (Kind.ROW_WISE, Kind.TABLE_WISE)
 
+    def owner_of(self, rows: Any) -> tuple[Any, Any]:
+        """``(device, row in its block)`` of a row-wise stack's rows (NumPy or JAX): row ``r`` is
+        row ``r // K`` of device ``r % K`` (so a table's low, often hot, ids spread over the
+        devices), or, with block ownership, row ``r % R`` of device ``r // R``."""
+        if self.block:
+            return rows // self.rows, rows % self.rows
+        return rows % self.devices, rows // self.devices
+
     def rows_of(self, table: str) -> np.ndarray:
-        """The rows of the group's whole array that hold ``table``'s rows, in order: a
-        row-wise stack's row ``r`` is row ``r // K`` of device ``r % K``'s block (so a table's
-        low, often hot, ids spread over the devices)."""
+        """The rows of the group's whole array that hold ``table``'s rows, in order (a
+        row-wise stack's as :meth:`owner_of` places them)."""
         device, offset = self.where(table)
         n = next(t.num_embeddings for t in self.stack.tables if t.name == table)
         rows = offset + np.arange(n)
         if self.kind is Kind.ROW_WISE:
-            return (rows % self.devices) * self.rows + rows // self.devices
+            owner, local = self.owner_of(rows)
+            return owner * self.rows + local
         return rows if device is None else device * self.rows + rows
 
     def where(self, table: str) -> tuple[int | None, int]:
@@ -351,10 +382,10 @@ class ShardingPlan:
         by_key: dict[Any, list] = {}
         for t in self.tables:
             p = self.placement(t.name)
-            key = (p.kind, _stack_key(t) if t.stack else ("alone", t.name))
+            key = (p.kind, p.ownership, _stack_key(t) if t.stack else ("alone", t.name))
             by_key.setdefault(key, []).append(t)
         groups = []
-        for (kind, _), tables in by_key.items():
+        for (kind, ownership, _), tables in by_key.items():
             name = f"{kind.value}:" + "+".join(t.name for t in tables)
             stack = _stack_of(name, tables)
             d = stack.embedding_dim
@@ -367,7 +398,7 @@ class ShardingPlan:
                 groups.append(Group(name, kind, stack, tuple(slots), rows, d, k))
             elif kind is Kind.ROW_WISE:
                 rows = -(-stack.num_embeddings // k)
-                groups.append(Group(name, kind, stack, (), rows, d, k))
+                groups.append(Group(name, kind, stack, (), rows, d, k, ownership == "block"))
             elif kind is Kind.COLUMN_WISE:
                 groups.append(Group(name, kind, stack, (), stack.num_embeddings, d // k, k))
             else:

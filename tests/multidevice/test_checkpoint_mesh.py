@@ -80,25 +80,35 @@ def _rows(params, key, layout):
     }
 
 
-def _train(params, state, layout, tx, seed):
-    """Two sparse Adagrad steps on a fixed batch under ``layout``."""
+def _lists(seed, rows=None):
+    """16 samples of each feature's ids (below ``rows`` where given)."""
     rng = np.random.default_rng(seed)
-    lists = {
-        f: [list(rng.integers(0, t.num_embeddings, rng.integers(0, 4))) for _ in range(16)]
+    return {
+        f: [list(rng.integers(0, rows or t.num_embeddings, rng.integers(0, 4))) for _ in range(16)]
         for t in TABLES
         for f in t.feature_names
     }
+
+
+def _features(layout, seed, rows=None):
+    """:func:`_lists` in ``layout``'s device blocks."""
+    lists = _lists(seed, rows)
+    k = layout.num_devices
+    b = 16 // k
+    blocks = [
+        jaxembed.KeyedJagged.from_lists(
+            {f: v[i * b : (i + 1) * b] for f, v in lists.items()}, capacity=64
+        )
+        for i in range(k)
+    ]
+    return S.put_features(blocks, layout)
+
+
+def _train(params, state, layout, tx, seed):
+    """Two sparse Adagrad steps on a fixed batch under ``layout``."""
     if isinstance(layout, S.ShardingPlan):
         opt = S.optimizer(tx, layout)
-        k = layout.num_devices
-        b = 16 // k
-        blocks = [
-            jaxembed.KeyedJagged.from_lists(
-                {f: v[i * b : (i + 1) * b] for f, v in lists.items()}, capacity=64
-            )
-            for i in range(k)
-        ]
-        features = S.put_features(blocks, layout)
+        features = _features(layout, seed)
 
         def step(params, state):
             pooled, lk = S.lookup(params, features, layout)
@@ -106,7 +116,7 @@ def _train(params, state, layout, tx, seed):
             return opt.update(lk.grad(grads), state, lk.params)
     else:
         opt = jaxembed.collections.optimizer(tx, layout)
-        features = jaxembed.KeyedJagged.from_lists(lists)
+        features = jaxembed.KeyedJagged.from_lists(_lists(seed))
 
         def step(params, state):
             pooled, lk = jaxembed.collections.lookup(params, features, layout)
@@ -252,25 +262,6 @@ def test_a_sharded_module_restores_into_a_module_on_another_plan(tmp_path):
     back2 = checkpoint.restore_tables(again, TABLES, tx=jaxembed.sparse.rowwise_adagrad(0.1))[1]
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(back2), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def _features(layout, seed, rows=None):
-    """A batch of 16 samples in ``layout``'s device blocks (ids below ``rows`` where given)."""
-    rng = np.random.default_rng(seed)
-    lists = {
-        f: [list(rng.integers(0, rows or t.num_embeddings, rng.integers(0, 4))) for _ in range(16)]
-        for t in TABLES
-        for f in t.feature_names
-    }
-    k = layout.num_devices
-    b = 16 // k
-    blocks = [
-        jaxembed.KeyedJagged.from_lists(
-            {f: v[i * b : (i + 1) * b] for f, v in lists.items()}, capacity=64
-        )
-        for i in range(k)
-    ]
-    return S.put_features(blocks, layout)
 
 
 @pytest.mark.parametrize("name", ["mixed", "row_wise"])

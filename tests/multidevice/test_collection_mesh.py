@@ -50,8 +50,9 @@ def _placements(name, tables):
         return {t.name: S.data_parallel() for t in tables}
     if name == "table_wise":  # several tables on one device, devices without any
         return {t.name: S.table_wise(i % 3 * 3) for i, t in enumerate(tables)}
-    if name == "row_wise":
-        return {t.name: S.row_wise() if t.pooling != "max" else S.table_wise(1) for t in tables}
+    if name in ("row_wise", "row_wise_block"):
+        own = "block" if name == "row_wise_block" else "mod"
+        return {t.name: S.row_wise(own) if t.pooling != "max" else S.table_wise(1) for t in tables}
     if name == "column_wise":
         return {t.name: S.column_wise() for t in tables}
     kinds = [S.row_wise(), S.table_wise(6), S.data_parallel(), S.column_wise(), S.table_wise(2)]
@@ -125,6 +126,7 @@ CASES = [
     pytest.param("data_parallel", False, True, marks=pytest.mark.slow),
     pytest.param("table_wise", False, True, marks=pytest.mark.slow),
     pytest.param("row_wise", False, True, marks=pytest.mark.slow),
+    pytest.param("row_wise_block", False, True, marks=pytest.mark.slow),
     pytest.param("column_wise", False, True, marks=pytest.mark.slow),
     ("planned", False, True),
     ("mixed", True, False),  # weighted features, on a mesh of Auto axes
@@ -431,6 +433,12 @@ KINDS = ("table_wise", "row_wise", "mixed", "data_parallel")
 @pytest.mark.parametrize("name,rows", _quick(*[(n, r) for n in KINDS for r in (1, 40)]))
 def test_the_bytes_a_step_moves_are_those_the_plan_states(name, rows):
     tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * rows) for t in _tables()]
+    _assert_bytes_are_the_plans(tables, name, K * B_LOCAL)
+
+
+def _assert_bytes_are_the_plans(tables, name, outputs):
+    """Every collective of the lookup and of its gradient (for ``outputs`` rows of each
+    feature: bags, or unpooled rows), read off the compiled HLO, is ``S.step_bytes``'."""
     mesh = _mesh()
     plan = _plan(name, tables, mesh)
     _, blocks = _batch(tables)
@@ -440,7 +448,7 @@ def test_the_bytes_a_step_moves_are_those_the_plan_states(name, rows):
     assert S.collective_bytes(_compiled(plan, params, features)) == stated["lookup"]
     with jax.set_mesh(mesh):
         _, lk = S.lookup(params, features, plan)
-    cot = {f: jnp.ones((K * B_LOCAL, plan.group_of(whole_table(tables, f)).stack.embedding_dim))
+    cot = {f: jnp.ones((outputs, plan.group_of(whole_table(tables, f)).stack.embedding_dim))
            for f in features.keys}  # fmt: skip
     hlo = S._collection._grads.lower(cot, lk.pieces, plan=plan, keys=features.keys)
     assert S.collective_bytes(hlo.compile().as_text()) == stated["grad"]
@@ -799,19 +807,7 @@ def test_the_bytes_an_unpooled_step_moves_are_those_the_plan_states(name, rows):
     against ``S.step_bytes`` (column-wise devices return rows, not bags)."""
     tables = [dataclasses.replace(t, num_embeddings=t.num_embeddings * rows)
               for t in _plain_tables()]  # fmt: skip
-    mesh = _mesh()
-    plan = S.by_hand(tables, mesh, _placements(name, tables))
-    _, blocks = _batch(tables)
-    features = S.put_features(blocks, plan)
-    params = S.init(jax.random.key(0), plan)
-    stated = S.step_bytes(plan, features)
-    assert S.collective_bytes(_compiled(plan, params, features)) == stated["lookup"]
-    with jax.set_mesh(mesh):
-        _, lk = S.lookup(params, features, plan)
-    cot = {f: jnp.ones((K * CAPACITY, plan.group_of(whole_table(tables, f)).stack.embedding_dim))
-           for f in features.keys}  # fmt: skip
-    hlo = S._collection._grads.lower(cot, lk.pieces, plan=plan, keys=features.keys)
-    assert S.collective_bytes(hlo.compile().as_text()) == stated["grad"]
+    _assert_bytes_are_the_plans(tables, name, K * CAPACITY)
 
 
 @pytest.mark.parametrize("name", ["row_wise", "data_parallel", "column_wise"])

@@ -264,7 +264,7 @@ def sharded_cases(draw):
     for t in tables:
         kinds = [S.data_parallel(), S.table_wise(draw(st.integers(0, k - 1)))]
         if t.pooling != "max":
-            kinds.append(S.row_wise())
+            kinds.append(S.row_wise(draw(st.sampled_from(["mod", "block"]))))
         if t.embedding_dim % k == 0:
             kinds.append(S.column_wise())
         placements[t.name] = draw(st.sampled_from(kinds))
