@@ -144,11 +144,16 @@ def _groups_on_a_mesh(model: Any) -> dict[str, tuple[Any, Any]]:
     return found
 
 
+def _mask_spec(plan: Any, g: Any) -> jax.P:
+    """A group's mask laid out as its array's rows: split for row- and table-wise groups."""
+    return jax.P(plan.axis) if g.split_rows else jax.P()
+
+
 def _mark_on_a_mesh(mask: jax.Array, rows: jax.Array, plan: Any, g: Any) -> jax.Array:
     """``mask`` with the rows of a sharded update set: each device's entries index its own
     block of the group's array (a row- or table-wise owner's), or, for a replica or a
     column-split group, the whole array's rows, alike on every device."""
-    spec = jax.P(plan.axis) if g.split_rows else jax.P()
+    spec = _mask_spec(plan, g)
 
     def body(mask, rows):
         rows = jnp.where(rows < 0, mask.shape[0], rows)
@@ -223,8 +228,8 @@ class DeltaTracker(nnx.Pytree):
             )
         masks = untouched({key: var[...] for key, var in tables.items()})
         for key, (plan, g) in groups.items():  # laid out as the group's rows
-            spec = jax.P(plan.axis) if g.split_rows else jax.P()
-            masks[key] = jax.device_put(masks[key], jax.NamedSharding(plan.mesh, spec))
+            sharding = jax.NamedSharding(plan.mesh, _mask_spec(plan, g))
+            masks[key] = jax.device_put(masks[key], sharding)
         self.masks = nnx.data({key: Touched(m) for key, m in masks.items()})
         self.groups = groups
 

@@ -298,7 +298,7 @@ def _gathered(s: _coll._StackIds, axis: str, capacity: int):
 
 def _owners(g: Group, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(owner, row in the owner's block)`` of each of the group's stacked rows ``ids``."""
-    if g.kind is Kind.ROW_WISE:  # mod ownership: hot (low) ids spread over the devices
+    if g.kind is Kind.ROW_WISE:  # mod (hot low ids spread over the devices) or block ownership
         return g.owner_of(ids)
     firsts = np.asarray(g.stack.offsets, np.int32)
     where = [g.where(t.name) for t in g.stack.tables]
