@@ -230,8 +230,8 @@ class _Collection(nnx.Module):
 
         Called eagerly, a sharded lookup raises (or warns) at once; under ``nnx.jit`` it cannot,
         so an overflowing step serves none of the group's ids (NaN bags, no update, under the
-        ``error`` policy) and keeps its stats in :attr:`routing`. Call this on the host after
-        the step.
+        ``error`` policy) and keeps its stats in ``routing``. Call this on the host after the
+        step.
 
         Raises:
           jaxembed.sharding.CapacityError: under the plan's ``error`` policy, naming the group,

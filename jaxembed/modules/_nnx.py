@@ -40,8 +40,8 @@ class FrozenWeight(nnx.Variable):
 class RoutingStats(nnx.Variable):
     """A sharded collection's routing stats from its last call, ``(K, 2)`` int32 per routed
     group: per device, the most distinct rows it sent one owner (the capacity it needed) and
-    its ids that overflowed (:attr:`jaxembed.sharding.ShardedLookup.stats`). Not a parameter:
-    it leaves ``nnx.jit`` as state does, for the host to check afterwards
+    its ids that overflowed (a :class:`~jaxembed.sharding.ShardedLookup`'s ``stats``). Not a
+    parameter: it leaves ``nnx.jit`` as state does, for the host to check afterwards
     (:meth:`jaxembed.EmbeddingBagCollection.check_routing`)."""
 
 

@@ -573,8 +573,8 @@ def embedding_collection(
       Differentiable w.r.t. ``params``, as :func:`embedding_bag_collection`.
 
     Raises:
-      TypeError: a plan of bag configs (use :func:`embedding_bag_collection`).
-      As :func:`embedding_bag_collection` otherwise.
+      TypeError: a plan of bag configs (use :func:`embedding_bag_collection`); the rest as
+        :func:`embedding_bag_collection`.
 
     Example:
       >>> import jax, jaxembed

@@ -175,7 +175,7 @@ class Group:
 
     @property
     def pooled(self) -> bool:
-        """Whether the group's tables are bags (else unpooled: a row per id)."""
+        """Whether the group's tables are bags, not unpooled tables (a row per id)."""
         return self.stack.pooling is not None
 
     @property
