@@ -489,7 +489,7 @@ def _split(g: Group, out: jax.Array, keys, features: KeyedJagged, s: _coll._Stac
     if not g.pooled:
         starts, lengths = _coll._feature_starts(s), features.lengths.reshape(len(keys), -1)
         if pieces is not None:
-            pieces.update(starts=starts, lengths=lengths[np.asarray(js)])
+            pieces.update(starts=starts, lengths=lengths)
         return _coll._jagged_features(out, starts, lengths, keys, js)
     per = out.reshape(len(js), features.batch_size, out.shape[-1])
     return {keys[j]: per[i] for i, j in enumerate(js)}
@@ -729,11 +729,9 @@ def _cotangent(g: Group, cots: Mapping[str, jax.Array], keys, axis, p: dict) -> 
         cot = jnp.concatenate([cots[keys[j]] for j in js])
     else:
         first = cots[keys[js[0]]]
-        lengths = jnp.zeros((len(keys), p["lengths"].shape[1]), jnp.int32)
-        lengths = lengths.at[np.asarray(js)].set(p["lengths"])
 
         def split(rows):
-            out = _coll._jagged_features(rows, p["starts"], lengths, keys, js)
+            out = _coll._jagged_features(rows, p["starts"], p["lengths"], keys, js)
             return [out[keys[j]].values for j in js]
 
         rows = jnp.zeros(first.shape, first.dtype)

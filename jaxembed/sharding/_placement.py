@@ -415,7 +415,7 @@ class ShardingPlan:
     @property
     def pooled(self) -> bool:
         """Whether the tables are bag configs (a bag collection), not plain ones (unpooled)."""
-        return Plan.of_either(self.tables).pooled
+        return self.tables[0].pooling is not None  # one kind a plan (checked at construction)
 
     # -- memory ---------------------------------------------------------------------------------
 

@@ -79,8 +79,7 @@ def buckets(owner, local, send, devices: int, rows: int):
     alone: a payload would cost several times the sort); each sorted key's distinct pair's
     rank within its owner; each owner's number of distinct pairs; and each entry's position in
     the sorted keys (its pair's first), by binary search. Unsent entries sort last, as
-    ``devices * rows``."""
-    _check(devices, rows)
+    ``devices * rows`` (the caller, :func:`bucket`, checked that it fits in int32)."""
     n, big = owner.shape[0], devices * rows
     key = jnp.where(send, owner * rows + local, big).astype(jnp.int32)
     sk = jnp.sort(key)
@@ -94,10 +93,6 @@ def buckets(owner, local, send, devices: int, rows: int):
     rank = pair - jnp.take(before, jnp.minimum(so, devices - 1))
     at = jnp.searchsorted(sk, key, side="left", method="scan").astype(jnp.int32)
     return sk, rank, per_owner, at
-
-
-def _vma(x) -> frozenset:
-    return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
 def bucket(owner, local, send, *, devices: int, rows: int, capacity: int):
@@ -124,7 +119,7 @@ def bucket(owner, local, send, *, devices: int, rows: int, capacity: int):
         slot = jnp.where(send, jnp.take(slot_sorted, at, mode="clip"), size)
         order = jnp.argsort(slot, stable=True).astype(jnp.int32)
         # inside shard_map jnp.argsort's result varies over no axis: cast it to vary as slot does
-        axes = tuple(sorted(_vma(slot) - _vma(order)))
+        axes = tuple(sorted(_kernels._vma(slot) - _kernels._vma(order)))
         if axes:
             order = jax.lax.pcast(order, axes, to="varying")
         return slot, keys, counts, per_owner, order
