@@ -1,12 +1,12 @@
 // jaxembed's CPU kernels: what every kernel file shares.
 //
 // The kernels are reached through the XLA FFI (one handler a file: bag_sum.cc, bag_max.cc,
-// gather.cc, sparse_update.cc; search.cc and argsort.cc for managed collisions; bucket.cc for
-// the sharded collection's routing). Each handler
-// checks its buffers, fills one of the argument structs below (or its own), and runs a kernel
-// body over ranges of its work on XLA's own intra-op thread pool. The bag and update bodies
-// (kernels.h) are compiled once per instruction set (isa.cc: generic, AVX2, AVX-512) and picked
-// at run time (dispatch.cc); nothing is compiled for the build machine's CPU alone.
+// gather.cc, sparse_update.cc; remap.cc, search.cc, argsort.cc, window.cc and evict.cc for
+// managed collisions; bucket.cc for the sharded collection's routing). Each handler checks its
+// buffers, fills one of the argument structs below (or its own), and runs a kernel body over
+// ranges of its work on XLA's own intra-op thread pool. The bag and update bodies (kernels.h) are compiled once per
+// instruction set (isa.cc: generic, AVX2, AVX-512) and picked at run time (dispatch.cc);
+// nothing is compiled for the build machine's CPU alone.
 //
 // Reading and writing stay inside the buffers: every id is compared against the table's rows
 // (one unsigned compare) before its row is touched, and bag bounds are clamped to the entries.

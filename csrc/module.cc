@@ -12,8 +12,11 @@ XLA_FFI_Error* jaxembed_bag_max(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_gather(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_argsort(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_bucket(XLA_FFI_CallFrame*);
+XLA_FFI_Error* jaxembed_evict(XLA_FFI_CallFrame*);
+XLA_FFI_Error* jaxembed_remap(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_search(XLA_FFI_CallFrame*);
 XLA_FFI_Error* jaxembed_sparse_update(XLA_FFI_CallFrame*);
+XLA_FFI_Error* jaxembed_window(XLA_FFI_CallFrame*);
 }
 
 namespace {
@@ -29,8 +32,11 @@ PyObject* registrations(PyObject*, PyObject*) {
       {"jaxembed_gather", reinterpret_cast<void*>(&jaxembed_gather)},
       {"jaxembed_argsort", reinterpret_cast<void*>(&jaxembed_argsort)},
       {"jaxembed_bucket", reinterpret_cast<void*>(&jaxembed_bucket)},
+      {"jaxembed_evict", reinterpret_cast<void*>(&jaxembed_evict)},
+      {"jaxembed_remap", reinterpret_cast<void*>(&jaxembed_remap)},
       {"jaxembed_search", reinterpret_cast<void*>(&jaxembed_search)},
       {"jaxembed_sparse_update", reinterpret_cast<void*>(&jaxembed_sparse_update)},
+      {"jaxembed_window", reinterpret_cast<void*>(&jaxembed_window)},
   };
   PyObject* out = PyDict_New();
   if (out == nullptr) return nullptr;

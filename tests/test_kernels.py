@@ -689,6 +689,133 @@ def test_argsort_kernel_is_a_stable_sort(n, spread, seed):
     np.testing.assert_array_equal(np.asarray(ours), np.argsort(keys, kind="stable"))
 
 
+@needs_kernels
+@costly
+@given(remap_cases())
+def test_remap_kernel_equals_the_reference(case):
+    """Each query's row (the search, the hit test and the row read fused) against the pure-JAX
+    search: held ids, misses, duplicates, masked queries and a traced bad id."""
+    from jaxembed.collisions import _ids, _remap
+
+    state, q, ok = case
+    ok = ok & _ids.valid(q)
+    ours = jax.jit(_ffi.remap)(state.hi, state.lo, state.slot, q.hi, q.lo, ok)
+    with reference_path():
+        ref = jax.jit(_remap.search)(state, q.hi, q.lo, ok)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
+@st.composite
+def window_cases(draw):
+    """A window of calls: duplicates, hot ids, ids near 2**63, unused (empty) entries."""
+    per_call = draw(st.integers(1, 60))
+    calls = draw(st.integers(1, 6))
+    n = per_call * calls
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    spread = draw(st.sampled_from([5, 2**31, 2**63 - 1]))
+    ids = rng.integers(0, spread, n, dtype=np.int64)
+    ids[rng.random(n) < 0.3] = 2**63 - 1 if draw(st.booleans()) else ids[0]
+    empty = rng.random(n) < draw(st.sampled_from([0.0, 0.4, 1.0]))
+    hi = np.where(empty, 0xFFFFFFFF, (ids >> 32).astype(np.uint32)).astype(np.uint32)
+    lo = np.where(empty, 0xFFFFFFFF, (ids & 0xFFFFFFFF).astype(np.uint32)).astype(np.uint32)
+    first = draw(st.integers(1, 2**20))
+    return jnp.asarray(hi), jnp.asarray(lo), jnp.int32(first), per_call
+
+
+@needs_kernels
+@costly
+@given(window_cases())
+def test_window_kernel_equals_the_reference(case):
+    """An eviction's step 1: the window's distinct ids, their counts and last calls, against
+    the pure-JAX sort and segment sums (the last calls past the distinct ids are never read)."""
+    from jaxembed.collisions import _remap
+
+    hi, lo, first, per_call = case
+    ours = jax.jit(lambda *a: _ffi.window(*a, ids_per_call=per_call))(hi, lo, first)
+    with reference_path():
+        ref = jax.jit(lambda *a: _remap._distinct(*a, ids_per_call=per_call))(hi, lo, first)
+    count = np.asarray(ref[2])
+    for a, b in zip(ours[:3], ref[:3], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(ours[3])[count > 0], np.asarray(ref[3])[count > 0])
+    keys = (np.asarray(hi).astype(np.uint64) << np.uint64(32)) | np.asarray(lo)
+    assert (count > 0).sum() == np.unique(keys[np.asarray(hi) < 2**31]).size
+
+
+@st.composite
+def eviction_streams(draw):
+    """A managed-collision config and a stream of calls: any policy, decay and admission, tables
+    from 2 rows, windows smaller and larger than the table, uniform and Zipf ids."""
+    from jaxembed.collisions import ManagedCollision
+
+    eviction = draw(st.sampled_from(["lfu", "lru", "distance_lfu"]))
+    admission = draw(st.sampled_from([None, "average", "dynamic", "count", "probabilistic"]))
+    value = {"count": draw(st.integers(1, 3)), "probabilistic": 0.3}.get(admission)
+    mc = ManagedCollision(eviction, draw(st.integers(1, 3)),
+                          decay_exponent=draw(st.sampled_from([0.5, 1.0, 2.0])),
+                          admission=admission, admission_value=value)  # fmt: skip
+    slots = draw(st.integers(2, 60))
+    per_call = draw(st.integers(1, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    universe = np.unique(rng.integers(0, draw(st.sampled_from([30, 2**62])), 200))
+    calls = []
+    for _ in range(draw(st.integers(1, 8))):
+        if draw(st.booleans()):
+            pick = rng.integers(0, universe.size, per_call)
+        else:
+            pick = np.minimum(rng.zipf(1.3, per_call) - 1, universe.size - 1)
+        calls.append(universe[pick])
+    return mc, slots, per_call, calls
+
+
+@needs_kernels
+@costly
+@given(eviction_streams())
+def test_evictions_on_the_kernels_equal_the_pure_path(stream):
+    """A stream of training calls (profile, evict, remap) on the kernels (window, evict, remap,
+    search, argsort) against the pure-JAX path: every output and the whole state, call by call,
+    exactly."""
+    from jaxembed.collisions import RawIds, raw_ids
+
+    mc, slots, per_call, calls = stream
+
+    def call(state, hi, lo):
+        return mc.remap(state, RawIds(hi, lo))
+
+    ours_state = mc.init(slots, per_call)
+    step = jax.jit(call)
+    hlo = step.lower(ours_state, *raw_ids(calls[0])).compile().as_text()
+    for target in ("jaxembed_window", "jaxembed_evict", "jaxembed_remap"):
+        assert target in hlo, target
+    with reference_path():
+        ref_step = jax.jit(call)
+        ref_state = mc.init(slots, per_call)
+        refs = []
+        for ids in calls:
+            out = ref_step(ref_state, *raw_ids(ids))
+            ref_state = out.state
+            refs.append(jax.device_get(out))
+    for ids, ref in zip(calls, refs, strict=True):
+        out = step(ours_state, *raw_ids(ids))
+        ours_state = out.state
+        for a, b in zip(jax.tree.leaves(jax.device_get(out)), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@needs_kernels
+def test_evict_kernel_refuses_a_count_of_new_ids_past_its_buffers():
+    """num_new is read from a buffer: outside [0, W] it is refused before anything is read."""
+    size, window = 4, 3
+    u32, i32 = jnp.zeros(size, jnp.uint32), jnp.zeros(size, jnp.int32)
+    held = (u32, u32, i32, i32, None)
+    new = (jnp.zeros(window, jnp.uint32), jnp.zeros(window, jnp.uint32),
+           jnp.zeros(window, jnp.int32), jnp.zeros(window, jnp.int32))  # fmt: skip
+    jax.block_until_ready(_ffi.evict(held, u32, new, new[0], jnp.int32(0)))
+    for bad in (-1, window + 1):
+        with pytest.raises(Exception, match=r"num_new must be in \[0, W\]"):
+            jax.block_until_ready(_ffi.evict(held, u32, new, new[0], jnp.int32(bad)))
+
+
 # -- the sharded collection's routing -----------------------------------------------------------
 
 

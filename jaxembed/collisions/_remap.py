@@ -35,6 +35,7 @@ Scores (lower is evicted first), at call ``it``, ``d = decay_exponent``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -406,24 +407,20 @@ class ManagedCollision:
     def _evict(self, state: CollisionState, ids_per_call: int):
         num_slots = state.num_slots
         window = state.window_hi.shape[0]
-        size = min(num_slots, window)
         it = state.step
-        slots = jnp.arange(num_slots, dtype=jnp.int32)
 
         # 1. the window's distinct ids, their counts and last calls (ascending ids)
-        call = state.last_eviction + 1 + jnp.arange(window, dtype=jnp.int32) // ids_per_call
-        by_id = _ids.argsort(state.window_hi, state.window_lo)
-        s_hi, s_lo, s_call = state.window_hi[by_id], state.window_lo[by_id], call[by_id]
-        first = jnp.concatenate(
-            [jnp.ones((1,), bool), (s_hi[1:] != s_hi[:-1]) | (s_lo[1:] != s_lo[:-1])]
-        )
-        seg = jnp.cumsum(first.astype(jnp.int32)) - 1
-        seen = _ids.valid(RawIds(s_hi, s_lo))
-        u_count = jax.ops.segment_sum(seen.astype(jnp.int32), seg, num_segments=window)
-        u_last = jax.ops.segment_max(s_call, seg, num_segments=window)
-        head = jnp.where(first, seg, window)
-        u_hi = jnp.full((window,), EMPTY, jnp.uint32).at[head].set(s_hi, mode="drop")
-        u_lo = jnp.full((window,), EMPTY, jnp.uint32).at[head].set(s_lo, mode="drop")
+        first_call = state.last_eviction + 1
+        if _kernels.available():
+            u_hi, u_lo, u_count, u_last = jax.lax.platform_dependent(
+                state.window_hi, state.window_lo, first_call,
+                cpu=functools.partial(_kernels.window, ids_per_call=ids_per_call),
+                default=functools.partial(_distinct, ids_per_call=ids_per_call),
+            )  # fmt: skip
+        else:
+            u_hi, u_lo, u_count, u_last = _distinct(
+                state.window_hi, state.window_lo, first_call, ids_per_call=ids_per_call
+            )
         u_ok = self._admits(u_hi, u_lo, u_count, u_count > 0, it)
 
         # 2. by count, descending; equal counts keep the smaller id first (TorchRec's order F)
@@ -434,8 +431,9 @@ class ManagedCollision:
             a[by_count] for a in (u_hi, u_lo, u_count, u_last, u_ok)
         )
 
-        # 3. the window's held ids update their metadata
-        at = _positions(state.hi, state.lo, f_hi, f_lo, f_ok)
+        # 3. the window's held ids update their metadata (searched in id order, which the
+        # kernel's search takes as it comes)
+        at = _positions(state.hi, state.lo, u_hi, u_lo, u_ok)[by_count]
         held = f_ok & (state.hi[at] == f_hi) & (state.lo[at] == f_lo)
         target = jnp.where(held, at, num_slots)
         counts, last = state.counts, state.last
@@ -455,66 +453,105 @@ class ManagedCollision:
         n_last = jnp.zeros((window,), jnp.int32).at[put].set(f_last, mode="drop")
         num_new = jnp.sum(new.astype(jnp.int32))
 
-        # 5. TorchRec ranks held entries, then new ids, by one stable sort of the scores, and
-        # keeps the top num_slots. The same decisions without sorting the held entries: the
-        # admitted new ids are a prefix of the new ids by (key, order F), and as many held
-        # entries leave, the last by (key, position).
+        # 5.-7. the ranking and the replacement: the CPU kernel where it runs
         held_key = self._keys(counts, last, it)
         new_key = jnp.where(order < num_new, self._keys(n_count, n_last, it), _ids.WORST)
-        by_key = _ids.argsort(new_key, none)
-        new_key = new_key[by_key]
-
-        def admitted(e):  # new id e (by key) ranks below num_slots
-            return jnp.sum(held_key <= new_key[jnp.minimum(e, window - 1)]) + e < num_slots
-
-        entering = _first_false(admitted, num_new, window)
-        kept = num_slots - entering
-        leaves = _last_ranked(held_key, kept)
-        gone = jnp.cumsum(leaves.astype(jnp.int32))  # leaving entries up to each position
-        k_out = jnp.where(leaves, gone - 1, size)
-        leaving = jnp.full((size,), num_slots, jnp.int32).at[k_out].set(slots, mode="drop")
-        leaving_key = jnp.where(
-            leaving < num_slots, held_key[jnp.minimum(leaving, num_slots - 1)], _ids.WORST
+        entries = (state.hi, state.lo, state.slot, counts, last)
+        new = (n_hi, n_lo, n_count, n_last)
+        if not _kernels.available():
+            return _replace(entries, held_key, new, new_key, num_new)
+        return jax.lax.platform_dependent(
+            entries, held_key, new, new_key, num_new, cpu=_kernels.evict, default=_replace
         )
-        leaving = leaving[_ids.argsort(leaving_key, none[:size])]  # rank order
 
-        # 6. the k-th entering id takes the k-th leaving entry's slot
-        k = jnp.arange(size)
-        live = k < entering
-        src = jnp.where(live, by_key[:size], 0)
-        out_at = jnp.minimum(leaving, num_slots - 1)
-        e_slot = jnp.where(live, state.slot[out_at], num_slots)
-        e_hi = jnp.where(live, n_hi[src], EMPTY)
-        e_lo = jnp.where(live, n_lo[src], EMPTY)
-        evicted = e_slot
 
-        # 7. the held entries stay sorted by id: the kept ones in their order, the entering ones
-        # (sorted by id) merged in
-        by_id = _ids.argsort(e_hi, e_lo)
-        e_hi, e_lo, e_slot, e_src = (a[by_id] for a in (e_hi, e_lo, e_slot, src))
-        # (the entering ids' valid ids sort before the padding: `live` still marks them)
-        stays = ~leaves
-        compact = slots - gone  # a kept entry's position among the kept
-        e_at = _positions(state.hi, state.lo, e_hi, e_lo, live)  # among all held
-        e_ins = e_at - jnp.where(e_at > 0, gone[jnp.maximum(e_at - 1, 0)], 0)
-        inserted = (
-            jnp.zeros((num_slots + 1,), jnp.int32).at[jnp.where(live, e_ins, num_slots)].add(1)
-        )
-        before = jnp.cumsum(inserted)  # entering ids placed at or before each kept position
-        dest_kept = jnp.where(stays, compact + before[compact], num_slots)
-        dest_new = jnp.where(live, e_ins + k, num_slots)
+def _replace(held, held_key, new, new_key, num_new):
+    """An eviction's steps 5 to 7 (see :meth:`ManagedCollision._evict`), on XLA's own ops: which
+    new ids enter, which held entries leave, and the held table re-sorted by id. Returns
+    ``((hi, lo, slot, counts, last), evicted, entering)``."""
+    hi, lo, slot, counts, last = held
+    n_hi, n_lo, n_count, n_last = new
+    num_slots, window = hi.shape[0], n_hi.shape[0]
+    size = min(num_slots, window)
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    none = jnp.zeros((window,), jnp.uint32)
 
-        def merged(values, incoming):
-            out = jnp.zeros_like(values).at[dest_kept].set(values, mode="drop")
-            return out.at[dest_new].set(incoming, mode="drop")
+    # 5. TorchRec ranks held entries, then new ids, by one stable sort of the scores, and
+    # keeps the top num_slots. The same decisions without sorting the held entries: the
+    # admitted new ids are a prefix of the new ids by (key, order F), and as many held
+    # entries leave, the last by (key, position).
+    by_key = _ids.argsort(new_key, none)
+    new_key = new_key[by_key]
 
-        hi, lo = merged(state.hi, e_hi), merged(state.lo, e_lo)
-        slot = merged(state.slot, e_slot)
-        if counts is not None:
-            counts = merged(counts, n_count[e_src])
-        if last is not None:
-            last = merged(last, n_last[e_src])
-        return (hi, lo, slot, counts, last), evicted, entering
+    def admitted(e):  # new id e (by key) ranks below num_slots
+        return jnp.sum(held_key <= new_key[jnp.minimum(e, window - 1)]) + e < num_slots
+
+    entering = _first_false(admitted, num_new, window)
+    kept = num_slots - entering
+    leaves = _last_ranked(held_key, kept)
+    gone = jnp.cumsum(leaves.astype(jnp.int32))  # leaving entries up to each position
+    k_out = jnp.where(leaves, gone - 1, size)
+    leaving = jnp.full((size,), num_slots, jnp.int32).at[k_out].set(slots, mode="drop")
+    leaving_key = jnp.where(
+        leaving < num_slots, held_key[jnp.minimum(leaving, num_slots - 1)], _ids.WORST
+    )
+    leaving = leaving[_ids.argsort(leaving_key, none[:size])]  # rank order
+
+    # 6. the k-th entering id takes the k-th leaving entry's slot
+    k = jnp.arange(size)
+    live = k < entering
+    src = jnp.where(live, by_key[:size], 0)
+    out_at = jnp.minimum(leaving, num_slots - 1)
+    e_slot = jnp.where(live, slot[out_at], num_slots)
+    e_hi = jnp.where(live, n_hi[src], EMPTY)
+    e_lo = jnp.where(live, n_lo[src], EMPTY)
+    evicted = e_slot
+
+    # 7. the held entries stay sorted by id: the kept ones in their order, the entering ones
+    # (sorted by id) merged in
+    by_id = _ids.argsort(e_hi, e_lo)
+    e_hi, e_lo, e_slot, e_src = (a[by_id] for a in (e_hi, e_lo, e_slot, src))
+    # (the entering ids' valid ids sort before the padding: `live` still marks them)
+    stays = ~leaves
+    compact = slots - gone  # a kept entry's position among the kept
+    e_at = _positions(hi, lo, e_hi, e_lo, live)  # among all held
+    e_ins = e_at - jnp.where(e_at > 0, gone[jnp.maximum(e_at - 1, 0)], 0)
+    inserted = jnp.zeros((num_slots + 1,), jnp.int32).at[jnp.where(live, e_ins, num_slots)].add(1)
+    before = jnp.cumsum(inserted)  # entering ids placed at or before each kept position
+    dest_kept = jnp.where(stays, compact + before[compact], num_slots)
+    dest_new = jnp.where(live, e_ins + k, num_slots)
+
+    def merged(values, incoming):
+        out = jnp.zeros_like(values).at[dest_kept].set(values, mode="drop")
+        return out.at[dest_new].set(incoming, mode="drop")
+
+    hi, lo, slot = merged(hi, e_hi), merged(lo, e_lo), merged(slot, e_slot)
+    if counts is not None:
+        counts = merged(counts, n_count[e_src])
+    if last is not None:
+        last = merged(last, n_last[e_src])
+    return (hi, lo, slot, counts, last), evicted, entering
+
+
+def _distinct(window_hi, window_lo, first_call, *, ids_per_call: int):
+    """An eviction's step 1, on XLA's own ops: the window's distinct valid ids, ascending, with
+    their counts and last calls, ``(u_hi, u_lo, u_count, u_last)``; past them, empties with
+    count 0 (their last calls are not read)."""
+    window = window_hi.shape[0]
+    call = first_call + jnp.arange(window, dtype=jnp.int32) // ids_per_call
+    by_id = _ids.argsort(window_hi, window_lo)
+    s_hi, s_lo, s_call = window_hi[by_id], window_lo[by_id], call[by_id]
+    first = jnp.concatenate(
+        [jnp.ones((1,), bool), (s_hi[1:] != s_hi[:-1]) | (s_lo[1:] != s_lo[:-1])]
+    )
+    seg = jnp.cumsum(first.astype(jnp.int32)) - 1
+    seen = _ids.valid(RawIds(s_hi, s_lo))
+    u_count = jax.ops.segment_sum(seen.astype(jnp.int32), seg, num_segments=window)
+    u_last = jax.ops.segment_max(s_call, seg, num_segments=window)
+    head = jnp.where(first, seg, window)
+    u_hi = jnp.full((window,), EMPTY, jnp.uint32).at[head].set(s_hi, mode="drop")
+    u_lo = jnp.full((window,), EMPTY, jnp.uint32).at[head].set(s_lo, mode="drop")
+    return u_hi, u_lo, u_count, u_last
 
 
 def _no_eviction(state: CollisionState) -> tuple[jax.Array, jax.Array]:
@@ -574,12 +611,20 @@ def _positions(hi, lo, q_hi, q_lo, ok) -> jax.Array:
 
 
 def search(state: CollisionState, q_hi, q_lo, ok) -> jax.Array:
-    """Each query's slot: a held id's own, the miss slot for others, ``num_slots`` if not ok."""
+    """Each query's slot: a held id's own, the miss slot for others, ``num_slots`` if not ok; by
+    the CPU kernel where it runs."""
     num_slots = state.num_slots
-    at = _positions(state.hi, state.lo, q_hi, q_lo, ok)
-    hit = (state.hi[at] == q_hi) & (state.lo[at] == q_lo)
-    slots = jnp.where(hit, state.slot[at], num_slots - 1)
-    return jnp.where(ok, slots, num_slots).astype(jnp.int32)
+
+    def reference(hi, lo, slot, q_hi, q_lo, ok):
+        at = _positions(hi, lo, q_hi, q_lo, ok)
+        hit = (hi[at] == q_hi) & (lo[at] == q_lo)
+        slots = jnp.where(hit, slot[at], num_slots - 1)
+        return jnp.where(ok, slots, num_slots).astype(jnp.int32)
+
+    args = (state.hi, state.lo, state.slot, q_hi, q_lo, ok)
+    if not _kernels.available() or q_hi.shape[0] == 0:
+        return reference(*args)
+    return jax.lax.platform_dependent(*args, cpu=_kernels.remap, default=reference)
 
 
 def held_ids(state: CollisionState) -> tuple[np.ndarray, np.ndarray]:

@@ -329,11 +329,66 @@ def search(
     return _call("jaxembed_search", out, hi, lo, q_hi, q_lo, ok)
 
 
+def remap(
+    hi: jax.Array,
+    lo: jax.Array,
+    slot: jax.Array,
+    q_hi: jax.Array,
+    q_lo: jax.Array,
+    ok: jax.Array,
+) -> jax.Array:
+    """Managed collisions' remap: each query's row, ``slot`` of its held id among the sorted
+    pairs ``(hi, lo)``, the miss row ``S - 1`` for another valid id, ``S`` where ``ok`` is false,
+    as ``jaxembed.collisions._remap.search`` computes it."""
+    out = jax.ShapeDtypeStruct(q_hi.shape, jnp.int32)
+    return _call("jaxembed_remap", out, hi, lo, slot, q_hi, q_lo, ok)
+
+
+def window(
+    hi: jax.Array, lo: jax.Array, first_call: jax.Array, *, ids_per_call: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A managed-collision window's distinct ids, ascending, with their counts and last calls:
+    ``(u_hi, u_lo, u_count, u_last)``, as ``jaxembed.collisions._remap``'s pure-JAX step 1
+    computes them (past the distinct ids: empties, counts 0, last calls 0)."""
+    n = hi.shape[0]
+    types = (jnp.uint32, jnp.uint32, jnp.int32, jnp.int32)
+    out = tuple(jax.ShapeDtypeStruct((n,), t) for t in types)
+    return _call("jaxembed_window", out, hi, lo, first_call.astype(jnp.int32),
+                 ids_per_call=np.int64(ids_per_call))  # fmt: skip
+
+
 def argsort(hi: jax.Array, lo: jax.Array) -> jax.Array:
     """The stable order of the 64-bit keys ``hi * 2**32 + lo`` (uint32 halves): ``(n,)``
     int32, as ``jaxembed.collisions._ids.argsort`` computes it."""
     out = jax.ShapeDtypeStruct(hi.shape, jnp.int32)
     return _call("jaxembed_argsort", out, hi, lo)
+
+
+def evict(held, key, new, new_key, num_new):
+    """A managed-collision eviction's replacement, as ``jaxembed.collisions._remap``'s pure-JAX
+    steps compute it: ``held`` is ``(hi, lo, slot, counts, last)`` (counts and last None where
+    the policy keeps none), ``new`` is ``(n_hi, n_lo, n_count, n_last)`` in order F. Returns
+    ``((hi, lo, slot, counts, last), evicted, entering)``."""
+    hi, lo, slot, counts, last = held
+    n_hi, n_lo, n_count, n_last = new
+    size, window = hi.shape[0], n_hi.shape[0]
+    none = jnp.zeros((0,), jnp.int32)
+    counts_in, n_count = (none, none) if counts is None else (counts, n_count)
+    last_in, n_last = (none, none) if last is None else (last, n_last)
+
+    def like(a):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+    out = (*(like(a) for a in (hi, lo, slot, counts_in, last_in)),
+           jax.ShapeDtypeStruct((min(size, window),), jnp.int32),
+           jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
+    hi, lo, slot, counts_out, last_out, evicted, entering = _call(
+        "jaxembed_evict", out, hi, lo, slot, counts_in, last_in, key, n_hi, n_lo, n_count,
+        n_last, new_key, num_new.astype(jnp.int32),
+    )  # fmt: skip
+    counts = None if counts is None else counts_out
+    last = None if last is None else last_out
+    return (hi, lo, slot, counts, last), evicted, entering
 
 
 def bucket(
