@@ -164,6 +164,10 @@ ffi::Error Evict(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo, ffi::Buffer
   for (int64_t e = 0; e < m; ++e) new_keys[e] = static_cast<uint32_t>(fresh.key[e] >> 32);
   const Cut cut = m == 0 ? Cut{0, 0, 0} : find_cut(k, size, new_keys);
   const int64_t entering = cut.entering;
+  const int64_t size_evicted = std::min(size, window);
+  if (entering < 0 || entering > std::min(m, size_evicted)) {
+    return invalid("internal: more ids enter than are new or fit the table");
+  }
 
   // the leaving entries: by position, then by (key, position), the rank order
   std::vector<int64_t> out_at;
@@ -177,7 +181,7 @@ ffi::Error Evict(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo, ffi::Buffer
       const bool tie = k[j] == cut.key;
       const bool out = (k[j] > cut.key) | (tie & (at_key >= cut.held_at_key));
       at_key += tie;
-      if (!out) continue;  // rarely taken: at most W entries leave
+      if (!out) continue;  // most entries stay: at most W leave
       out_at.push_back(j);
       leaving.key.push_back((uint64_t{k[j]} << 32) | static_cast<uint64_t>(j));
       leaving.at.push_back(static_cast<int32_t>(j));
@@ -187,7 +191,6 @@ ffi::Error Evict(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo, ffi::Buffer
     }
     sort_ordered(&leaving);
   }
-  const int64_t size_evicted = std::min(size, window);
   for (int64_t q = 0; q < size_evicted; ++q) {
     evicted[q] = q < entering ? s[leaving.at[q]] : static_cast<int32_t>(size);
   }

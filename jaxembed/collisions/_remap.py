@@ -410,17 +410,11 @@ class ManagedCollision:
         it = state.step
 
         # 1. the window's distinct ids, their counts and last calls (ascending ids)
-        first_call = state.last_eviction + 1
-        if _kernels.available():
-            u_hi, u_lo, u_count, u_last = jax.lax.platform_dependent(
-                state.window_hi, state.window_lo, first_call,
-                cpu=functools.partial(_kernels.window, ids_per_call=ids_per_call),
-                default=functools.partial(_distinct, ids_per_call=ids_per_call),
-            )  # fmt: skip
-        else:
-            u_hi, u_lo, u_count, u_last = _distinct(
-                state.window_hi, state.window_lo, first_call, ids_per_call=ids_per_call
-            )
+        u_hi, u_lo, u_count, u_last = _kernels.on_cpu(
+            functools.partial(_kernels.window, ids_per_call=ids_per_call),
+            functools.partial(_distinct, ids_per_call=ids_per_call),
+            state.window_hi, state.window_lo, state.last_eviction + 1,
+        )  # fmt: skip
         u_ok = self._admits(u_hi, u_lo, u_count, u_count > 0, it)
 
         # 2. by count, descending; equal counts keep the smaller id first (TorchRec's order F)
@@ -458,11 +452,7 @@ class ManagedCollision:
         new_key = jnp.where(order < num_new, self._keys(n_count, n_last, it), _ids.WORST)
         entries = (state.hi, state.lo, state.slot, counts, last)
         new = (n_hi, n_lo, n_count, n_last)
-        if not _kernels.available():
-            return _replace(entries, held_key, new, new_key, num_new)
-        return jax.lax.platform_dependent(
-            entries, held_key, new, new_key, num_new, cpu=_kernels.evict, default=_replace
-        )
+        return _kernels.on_cpu(_kernels.evict, _replace, entries, held_key, new, new_key, num_new)
 
 
 def _replace(held, held_key, new, new_key, num_new):
@@ -603,11 +593,9 @@ def _positions(hi, lo, q_hi, q_lo, ok) -> jax.Array:
         at = _ids.lower_bound(hi, lo, num_slots - 1, q_hi, q_lo)
         return jnp.where(ok, at, num_slots - 1)
 
-    if not _kernels.available() or q_hi.shape[0] == 0:
+    if q_hi.shape[0] == 0:
         return reference(hi, lo, q_hi, q_lo, ok)
-    return jax.lax.platform_dependent(
-        hi, lo, q_hi, q_lo, ok, cpu=_kernels.search, default=reference
-    )
+    return _kernels.on_cpu(_kernels.search, reference, hi, lo, q_hi, q_lo, ok)
 
 
 def search(state: CollisionState, q_hi, q_lo, ok) -> jax.Array:
@@ -622,9 +610,9 @@ def search(state: CollisionState, q_hi, q_lo, ok) -> jax.Array:
         return jnp.where(ok, slots, num_slots).astype(jnp.int32)
 
     args = (state.hi, state.lo, state.slot, q_hi, q_lo, ok)
-    if not _kernels.available() or q_hi.shape[0] == 0:
+    if q_hi.shape[0] == 0:
         return reference(*args)
-    return jax.lax.platform_dependent(*args, cpu=_kernels.remap, default=reference)
+    return _kernels.on_cpu(_kernels.remap, reference, *args)
 
 
 def held_ids(state: CollisionState) -> tuple[np.ndarray, np.ndarray]:

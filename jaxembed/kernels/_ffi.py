@@ -69,6 +69,14 @@ def available() -> bool:
     return _ON and not _PURE.get()
 
 
+def on_cpu(kernel, reference, *args):
+    """``kernel(*args)`` on CPU where this process runs the kernels (:func:`available`),
+    ``reference(*args)`` elsewhere: ``jax.lax.platform_dependent`` picks at lowering time."""
+    if not available():
+        return reference(*args)
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+
+
 @contextlib.contextmanager
 def pure_jax():
     """Traces jaxembed on the pure-JAX path inside the block, kernels or not.
