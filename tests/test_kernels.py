@@ -769,7 +769,7 @@ def eviction_streams(draw):
 
 
 @needs_kernels
-@costly
+@(settings(max_examples=3) if _PROFILE == "default" else settings())  # both paths compile each
 @given(eviction_streams())
 def test_evictions_on_the_kernels_equal_the_pure_path(stream):
     """A stream of training calls (profile, evict, remap) on the kernels (window, evict, remap,
