@@ -42,18 +42,14 @@ inline int64_t gallop(const Held& h, int64_t from, uint64_t v) {
 }
 
 // The first position in [from, n) whose id is not below v, given that none before `from` is:
-// up to four blocks of 16 entries counted without a branch (a call's sorted queries are close
-// together: ~S / n entries apart), then galloping.
+// the next 16 entries counted without a branch (a call's sorted uniform ids are ~S / n entries
+// apart), then galloping past them (more blocks cost skewed ids, far apart, more than they save).
 inline int64_t lower_bound_from(const Held& h, int64_t from, uint64_t v) {
   constexpr int64_t kBlock = 16;
-  int64_t p = from;
-  for (int block = 0; block < 1 && p + kBlock <= h.n; ++block) {
-    int64_t below = 0;
-    for (int64_t i = 0; i < kBlock; ++i) below += h[p + i] < v;
-    p += below;
-    if (below < kBlock) return p;
-  }
-  return gallop(h, p, v);
+  if (from + kBlock > h.n) return gallop(h, from, v);
+  int64_t below = 0;
+  for (int64_t i = 0; i < kBlock; ++i) below += h[from + i] < v;
+  return below < kBlock ? from + below : gallop(h, from + kBlock, v);
 }
 
 // Ordered queries [begin, end): write(j, v, p) for each, j its position in the call, v its id and
