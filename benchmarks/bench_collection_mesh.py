@@ -12,6 +12,7 @@ In one process it reports:
 
     python benchmarks/bench_collection_mesh.py                # 8 fake CPU devices
     python benchmarks/bench_collection_mesh.py --devices 0    # every real device (GPUs)
+    python benchmarks/bench_collection_mesh.py --replicas 2   # a 2-D mesh: 2 replicas x 4
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--slack", type=float, default=1.25, help="capacity over the most seen")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="a 2-D mesh: R replicas x devices / R along the model axis")  # fmt: skip
     ap.add_argument("--by-kind", action="store_true", help="also time every table one kind")
     ap.add_argument("--weak", action="store_true", help="also K = 1..8, per-device batch fixed")
     args = ap.parse_args(argv)
@@ -49,12 +52,18 @@ def main(argv=None):
     from dlrm import CRITEO
 
     k = args.devices or jax.device_count()
-    mesh = jax.make_mesh((k,), ("x",), axis_types=(AxisType.Auto,), devices=jax.devices()[:k])
+    replica, r = ("replica", args.replicas) if args.replicas > 1 else (None, 1)
+    if k % r:
+        raise SystemExit(f"--replicas {r} must divide the {k} devices")
+    shape, names = ((r, k // r), ("replica", "x")) if replica else ((k,), ("x",))
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                         devices=jax.devices()[:k])  # fmt: skip
     rows = [min(c, args.cap) for c in CRITEO]
     tables = [jaxembed.EmbeddingBagConfig(f"t{i}", args.dim, r, [f"cat_{i}"])
               for i, r in enumerate(rows)]  # fmt: skip
     tx = jaxembed.sparse.rowwise_adagrad(0.05)
-    plan = jaxembed.plan(tables, mesh, optimizer=tx, batch_size=args.batch, pooling_factors=4.0)
+    plan = jaxembed.plan(tables, mesh, optimizer=tx, batch_size=args.batch, pooling_factors=4.0,
+                         replica=replica)  # fmt: skip
     print(f"{jax.devices()[0].device_kind} x {k}; {len(rows)} tables, {sum(rows):,} rows x "
           f"{args.dim}; batch {args.batch}")  # fmt: skip
     print(plan)
@@ -104,7 +113,7 @@ def main(argv=None):
         for shard in leaf.addressable_shards:
             held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
     held = np.array([held[d.id] for d in mesh.devices.reshape(-1)])
-    estimate = np.array(plan.memory(tx))
+    estimate = np.tile(np.array(plan.memory(tx)), r)  # each replica holds the plan's blocks
     once = sum(
         S._placement.block_bytes(t.num_embeddings, t.embedding_dim, t.param_dtype, tx)
         for t in tables
@@ -193,14 +202,18 @@ def main(argv=None):
           f"(min {min(ratios):.2f}, max {max(ratios):.2f})")  # fmt: skip
     if args.by_kind:  # where the time goes: the lookup alone and the step, every table one kind
         by_size = sorted(tables, key=lambda t: -t.num_embeddings)
+
+        def hand(placements):
+            return S.by_hand(tables, mesh, placements, axis="x", replica=replica)
+
         kinds = {
             "planned": plan,
-            "data_parallel": S.by_hand(tables, mesh, {t.name: S.data_parallel() for t in tables}),
-            "row_wise": routed(S.by_hand(tables, mesh, {t.name: S.row_wise() for t in tables})),
-            "table_wise": routed(S.by_hand(
-                tables, mesh, {t.name: S.table_wise(i % k) for i, t in enumerate(by_size)}
+            "data_parallel": hand({t.name: S.data_parallel() for t in tables}),
+            "row_wise": routed(hand({t.name: S.row_wise() for t in tables})),
+            "table_wise": routed(hand(
+                {t.name: S.table_wise(i % plan.num_devices) for i, t in enumerate(by_size)}
             )),
-            "column_wise": S.by_hand(tables, mesh, {t.name: S.column_wise() for t in tables}),
+            "column_wise": hand({t.name: S.column_wise() for t in tables}),
         }  # fmt: skip
         for name, p in kinds.items():
             f = S.put_features(blocks, p)

@@ -28,12 +28,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # two processes: CI runs it (-m slow)
-def test_two_processes_train_a_sharded_collection(tmp_path):
+@pytest.mark.parametrize("layout", ["1d", "2d"])  # 2d: replica x model, a replica a process
+def test_two_processes_train_a_sharded_collection(tmp_path, layout):
     port, out = str(_free_port()), tmp_path / "tables.npz"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "worker.py"), str(i), port, str(out)],
+            [sys.executable, str(HERE / "worker.py"), str(i), port, str(out), layout],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -51,7 +52,8 @@ def test_two_processes_train_a_sharded_collection(tmp_path):
     for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
         assert f"process {i}: done" in log
-    assert "table_wise@5" in logs[0]  # the plan, printed by process 0
+    assert ("table_wise@3" if layout == "2d" else "table_wise@5") in logs[0]  # the plan
+    assert "bytes as the plan states" in logs[0]
 
     # the same collection, unsharded, in this process
     whole, _ = batch()

@@ -203,14 +203,12 @@ class _Collection(nnx.Module):
             self._keep_stats(stats)
             return out
         recorded = {key for key, _ in tape.records}
-        if any(tape.keys.get(id(self.weights[name])) in recorded for name in self._names()):
-            raise ValueError(
-                f"a sharded {type(self).__name__} is looked up once per loss under "
-                "jaxembed.sparse.value_and_grad (concatenate the batches instead)"
-            )
+        again = any(tape.keys.get(id(self.weights[n])) in recorded for n in self._names())
         pooled, lk = _mesh.lookup(params, features, self.sharding)
         self._write_back(params, lk.params)
-        self._keep_stats(lk.stats)
+        # a second lookup in one loss: its gradient joins the first's, device block by device
+        # block (``BlockGrad.sum_blocks``), and the stats keep the step's worst
+        self._keep_stats(lk.stats, merge=again)
         pooled = dict(pooled)
         jagged = not self.sharding.pooled
         for g in self.sharding.groups:
@@ -221,8 +219,14 @@ class _Collection(nnx.Module):
                 pooled[f] = pooled[f]._replace(values=v) if jagged else v
         return pooled
 
-    def _keep_stats(self, stats: Mapping[str, jax.Array]) -> None:
+    def _keep_stats(self, stats: Mapping[str, jax.Array], *, merge: bool = False) -> None:
+        """Keeps a call's routing stats; ``merge``: with this step's earlier lookup's (the most
+        any device needed, and the ids overflowed in all)."""
         for name, value in stats.items():
+            if merge:
+                old = self.routing[name].get_value()
+                value = jnp.stack([jnp.maximum(old[:, 0], value[:, 0]),
+                                   old[:, 1] + value[:, 1]], axis=1)  # fmt: skip
             self.routing[name].set_value(value)
 
     def check_routing(self) -> None:

@@ -25,6 +25,7 @@ interface.
 """
 
 from jaxembed.sharding._collection import (
+    BlockGrad,
     CapacityError,
     ShardedLookup,
     capacity_for,
@@ -55,6 +56,7 @@ from jaxembed.sharding._placement import (
 from jaxembed.sharding._planner import collective_bytes, plan
 
 __all__ = [
+    "BlockGrad",
     "CapacityError",
     "Group",
     "Kind",

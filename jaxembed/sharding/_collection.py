@@ -27,6 +27,11 @@ sums a row's squares per device: within an ulp); a routed group's gradients add 
 sums (within a few ulp). An id outside its table gives a NaN bag under ``jit`` on every
 placement. A routed group whose ids overflow its capacity is refused (``error``: NaN bags, no
 update, :class:`CapacityError` on the host) or loses those ids (``drop``), counted in the stats.
+
+On a 2-D mesh (the plan's ``replica`` axis) the batch splits over both axes and each group runs
+as above inside its replica group, along ``axis``; the copies of a block stay alike: each
+renorms and counts every replica group's rows, and applies every replica group's entries (one
+``all_gather`` over ``replica``), and a refusal is decided over every device.
 """
 
 from __future__ import annotations
@@ -60,14 +65,19 @@ Params = dict[str, dict[str, jax.Array]]
 # -- layouts of one group's block, for the core's pipeline ----------------------------------------
 
 
-def _layout_of(g: Group, mesh: Any, axis: str) -> _layout.Layout:
-    """The device steps of the pipeline for a replicated or column-split block. A replica's
-    renorm and counts see every device's ids (``TableSharding``'s ``batch``, gathered as one
-    value on every device, so the replicas stay alike); a column block's row norm sums over the
-    devices (its ``dim``)."""
+def _layout_of(g: Group, plan: ShardingPlan) -> _layout.Layout:
+    """The device steps of the pipeline for a group's block. A replica's renorm and counts see
+    every device's ids (``TableSharding``'s ``batch``, gathered as one value on every device, so
+    the replicas stay alike); a column block's row norm sums over the devices (its ``dim``); on
+    a 2-D mesh a block's renorm and counts see every replica group's ids (``batch`` over
+    ``replica``), so the copies of a block stay alike. A routed owner reads its own block."""
     if g.kind is Kind.DATA_PARALLEL:
-        return TableSharding(mesh, batch=axis)
-    return TableSharding(mesh, dim=axis)
+        return TableSharding(plan.mesh, batch=plan.batch_axes)
+    if g.kind is Kind.COLUMN_WISE:
+        return TableSharding(plan.mesh, dim=plan.axis, batch=plan.replica)
+    if plan.replica is not None and g.stack.options.max_norm is not None:
+        return TableSharding(plan.mesh, batch=plan.replica)
+    return _layout.LOCAL
 
 
 def spec_of(g: Group, axis: str) -> P:
@@ -198,15 +208,16 @@ def put_features(blocks: Sequence[KeyedJagged], sharding: ShardingPlan) -> Keyed
     """The batch on the mesh from each device's own :class:`~jaxembed.KeyedJagged` block.
 
     Args:
-      blocks: one block per device of this process along the plan's axis, in the mesh's order
-        (every device, in a single process; its own devices' blocks in each process of a
-        multi-host run). The blocks share keys, capacity, batch size and weightedness.
+      blocks: one block per device of this process, in the mesh's order (every device, in a
+        single process; its own devices' blocks in each process of a multi-host run; on a 2-D
+        mesh, replica group after replica group). The blocks share keys, capacity, batch size
+        and weightedness.
       sharding: the plan.
 
     Returns:
       A :class:`~jaxembed.KeyedJagged` whose ``values``, ``lengths`` and ``weights`` are the
-      blocks side by side, split over the axis; sample ``b`` of device ``k`` is sample
-      ``k * B_local + b`` of the pooled outputs.
+      blocks side by side, split over the plan's ``batch_axes``; sample
+      ``b`` of block ``k`` is sample ``k * B_local + b`` of the pooled outputs.
 
     Raises:
       ValueError: blocks that differ in keys or shape, or not one per local device.
@@ -229,8 +240,8 @@ def put_features(blocks: Sequence[KeyedJagged], sharding: ShardingPlan) -> Keyed
                 "the blocks must share keys, capacity, batch size and weightedness; got "
                 f"{b!r} and {first!r}"
             )
-    sharding_ = NamedSharding(plan.mesh, P(plan.axis))
-    k = plan.num_devices
+    sharding_ = NamedSharding(plan.mesh, P(plan.batch_axes))
+    k = plan.num_blocks
 
     def put(leaves):
         local_data = np.concatenate([np.asarray(x) for x in leaves])
@@ -247,7 +258,7 @@ def _check_features(features: Any, plan: ShardingPlan) -> KeyedJagged:
     stack_plan = _coll._plan(plan.tables, stack=False)
     if not isinstance(features, KeyedJagged):
         raise TypeError(f"features must be a jaxembed.KeyedJagged, got {type(features).__name__}")
-    k = plan.num_devices
+    k = plan.num_blocks
     if features.capacity % k or features.lengths.shape[0] % (k * len(features.keys)):
         raise ValueError(
             f"features must hold {k} equal device blocks (jaxembed.sharding.put_features); "
@@ -287,13 +298,18 @@ def _gather(x, axis):
     return None if x is None else jax.lax.all_gather(x, axis, tiled=True)
 
 
+def _gathered_bounds(bounds, over, capacity: int):
+    """Every device's bags' ``(starts, ends)`` along ``over``, as bounds into its entries
+    gathered device after device (``capacity`` each)."""
+    n = jax.lax.axis_size(over)
+    shift = (jnp.arange(n, dtype=jnp.int32) * capacity)[:, None]
+    return tuple((_gather(b, over).reshape(n, -1) + shift).reshape(-1) for b in bounds)
+
+
 def _gathered(s: _coll._StackIds, axis: str, capacity: int):
     """Every device's ids of the group, device after device, with their bags' bounds."""
-    k = jax.lax.axis_size(axis)
-    shift = (jnp.arange(k, dtype=jnp.int32) * capacity)[:, None]
-    starts = (_gather(s.starts, axis).reshape(k, -1) + shift).reshape(-1)
-    ends = (_gather(s.ends, axis).reshape(k, -1) + shift).reshape(-1)
-    return _gather(s.ids, axis), _gather(s.keep, axis), _gather(s.weights, axis), (starts, ends)
+    bounds = _gathered_bounds((s.starts, s.ends), axis, capacity)
+    return _gather(s.ids, axis), _gather(s.keep, axis), _gather(s.weights, axis), bounds
 
 
 def _owners(g: Group, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -330,14 +346,14 @@ def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: 
     owner, local, valid = _to_route(g, s)
     r = _route.route(owner, local, valid, axis=plan.axis, devices=k, rows=g.rows,
                      capacity=capacity, counts=options.scale_grad_by_freq,
-                     refuse=plan.overflow == "error")  # fmt: skip
-    # the owner: its rows, renormed (``max_norm``) where any device reads them
+                     refuse=plan.overflow == "error", everywhere=plan.batch_axes)  # fmt: skip
+    # the owner: its rows, renormed (``max_norm``) where any device (of any replica) reads them
     if sparse:
         weight = jax.lax.stop_gradient(weight)
-    lookup = Lookup.start(weight, r.keys, options, _layout.LOCAL, g.rows)
+    lookup = Lookup.start(weight, r.keys, options, _layout_of(g, plan), g.rows)
     scale = None
     if options.scale_grad_by_freq:  # 1 / the row's count in the whole batch
-        total = _route.totals(lookup.local, r.counts)
+        total = _route.totals(lookup.local, r.counts, replica=plan.replica)
         wide = jnp.promote_types(weight.dtype, jnp.float32)
         scale = (1.0 / jnp.maximum(total, 1).astype(wide)).astype(weight.dtype)
     rows = _index_policy.gather_rows(lookup.table, lookup.local, options.lookup_style, fill=0.0)
@@ -382,27 +398,78 @@ def _routed(g: Group, weight, s: _coll._StackIds, plan: ShardingPlan, capacity: 
     return bags, lookup.new_weight, pieces, stats
 
 
-class _RoutedGrad(SparseGrad):
-    """A routed group's :class:`~jaxembed.sparse.SparseGrad`, which also says whether the
-    step was refused (an overflow under the ``error`` policy): its entries are all dropped then,
-    and the group's optimizer leaves its step count as it was too."""
+class BlockGrad(SparseGrad):
+    """A group's :class:`~jaxembed.sparse.SparseGrad` on a mesh (what
+    :meth:`ShardedLookup.grad` returns): device ``k``'s entries, rows of its own block, in block
+    ``k`` of ``indices`` and ``values`` (split over the plan's axis).
 
-    def __new__(cls, indices, values, refused=None):
+    Attributes:
+      indices: ``(K * n,)`` int32, each device's ``n`` rows of its block (its block's rows for
+        an entry dropped).
+      values: ``(K * n, D)`` (a column-wise group: each device's ``D / K`` columns).
+      refused: ``(K,)`` bool, alike on every device, for a routed group: the step overflowed
+        under the ``error`` policy, so the group's optimizer drops every entry and leaves its
+        step count as it was; None for other groups.
+      blocks: ``K``.
+
+    Several lookups' gradients sum block by block (:func:`jaxembed.sparse.sum_grads`, as
+    :func:`jaxembed.sparse.value_and_grad` sums a loss's lookups):
+
+    Example:
+      >>> import jax.numpy as jnp, jaxembed
+      >>> a = jaxembed.sharding.BlockGrad(jnp.array([0, 5]), jnp.ones((2, 1)), blocks=2)
+      >>> b = jaxembed.sharding.BlockGrad(jnp.array([1, 6]), jnp.ones((2, 1)), blocks=2)
+      >>> jaxembed.sparse.sum_grads(a, b).indices  # device 0: rows 0, 1; device 1: rows 5, 6
+      Array([0, 1, 5, 6], dtype=int32)
+    """
+
+    def __new__(cls, indices, values, refused=None, blocks=1):
         self = super().__new__(cls, indices, values)
-        self.refused = refused
+        self.refused, self.blocks = refused, blocks
         return self
+
+    @staticmethod
+    def sum_blocks(grads: Sequence[BlockGrad]) -> BlockGrad:
+        """Several lookups' gradients of one group (:func:`jaxembed.sparse.sum_grads`): each
+        device's entries of every lookup, side by side in its block; refused where any is."""
+        k = grads[0].blocks
+        for g in grads:
+            _check_block_grad(g, k)
+        indices = jnp.concatenate([g.indices.reshape(k, -1) for g in grads], axis=1)
+        values = jnp.concatenate([g.values.reshape(k, -1, g.values.shape[-1]) for g in grads],
+                                 axis=1)  # fmt: skip
+        flags = [g.refused for g in grads if g.refused is not None]
+        refused = functools.reduce(jnp.logical_or, flags) if flags else None
+        return BlockGrad(indices.reshape(-1), values.reshape(-1, values.shape[-1]), refused, k)
+
+
+def _check_block_grad(grad: Any, blocks: int, group: str = "") -> None:
+    """Refuses a gradient that is not a sharded group's own (a :class:`BlockGrad` of ``blocks``
+    device blocks): one of the whole array (a read outside a lookup) cannot be split into the
+    devices' blocks here, and applying it as it is would update the wrong rows."""
+    if isinstance(grad, BlockGrad) and grad.blocks == blocks:
+        return
+    where = f" (group {group!r})" if group else ""
+    raise NotImplementedError(
+        f"a sharded collection's table{where} takes the gradients of its own lookups only; "
+        f"got a {type(grad).__name__} of its whole array (was the table read outside a "
+        "lookup, e.g. a penalty on its weight?). Applying that block by block is not built: "
+        "read the table through its lookups, or train it on one device"
+    )
 
 
 jax.tree_util.register_pytree_node(
-    _RoutedGrad,
-    lambda g: ((g.indices, g.values, getattr(g, "refused", None)), None),
-    lambda _, children: _RoutedGrad(*children),
+    BlockGrad,
+    lambda g: ((g.indices, g.values, g.refused), g.blocks),
+    lambda blocks, children: BlockGrad(*children, blocks=blocks),
 )
 
 
-def _routed_grad(g: Group, cot: jax.Array, p: dict, axis: str) -> SparseGrad:
+def _routed_grad(g: Group, cot: jax.Array, p: dict, plan: ShardingPlan) -> SparseGrad:
     """The owner's :class:`~jaxembed.sparse.SparseGrad` from the cotangent of the bags this
-    device pooled: each entry's share summed into its slot, sent back to the owner."""
+    device pooled: each entry's share summed into its slot, sent back to the owner; on a 2-D
+    mesh, every replica group's slots for the owner's block (one ``all_gather`` over
+    ``replica``), so that each copy of the block gets the same update."""
     if g.pooled:
         parts = _bag.spread_parts(cot, p["keep"], p["bounds"], None, p["weights"], p["pos"],
                                   g.stack.pooling, None)  # fmt: skip
@@ -413,16 +480,19 @@ def _routed_grad(g: Group, cot: jax.Array, p: dict, axis: str) -> SparseGrad:
                                   None, "sum", None)  # fmt: skip
         weighted = False
     slots = _route.into_slots(parts, p["slot"], p["order"], p["filled"], weighted=weighted)
-    values = _route.back(slots.astype(g.dtype), axis)
+    values = _route.back(slots.astype(g.dtype), plan.axis)
     if p["scale"] is not None:
         values = (values * p["scale"][:, None]).astype(g.dtype)
-    return _RoutedGrad(p["indices"], values, p["refused"])
+    indices = p["indices"]
+    if plan.replica is not None:
+        indices, values = _gather(indices, plan.replica), _gather(values, plan.replica)
+    return BlockGrad(indices, values, p["refused"], plan.num_devices)
 
 
 def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bool):
     """One group's pooled features on this device, its renormed block, what its update needs
     (``sparse``) and its routing stats (``(1, 2)``: needed, dropped; zeros where not routed)."""
-    keys, axis, mesh = features.keys, plan.axis, plan.mesh
+    keys, axis = features.keys, plan.axis
     s = _coll._stack_ids(g.stack, keys, features, feat)
     if g.routed:
         capacity = plan.capacity_of(g, features.capacity)
@@ -432,7 +502,7 @@ def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bo
     ids, keep, psw, bounds = s.ids, s.keep, s.weights, (s.starts, s.ends)
     if g.kind is Kind.COLUMN_WISE:
         ids, keep, psw, bounds = _gathered(s, axis, features.capacity)
-    layout = _layout_of(g, mesh, axis)
+    layout = _layout_of(g, plan)
     if sparse:
         weight = jax.lax.stop_gradient(weight)
     lookup = Lookup.start(weight, ids, g.stack.options, layout, g.stack.num_embeddings)
@@ -442,8 +512,8 @@ def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bo
         # gradient of the copy is summed over the devices (the transpose of the cast)
         lookup = dataclasses.replace(
             lookup,
-            weight=jax.lax.pcast(lookup.weight, axis, to="varying"),
-            table=jax.lax.pcast(lookup.table, axis, to="varying"),
+            weight=jax.lax.pcast(lookup.weight, plan.batch_axes, to="varying"),
+            table=jax.lax.pcast(lookup.table, plan.batch_axes, to="varying"),
         )
     style, mode = g.stack.options.lookup_style, g.stack.pooling
     pieces = None
@@ -500,12 +570,12 @@ def _split(g: Group, out: jax.Array, keys, features: KeyedJagged, s: _coll._Stac
 
 def _in_specs(plan: ShardingPlan, features: KeyedJagged):
     specs = tuple(spec_of(g, plan.axis) for g in plan.groups)
-    return specs, jax.tree.map(lambda _: P(plan.axis), features)
+    return specs, jax.tree.map(lambda _: P(plan.batch_axes), features)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "sparse"))
 def _collection(weights, features, *, plan: ShardingPlan, sparse: bool = False):
-    axis = plan.axis
+    batch = plan.batch_axes
     specs, feature_specs = _in_specs(plan, features)
 
     def body(weights, features):
@@ -520,7 +590,7 @@ def _collection(weights, features, *, plan: ShardingPlan, sparse: bool = False):
                 stats[g.name] = stat
         return pooled, tuple(new), tuple(pieces), stats
 
-    out_specs = (P(axis), specs, P(axis), P(axis))
+    out_specs = (P(batch), specs, P(batch), P(batch))
     return _run(body, plan.mesh, (specs, feature_specs), out_specs, weights, features,
                 check_vma=True)  # fmt: skip
 
@@ -623,9 +693,9 @@ def forward_and_stats(params, features, sharding):
 def no_stats(sharding: ShardingPlan) -> dict[str, jax.Array]:
     """``{group: (K, 2) zeros}`` for every routed group, laid out as a step's stats."""
     plan = _check_plan(sharding)
-    k = plan.num_devices
+    k = plan.num_blocks
     return {
-        g.name: _put(np.zeros((k, 2), np.int32), plan.mesh, P(plan.axis, None))
+        g.name: _put(np.zeros((k, 2), np.int32), plan.mesh, P(plan.batch_axes, None))
         for g in plan.groups
         if g.routed
     }
@@ -641,7 +711,8 @@ class ShardedLookup:
 
     Attributes:
       params: ``{group: {"weight": table}}``, the tables to update.
-      stats: ``{group: (K, 2) int32}`` for each row- and table-wise group, per device: the most
+      stats: ``{group: (K, 2) int32}`` for each row- and table-wise group, per device (``R * K``
+        rows on a 2-D mesh: ``plan.num_blocks``): the most
         distinct rows it sent one owner (the capacity it needed), and its ids that overflowed
         the capacity (:func:`check_stats` reads them).
     """
@@ -783,7 +854,7 @@ def _replica_grad(g: Group, indices, values, axis: str) -> SparseGrad:
 def _grads(cots, pieces, *, plan: ShardingPlan, keys, names=None):
     """``{group: SparseGrad}`` of the groups ``names`` (default every one), whose ``pieces``
     (in that order) :func:`lookup` kept."""
-    axis, k = plan.axis, plan.num_devices
+    axis, batch, blocks = plan.axis, plan.batch_axes, plan.num_blocks
     groups = [g for g in plan.groups if names is None or g.name in names]
 
     def body(cots, pieces):
@@ -791,7 +862,7 @@ def _grads(cots, pieces, *, plan: ShardingPlan, keys, names=None):
         for g, p in zip(groups, pieces, strict=True):
             cot = _cotangent(g, cots, keys, axis, p)
             if g.routed:
-                out[g.name] = _routed_grad(g, cot, p, axis)
+                out[g.name] = _routed_grad(g, cot, p, plan)
                 continue
             if g.pooled:
                 values = _bag.spread(
@@ -803,22 +874,28 @@ def _grads(cots, pieces, *, plan: ShardingPlan, keys, names=None):
                 if p["scale"] is not None:
                     values = values * p["scale"][:, None].astype(values.dtype)
             indices, bounds = p["indices"], p["bounds"]
-            if g.kind is Kind.DATA_PARALLEL and dense_replica(g, indices.shape[0], k):
-                out[g.name] = _replica_grad(g, indices, values, axis)
+            if g.kind is Kind.DATA_PARALLEL and dense_replica(g, indices.shape[0], blocks):
+                dense = _replica_grad(g, indices, values, batch)
+                out[g.name] = BlockGrad(*dense, blocks=plan.num_devices)
                 continue
             values = values.astype(g.dtype)
-            if g.kind is Kind.DATA_PARALLEL:  # every replica applies every device's entries
-                c = indices.shape[0]
-                shift = (jnp.arange(k, dtype=jnp.int32) * c)[:, None]
-                bounds = tuple((_gather(b, axis).reshape(k, -1) + shift).reshape(-1)
-                               for b in bounds)  # fmt: skip
-                indices, values = _gather(indices, axis), _gather(values, axis)
+            # a replica applies every device's entries; a copy of a column block (a 2-D mesh),
+            # every replica group's (its own group's, the column-wise lookup gathered)
+            over = batch if g.kind is Kind.DATA_PARALLEL else plan.replica
+            if over is not None:
+                indices, values, bounds = _gather_entries(indices, values, bounds, over)
             f = len(g.stack.positions_in(keys))
-            indices, values = _feature_major(indices, values, bounds, k, f, g.rows)
-            out[g.name] = SparseGrad(indices, values)
+            indices, values = _feature_major(indices, values, bounds, blocks, f, g.rows)
+            out[g.name] = BlockGrad(indices, values, blocks=plan.num_devices)
         return out
 
-    return _run(body, plan.mesh, (P(axis), P(axis)), P(axis), cots, pieces)
+    return _run(body, plan.mesh, (P(batch), P(batch)), P(axis), cots, pieces)
+
+
+def _gather_entries(indices, values, bounds, over):
+    """Every device's entries along ``over``, device after device, with their bags' bounds."""
+    bounds = _gathered_bounds(bounds, over, indices.shape[0])
+    return _gather(indices, over), _gather(values, over), bounds
 
 
 def lookup(
@@ -868,7 +945,7 @@ def _needed(features, *, plan: ShardingPlan):
                 out[g.name] = _route.needed(owner, local, send, devices=k, rows=g.rows)[None]
         return out
 
-    return _run(body, plan.mesh, (P(plan.axis),), P(plan.axis), features)
+    return _run(body, plan.mesh, (P(plan.batch_axes),), P(plan.batch_axes), features)
 
 
 def capacity_for(
@@ -924,7 +1001,7 @@ def check_stats(stats: Mapping[str, Any], sharding: ShardingPlan, features: Any 
     plan = _check_plan(sharding)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(stats)):
         return
-    k = plan.num_devices
+    k = plan.num_blocks
     ids = None if features is None else features.capacity // k
     for name, stat in stats.items():
         stat = _host(stat).reshape(-1, 2)
@@ -1013,6 +1090,7 @@ def group_optimizers(tx: RowOptimizer, plan: ShardingPlan) -> dict[str, RowOptim
             return _run(tx.init, plan.mesh, (spec_of(g, axis),), specs, w)
 
         def update(grad, state, table, g=g, specs=specs):
+            _check_block_grad(grad, plan.num_devices, g.name)
             return _update(g, tx, grad, state, table, axis, plan.mesh, specs)
 
         out[g.name] = RowOptimizer(init, update, tx.applies_dense)
@@ -1030,8 +1108,11 @@ def _update(g: Group, tx, grad, state, table, axis, mesh, state_specs):
             kwargs["column_axis"] = axis
         if scale is not None:
             kwargs["lr_scale"] = scale
+        if refused is not None:  # a refused step drops every entry (some may be another
+            # lookup's, in the same step: the step changes nothing)
+            indices = jnp.where(refused[0], table.shape[0], indices)
         new_table, new_state = tx.update(SparseGrad(indices, values), state, table, **kwargs)
-        if refused is not None:  # a refused step drops every entry; the step count stays too
+        if refused is not None:  # the step count stays too
             new_state = jax.tree.map(
                 lambda new, old: jnp.where(refused[0], old, new) if new.ndim == 0 else new,
                 new_state,
@@ -1081,10 +1162,24 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
     its ``C`` rows, ``C D s``, in place of ``FB`` bags; ``a`` the accumulator's (4: float32
     for 16-bit tables). A routed group's bytes do not depend on
     ``C``: with ``c`` about ``C / K`` they are flat in ``K``.
+
+    On a 2-D mesh of ``R`` replicas (the plan's ``replica``) a replica's ``K`` above is
+    ``RK`` (it spans every device), and a block's copies are kept alike across the replicas:
+
+    ==============  =========================================  ==========================
+    kind            lookup, also                               grad, also
+    ==============  =========================================  ==========================
+    row_wise,       ``4RKc`` (all-reduce) with ``max_norm``;   ``RKc (4 + D s)``
+    table_wise      ``8RKc`` (all-gather) with                 (all-gather)
+                    ``scale_grad_by_freq``
+    column_wise     ``4RKC`` (all-reduce) with ``max_norm``    ``RKC (4 + D s / K) +
+                    or ``scale_grad_by_freq``, and the norms'  8RKFB`` (all-gather)
+                    all-reduce is ``4RKC``
+    ==============  =========================================  ==========================
     """
     plan = _check_plan(sharding)
-    k = plan.num_devices
-    c, b = features.capacity // k, features.batch_size // k
+    k, r = plan.num_devices, plan.num_replicas
+    c, b = features.capacity // (r * k), features.batch_size // (r * k)
     weights = 0 if features.weights is None else np.dtype(features.weights.dtype).itemsize
     look: dict[str, int] = {}
     grad: dict[str, int] = {}
@@ -1100,24 +1195,33 @@ def step_bytes(sharding: ShardingPlan, features: KeyedJagged) -> dict[str, dict[
         options = g.stack.options
         w = weights if g.pooled else 0  # unpooled rows read no weights
         out = f * b if g.pooled else c  # what a column-wise device returns: bags, or rows
+        renorm, counted = options.max_norm is not None, options.scale_grad_by_freq
         if g.kind is Kind.DATA_PARALLEL:
-            if options.max_norm is not None or options.scale_grad_by_freq:
-                add(look, "all-reduce", 4 * k * c)
-            if dense_replica(g, c, k):
+            if renorm or counted:
+                add(look, "all-reduce", 4 * r * k * c)
+            if dense_replica(g, c, r * k):
                 add(grad, "all-reduce", g.rows * (d * _acc_bytes(g.dtype) + 4))
             else:
-                add(grad, "all-gather", k * c * (4 + d * s) + 8 * k * f * b)
+                add(grad, "all-gather", r * k * c * (4 + d * s) + 8 * r * k * f * b)
         elif g.routed:
             slots = k * plan.capacity_of(g, c)
-            add(look, "all-to-all", slots * (4 + d * s + 4 * options.scale_grad_by_freq))
+            add(look, "all-to-all", slots * (4 + d * s + 4 * counted))
             add(look, "all-reduce", 4 * (plan.overflow == "error"))
             add(grad, "all-to-all", slots * d * s)
+            if r > 1:  # the copies' renorm sees every replica's rows; counts and the update too
+                add(look, "all-reduce", 4 * r * slots * renorm)
+                add(look, "all-gather", 8 * r * slots * counted)
+                add(grad, "all-gather", r * slots * (4 + d * s))
         else:
             add(look, "all-gather", k * c * (5 + w) + 8 * k * f * b)
-            if options.max_norm is not None:
-                add(look, "all-reduce", 4 * k * c)  # the referenced rows' norms over the columns
+            if renorm:  # the referenced rows' norms over the columns (every replica's rows)
+                add(look, "all-reduce", 4 * r * k * c)
+            if r > 1 and (renorm or counted):  # every replica group's ids
+                add(look, "all-reduce", 4 * r * k * c)
             add(look, "all-to-all", out * d * s)
             add(grad, "all-to-all", out * d * s)
+            if r > 1:  # each copy of the column block applies every replica group's entries
+                add(grad, "all-gather", r * k * c * (4 + g.cols * s) + 8 * r * k * f * b)
     if k == 1:  # XLA drops an all-to-all over one device (its other collectives stay)
         look.pop("all-to-all", None)
         grad.pop("all-to-all", None)

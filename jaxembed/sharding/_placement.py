@@ -20,7 +20,9 @@ kind                  the group's array    each device holds
 ====================  ===================  ==================================================
 
 ``K`` is the axis' size. The plan's memory (:meth:`ShardingPlan.memory`) counts exactly these
-blocks, padding included, and the optimizer state shaped like them.
+blocks, padding included, and the optimizer state shaped like them. On a 2-D mesh (the plan's
+``replica`` axis, TorchRec's 2D parallel) every device along ``replica`` holds a copy of these
+blocks, and the batch splits over both axes.
 """
 
 from __future__ import annotations
@@ -234,8 +236,12 @@ class ShardingPlan:
         collection, the :class:`~jaxembed.EmbeddingConfig` of every table).
       placements: ``((table name, Placement), ...)`` in the tables' order.
       mesh: the ``jax.sharding.Mesh``.
-      axis: the mesh axis the batch and the tables spread over; every other axis of the mesh
-        must have size 1.
+      axis: the mesh axis the batch and the tables spread over (the model axis).
+      replica: None, or a second mesh axis (TorchRec's 2D parallel: ``replica x model``) over
+        which the batch splits too and every table is replicated: the ids move within a
+        replica group (along ``axis``), and only the owners' sparse updates are combined across
+        the replicas. It must come before ``axis`` in the mesh's axes. Every other axis of the
+        mesh must have size 1.
       estimates: the planner's per-device estimates ``(memory bytes, step cost)``, or ``()``.
       capacity: ``((group name, capacity), ...)``: for the ``row_wise`` and ``table_wise``
         groups named, the distinct rows one device may send one owner per step (see
@@ -261,6 +267,7 @@ class ShardingPlan:
     estimates: tuple = dataclasses.field(default=(), compare=False)
     capacity: tuple[tuple[str, int], ...] = ()
     overflow: str = "error"
+    replica: str | None = None
 
     def __post_init__(self):
         tables = Plan.of_either(self.tables).tables
@@ -271,11 +278,24 @@ class ShardingPlan:
             raise ValueError(
                 f"axis={self.axis!r} is not an axis of the mesh {self.mesh.axis_names}"
             )
-        other = {a: n for a, n in self.mesh.shape.items() if a != self.axis and n > 1}
+        names = self.mesh.axis_names
+        if self.replica is not None:
+            if self.replica not in names or self.replica == self.axis:
+                raise ValueError(
+                    f"replica={self.replica!r} must be an axis of the mesh {names} other than "
+                    f"axis={self.axis!r}"
+                )
+            if names.index(self.replica) > names.index(self.axis):
+                raise ValueError(
+                    f"replica={self.replica!r} must come before axis={self.axis!r} in the mesh's "
+                    f"axes {names} (the batch splits replica-major, as the devices are ordered)"
+                )
+        used = (self.axis, self.replica)
+        other = {a: n for a, n in self.mesh.shape.items() if a not in used and n > 1}
         if other:
             raise ValueError(
-                f"a collection spreads over one mesh axis ({self.axis!r}); the mesh's axes "
-                f"{other} must have size 1"
+                f"a collection spreads over the mesh axis {self.axis!r} (and a replica axis, "
+                f"replica=); the mesh's axes {other} must have size 1"
             )
         placements = dict(self.placements)
         names = [t.name for t in tables]
@@ -318,7 +338,23 @@ class ShardingPlan:
 
     @property
     def num_devices(self) -> int:
+        """``K``: the devices along ``axis``, among which a replica's tables are placed."""
         return self.mesh.shape[self.axis]
+
+    @property
+    def num_replicas(self) -> int:
+        """``R``: the replicas of every table (the size of ``replica``; 1 without one)."""
+        return 1 if self.replica is None else self.mesh.shape[self.replica]
+
+    @property
+    def num_blocks(self) -> int:
+        """``R * K``: the batch's blocks, one per device."""
+        return self.num_replicas * self.num_devices
+
+    @property
+    def batch_axes(self) -> str | tuple[str, str]:
+        """The mesh axes the batch splits over: ``axis``, or ``(replica, axis)``."""
+        return self.axis if self.replica is None else (self.replica, self.axis)
 
     def replicated(self, x: jax.Array) -> jax.Array:
         """``x`` replicated over the plan's mesh (what :class:`jaxembed.sparse.Optimizer` does to
@@ -336,7 +372,8 @@ class ShardingPlan:
         if unknown:
             raise ValueError(f"no tables named {unknown} in this plan")
         new.update(placements)
-        plan = ShardingPlan(self.tables, tuple(new.items()), self.mesh, self.axis)
+        plan = ShardingPlan(self.tables, tuple(new.items()), self.mesh, self.axis,
+                            replica=self.replica)  # fmt: skip
         kept = {g.name for g in plan.groups} & dict(self.capacity).keys()
         return plan.with_capacity({n: c for n, c in self.capacity if n in kept}, self.overflow)
 
@@ -430,6 +467,9 @@ class ShardingPlan:
     def __str__(self) -> str:
         k = self.num_devices
         lines = [f"ShardingPlan over {k} devices of axis {self.axis!r}:"]
+        if self.replica is not None:
+            lines[0] = (f"ShardingPlan over {k} devices of axis {self.axis!r}, replicated "
+                        f"{self.num_replicas} times over {self.replica!r}:")  # fmt: skip
         head = f"  {'table':<16} {'rows':>10} {'dim':>5}  {'placement':<16} group"
         lines.append(head)
         for t in self.tables:
@@ -470,17 +510,26 @@ def block_bytes(rows: int, cols: int, dtype: Any, optimizer: Any = None) -> int:
 
 
 def by_hand(
-    tables: Any, mesh: Any, placements: Mapping[str, Placement], *, axis: str | None = None
+    tables: Any,
+    mesh: Any,
+    placements: Mapping[str, Placement],
+    *,
+    axis: str | None = None,
+    replica: str | None = None,
 ) -> ShardingPlan:
-    """A :class:`ShardingPlan` from a placement per table name."""
-    axis = default_axis(mesh) if axis is None else axis
-    return ShardingPlan(tuple(tables), tuple(placements.items()), mesh, axis)
+    """A :class:`ShardingPlan` from a placement per table name (``replica``: see the class)."""
+    axis = default_axis(mesh, replica) if axis is None else axis
+    return ShardingPlan(tuple(tables), tuple(placements.items()), mesh, axis, replica=replica)
 
 
-def default_axis(mesh: Any) -> str:
+def default_axis(mesh: Any, replica: str | None = None) -> str:
+    """The mesh's one axis of size > 1 other than ``replica`` (else its first other axis)."""
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    big = [a for a, n in mesh.shape.items() if n > 1]
+    rest = [a for a in mesh.axis_names if a != replica]
+    big = [a for a in rest if mesh.shape[a] > 1]
     if len(big) > 1:
         raise ValueError(f"the mesh has several axes of size > 1 {big}; pass axis=")
-    return big[0] if big else mesh.axis_names[0]
+    if not rest:
+        raise ValueError(f"the mesh {mesh.axis_names} has no axis but replica={replica!r}")
+    return big[0] if big else rest[0]

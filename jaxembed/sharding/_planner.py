@@ -116,6 +116,7 @@ def plan(
     mesh: Any,
     *,
     axis: str | None = None,
+    replica: str | None = None,
     memory_per_device: int | None = None,
     optimizer: Any = None,
     batch_size: int = 4096,
@@ -129,7 +130,11 @@ def plan(
       tables: the :class:`~jaxembed.EmbeddingBagConfig` of every table (or every
         :class:`~jaxembed.EmbeddingConfig`: an unpooled collection).
       mesh: a ``jax.sharding.Mesh``.
-      axis: the mesh axis to spread over (default: the mesh's one axis of size > 1).
+      axis: the mesh axis to spread over (default: the mesh's one axis of size > 1 other than
+        ``replica``).
+      replica: None, or the mesh axis that replicates every table (a 2-D ``replica x model``
+        mesh, :class:`ShardingPlan`'s ``replica``): the tables are placed along ``axis`` as for
+        one replica group, whose devices see ``batch_size / R`` samples.
       memory_per_device: each device's bytes for tables and optimizer state; None: unbounded.
       optimizer: the :mod:`jaxembed.sparse` optimizer whose state counts as memory.
       batch_size: the global batch of the cost model.
@@ -153,10 +158,12 @@ def plan(
       Placement('data_parallel')
     """
     tables = Plan.of_either(tables).tables
-    axis = default_axis(mesh) if axis is None else axis
+    axis = default_axis(mesh, replica) if axis is None else axis
     k = mesh.shape[axis] if axis in mesh.axis_names else 0
     if k == 0:
         raise ValueError(f"axis={axis!r} is not an axis of the mesh {mesh.axis_names}")
+    if replica is not None and replica not in mesh.axis_names:
+        raise ValueError(f"replica={replica!r} is not an axis of the mesh {mesh.axis_names}")
     pinned = dict(pinned or {})
     names = {t.name for t in tables}
     unknown = sorted(set(pinned) - names)
@@ -168,6 +175,8 @@ def plan(
             raise ValueError(f"memory_per_device must be > 0, got {memory_per_device}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if replica is not None:  # one replica group's share of the batch
+        batch_size = max(1, batch_size // mesh.shape[replica])
 
     def pooling_of(t):
         if isinstance(pooling_factors, Mapping):
@@ -217,7 +226,7 @@ def plan(
         best, tried = None, {}
         for options in tries:
             for p in options:
-                trial = _partial(tables, {**placed, t.name: p}, mesh, axis)
+                trial = _partial(tables, {**placed, t.name: p}, mesh, axis, replica)
                 mem = trial.memory(optimizer)
                 tried[p] = int(mem.max())
                 if memory_per_device is not None and mem.max() > memory_per_device:
@@ -235,7 +244,8 @@ def plan(
             raise ValueError(_fits_nowhere(t, tried, k, memory_per_device, alone, largest))
         placed[t.name] = best[1]
         cost = best[2]
-    result = ShardingPlan(tables, tuple((t.name, placed[t.name]) for t in tables), mesh, axis)
+    result = ShardingPlan(tables, tuple((t.name, placed[t.name]) for t in tables), mesh, axis,
+                          replica=replica)  # fmt: skip
     cost = cost + _group_passes(result, ids)
     estimates = (tuple(int(m) for m in result.memory(optimizer)), tuple(float(c) for c in cost))
     return dataclasses.replace(result, estimates=estimates)
@@ -268,10 +278,11 @@ def _fits_nowhere(t, tried, k, memory_per_device, alone, largest) -> str:
     )
 
 
-def _partial(tables, placed: Mapping[str, Placement], mesh, axis) -> ShardingPlan:
+def _partial(tables, placed: Mapping[str, Placement], mesh, axis, replica) -> ShardingPlan:
     """The plan of the tables placed so far."""
     subset = tuple(t for t in tables if t.name in placed)
-    return ShardingPlan(subset, tuple((t.name, placed[t.name]) for t in subset), mesh, axis)
+    return ShardingPlan(subset, tuple((t.name, placed[t.name]) for t in subset), mesh, axis,
+                        replica=replica)  # fmt: skip
 
 
 # -- what a compiled step moves -------------------------------------------------------------------

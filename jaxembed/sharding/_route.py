@@ -141,6 +141,7 @@ def route(
     capacity: int,
     counts: bool = False,
     refuse: bool = False,
+    everywhere: str | tuple[str, ...] | None = None,
 ) -> Route:
     """Routes the entries ``send`` selects to ``owner`` (``local``: the row there).
 
@@ -156,6 +157,8 @@ def route(
       counts: also send how many entries each slot stands for.
       refuse: the ``error`` policy: when any device overflows (one ``psum`` of the counts),
         nothing is sent, so that the step changes nothing.
+      everywhere: the axes of that ``psum`` (default ``axis``): on a 2-D mesh, the replica
+        axis too, so that every copy of a block refuses alike.
     """
     size = devices * capacity
     slot, keys, filled, per_owner, order = bucket(owner, local, send, devices=devices, rows=rows,
@@ -163,7 +166,7 @@ def route(
     dropped = jnp.sum(send & (slot == size), dtype=jnp.int32)
     refused = jnp.zeros((), bool)
     if refuse:  # nothing is sent: every slot empty
-        refused = jax.lax.psum(dropped, axis) > 0
+        refused = jax.lax.psum(dropped, axis if everywhere is None else everywhere) > 0
         slot = jnp.where(refused, size, slot)
         keys = jnp.where(refused, rows, keys)
         filled = jnp.where(refused, 0, filled)
@@ -218,12 +221,17 @@ def back(x: jax.Array, axis: str) -> jax.Array:
     return jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
 
 
-def totals(keys: jax.Array, counts: jax.Array) -> jax.Array:
+def totals(keys: jax.Array, counts: jax.Array, *, replica: str | None = None) -> jax.Array:
     """At the owner: each received slot's row's total count over every source (the row's count
-    in the whole batch, for ``scale_grad_by_freq``). A sort and two binary searches."""
-    order = jnp.argsort(keys)
-    sk = keys[order]
-    running = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts[order])])
+    in the whole batch, for ``scale_grad_by_freq``), on a 2-D mesh over the owner's copies
+    along ``replica`` too (one ``all_gather`` of the slots). A sort and two binary searches."""
+    every, many = keys, counts
+    if replica is not None:
+        every = jax.lax.all_gather(keys, replica, tiled=True)
+        many = jax.lax.all_gather(counts, replica, tiled=True)
+    order = jnp.argsort(every)
+    sk = every[order]
+    running = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(many[order])])
     left = jnp.searchsorted(sk, keys, side="left", method="scan_unrolled")
     right = jnp.searchsorted(sk, keys, side="right", method="scan_unrolled")
     return running[right] - running[left]

@@ -422,6 +422,11 @@ def sum_grads(*grads: SparseGrad) -> SparseGrad:
         raise ValueError("sum_grads needs at least one SparseGrad")
     if len(grads) == 1:
         return grads[0]
+    # a sharded collection's gradient holds each device's entries in a block of its own: such
+    # gradients are summed block by block (``jaxembed.sharding``'s ``BlockGrad``)
+    blockwise = getattr(grads[0], "sum_blocks", None)
+    if blockwise is not None:
+        return blockwise(grads)
     dtype = jnp.result_type(*(g.indices.dtype for g in grads))
     return SparseGrad(
         jnp.concatenate([g.indices.astype(dtype) for g in grads]),

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import AxisType
+from mesh_checks import copies_alike
 
 import jaxembed
 from jaxembed import sharding as S
@@ -207,6 +208,7 @@ def test_placements_equal_the_unsharded_collection(name, weighted, explicit):
 
         for _ in range(3):
             sharded, sharded_state = step(sharded, sharded_state, features)
+        copies_alike((new, sharded, sharded_state), "the tables and state")
         for t, w in S.tables_of(sharded, plan).items():
             exact = in_order(plan, t, CAPACITY) and not weighted
             _same(w, stepped[t]["weight"], exact, f"sparse steps {t}")
@@ -221,7 +223,7 @@ def in_order(plan, table, ids):
     """Whether ``table``'s sparse update sums its entries in the unsharded order: a replica
     that gathers every device's entries (:func:`jaxembed.sharding._collection.dense_replica`)."""
     g = plan.group_of(table)
-    dense = S._collection.dense_replica(g, ids, plan.num_devices)
+    dense = S._collection.dense_replica(g, ids, plan.num_blocks)
     return g.kind is S.Kind.DATA_PARALLEL and not dense
 
 
@@ -611,8 +613,6 @@ def test_the_nnx_collection_trains_on_the_plan():
             # the loss's gradient is the pooled features': a routed owner's sums of each
             # device's sums, and column-wise statistics, round apart
             _same(w, single.tables()[t], in_order(plan, t, CAPACITY), t)
-        with pytest.raises(ValueError, match="looked up once per loss"):
-            jaxembed.sparse.value_and_grad(lambda m: loss(m, features) + loss(m, features))(sharded)
     with pytest.raises(ValueError, match="ShardingPlan of these tables"):
         jaxembed.EmbeddingBagCollection(tables[:2], rngs=nnx.Rngs(0), sharding=plan)
 
@@ -795,6 +795,7 @@ def test_unpooled_placements_equal_the_unsharded_collection(name):
         for _ in range(3):
             sharded, state = step(sharded, state)
             params, ref_state = ref_step(params, ref_state)
+        copies_alike((new, sharded, state), "the tables and state")
         for t, w in S.tables_of(sharded, plan).items():
             _same(w, params[t]["weight"], in_order(plan, t, CAPACITY), f"sparse steps {t}")
         with pytest.raises(TypeError, match=r"use jaxembed\.sharding\.embedding_collection"):
@@ -855,6 +856,118 @@ def test_an_unpooled_id_outside_its_table_gives_a_nan_row_and_an_overflow_is_lou
         assert 0 < zeroed <= dropped  # (a dropped padding entry of an all-zero row is unseen)
 
 
+@pytest.mark.parametrize("pooled", [True, False])
+def test_two_lookups_in_one_loss_train_as_on_one_device(pooled):
+    """A loss that looks the sharded collection up twice (two batches; the second renorms a
+    table the first renormed) sums both lookups' gradients, each device's entries in its own
+    block: three sparse steps equal the unsharded module's on the same two batches."""
+    from flax import nnx
+
+    tables = _tables() if pooled else _plain_tables()
+    mesh = _mesh()
+    plan = _plan("mixed", tables, mesh)
+    batches = [_batch(tables, seed=seed) for seed in (0, 1)]
+    sharded_batches = [S.put_features(blocks, plan) for _, blocks in batches]
+    Module = jaxembed.EmbeddingBagCollection if pooled else jaxembed.EmbeddingCollection
+
+    def loss(module, kj):
+        out = module(kj)
+        return sum((jnp.sin(getattr(v, "values", v)) ** 2).sum() for v in out.values())
+
+    def train(module, kjs):
+        opt = jaxembed.sparse.Optimizer(module, optax.sgd(0.0), jaxembed.sparse.adagrad(0.1))
+
+        @nnx.jit
+        def step(module, opt, first, second):
+            both = lambda m, a, b: loss(m, a) + loss(m, b)  # noqa: E731
+            value, grads = jaxembed.sparse.value_and_grad(both)(module, first, second)
+            opt.update(module, grads)
+            return value
+
+        return [float(step(module, opt, *kjs)) for _ in range(3)]
+
+    with jax.set_mesh(mesh):
+        sharded = Module(tables, rngs=nnx.Rngs(0), sparse=True, stack=False, sharding=plan)
+        single = Module(tables, rngs=nnx.Rngs(0), sparse=True, stack=False)
+        got = train(sharded, sharded_batches)
+        np.testing.assert_allclose(got, train(single, [w for w, _ in batches]), rtol=1e-5)
+        for t, w in sharded.tables().items():
+            _same(w, single.tables()[t], False, t)
+        copies_alike(nnx.state(sharded), "the module's state")
+
+
+def test_an_overflow_in_either_lookup_of_a_loss_refuses_the_whole_step():
+    """Two lookups in one loss under ``error``: the second overflows, so the step changes no
+    table (not even by the first's entries) and ``check_routing`` raises with the step's
+    stats (the worst need of either lookup, every overflowed id counted)."""
+    from flax import nnx
+
+    tables = [t for t in _tables() if t.name in ("a", "b")]
+    mesh = _mesh()
+    plan = S.by_hand(tables, mesh, {t.name: S.row_wise() for t in tables})
+    one_id = {f: [[1]] * B_LOCAL for t in tables for f in t.feature_names}  # needs 1 a pair
+    quiet = S.put_features([jaxembed.KeyedJagged.from_lists(one_id)] * K, plan)
+    _, skewed = _zipf_batch(tables)
+    skewed = S.put_features(skewed, plan)
+    need = S.capacity_for(plan, [skewed], slack=1.0)
+    small = {n: max(1, need[n] - 3) for n in need}
+    assert all(small[n] < need[n] for n in need)
+
+    def loss(m, a, b):
+        return sum((v**2).sum() for kj in (a, b) for v in m(kj).values())
+
+    with jax.set_mesh(mesh):
+        module = jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0), sparse=True,
+                                                 sharding=plan.with_capacity(small))  # fmt: skip
+        opt = jaxembed.sparse.Optimizer(module, optax.sgd(0.0), jaxembed.sparse.adagrad(0.1))
+        before = module.tables()
+
+        @nnx.jit
+        def step(module, opt, a, b):
+            value, grads = jaxembed.sparse.value_and_grad(loss)(module, a, b)
+            opt.update(module, grads)
+            return value
+
+        step(module, opt, quiet, skewed)
+        for t, w in module.tables().items():
+            np.testing.assert_array_equal(w, before[t], err_msg=t)
+        stats = {n: np.asarray(v.get_value()) for n, v in module.routing.items()}
+        assert {n: int(s[:, 0].max()) for n, s in stats.items()} == need
+        with pytest.raises(S.CapacityError, match="overflowed its capacity"):
+            module.check_routing()
+
+
+def test_a_sharded_table_read_outside_a_lookup_is_refused():
+    """A penalty on a sharded group's array gives a gradient of the whole array, which the
+    group's optimizer cannot split into its devices' blocks: refused, naming the cause, and
+    nothing changes."""
+    from flax import nnx
+
+    tables = _tables()
+    mesh = _mesh()
+    plan = _plan("mixed", tables, mesh)
+    _, blocks = _batch(tables)
+    features = S.put_features(blocks, plan)
+
+    def penalty(m):
+        return sum((w.get_value() ** 2).sum() for w in m.weights.values())
+
+    with jax.set_mesh(mesh):
+        module = jaxembed.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0), sparse=True,
+                                                 sharding=plan)  # fmt: skip
+        opt = jaxembed.sparse.Optimizer(module, optax.sgd(0.1), jaxembed.sparse.sgd(0.1))
+        before = module.tables()
+        for loss in (
+            lambda m, kj: sum(v.sum() for v in m(kj).values()) + penalty(m),
+            lambda m, kj: penalty(m),  # no lookup at all
+        ):
+            grads = jaxembed.sparse.value_and_grad(loss)(module, features)[1]
+            with pytest.raises(NotImplementedError, match="read outside a lookup"):
+                opt.update(module, grads)
+            for t, w in module.tables().items():
+                np.testing.assert_array_equal(w, before[t], err_msg=t)
+
+
 def test_the_nnx_embedding_collection_trains_on_the_plan():
     """``EmbeddingCollection(sharding=plan)``, dense and sparse, trains as on one device."""
     from flax import nnx
@@ -898,9 +1011,3 @@ def test_the_nnx_embedding_collection_trains_on_the_plan():
             np.testing.assert_allclose(train(sharded, sparse), train(single, sparse), rtol=1e-5)
             for t, w in sharded.tables().items():
                 _same(w, single.tables()[t], False, t)
-            if sparse:
-                twice = jaxembed.sparse.value_and_grad(
-                    lambda m: loss(m, features) + loss(m, features)
-                )
-                with pytest.raises(ValueError, match="EmbeddingCollection is looked up once"):
-                    twice(sharded)

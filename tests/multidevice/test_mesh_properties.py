@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mesh_checks import copies_alike
 
 import jaxembed
 from jaxembed import sharding as S
@@ -47,8 +48,12 @@ def _examples() -> int:
     return EXAMPLES.get(settings.get_current_profile_name(), EXAMPLES["default"])
 
 
-def _mesh(k: int):
-    return jax.make_mesh((k,), ("x",), devices=jax.devices()[:k])
+def _mesh(k: int, replicas: int = 1):
+    """``k`` devices along ``x``; with ``replicas`` > 1, a 2-D ``replica x x`` mesh."""
+    if replicas == 1:
+        return jax.make_mesh((k,), ("x",), devices=jax.devices()[:k])
+    devices = jax.devices()[: replicas * k]
+    return jax.make_mesh((replicas, k), ("replica", "x"), devices=devices)
 
 
 def _blocks(lists, weights, k: int, capacity: int | None = None):
@@ -104,7 +109,7 @@ def check_against_one_device(tables, plan, lists, weights=None, optimizers=("row
     bags (XLA may fuse a weight's product into an FMA in one program and not the other); the
     dense gradients (a replica's summed over devices, a routed row's per device).
     """
-    k = plan.num_devices
+    k = plan.num_blocks  # the batch's blocks: one per device, on a 2-D mesh too
     whole, blocks = _blocks(lists, weights, k)
     features = S.put_features(blocks, plan)
     rng = np.random.default_rng(7)
@@ -175,8 +180,10 @@ def check_against_one_device(tables, plan, lists, weights=None, optimizers=("row
         _same(w, renormed[name]["weight"], not norm_split(name), f"renormed {name}")
     for name, w in S.tables_of(s_grads, plan).items():
         _same(w, grads[name]["weight"], False, f"dense gradient {name}")
+    copies_alike(s_renormed, "the renormed tables")
     for opt in optimizers:
         (stepped, state), (s_stepped, s_state) = runs[opt], s_runs[opt]
+        copies_alike((s_stepped, s_state), f"the tables and state after {opt} steps")
         s_states = _per_table(s_state, plan)
         for name, w in S.tables_of(s_stepped, plan).items():
             g = plan.group_of(name)
@@ -243,7 +250,8 @@ def test_the_planner_uneven_spread_of_26_tables_trains_as_on_one_device():
 
 @st.composite
 def sharded_cases(draw):
-    k = draw(st.sampled_from([2, 4, 8]))
+    # 1-D meshes of 2, 4 and 8 devices; 2-D ones (replicas x k: TorchRec's 2D parallel)
+    replicas, k = draw(st.sampled_from([(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 2)]))
     weighted = draw(st.booleans())
     n_tables = draw(st.integers(1, 4))
     tables = []
@@ -268,7 +276,7 @@ def sharded_cases(draw):
         if t.embedding_dim % k == 0:
             kinds.append(S.column_wise())
         placements[t.name] = draw(st.sampled_from(kinds))
-    b = k * draw(st.integers(1, 3))
+    b = replicas * k * draw(st.integers(1, 3))
     lists, weights = {}, {} if weighted else None
     for t in tables:
         for f in t.feature_names:
@@ -276,14 +284,16 @@ def sharded_cases(draw):
             lists[f] = draw(st.lists(st.lists(ids, max_size=4), min_size=b, max_size=b))
             if weighted:
                 weights[f] = [[0.5 + (j % 3) / 2 for j in range(len(bag))] for bag in lists[f]]
-    return tables, k, placements, lists, weights, (draw(st.sampled_from(sorted(OPTIMIZERS))),)
+    optimizers = (draw(st.sampled_from(sorted(OPTIMIZERS))),)
+    return tables, (replicas, k), placements, lists, weights, optimizers
 
 
 @settings(max_examples=_examples())
 @given(sharded_cases())
 def test_random_placements_train_as_on_one_device(case):
-    tables, k, placements, lists, weights, optimizers = case
-    plan = S.by_hand(tables, _mesh(k), placements)
+    tables, (replicas, k), placements, lists, weights, optimizers = case
+    replica = "replica" if replicas > 1 else None
+    plan = S.by_hand(tables, _mesh(k, replicas), placements, axis="x", replica=replica)
     check_against_one_device(tables, plan, lists, weights, optimizers)
 
 

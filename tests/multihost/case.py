@@ -19,8 +19,10 @@ def tables():
     ]
 
 
-def placements():
-    return {"a": S.table_wise(5), "b": S.row_wise(), "c": S.data_parallel(), "d": S.table_wise(1)}
+def placements(two_d: bool = False):
+    """On the 1-D mesh of 8 devices; or on the 2-D one, 2 replicas (one a process) of 4."""
+    a = S.table_wise(3 if two_d else 5)
+    return {"a": a, "b": S.row_wise(), "c": S.data_parallel(), "d": S.table_wise(1)}
 
 
 def batch(seed=0):
