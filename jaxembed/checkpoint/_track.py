@@ -7,6 +7,7 @@ set inside the jitted step, from the gradients, so no table is ever compared wit
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from jaxembed.sharding._layout import TableSharding
 from jaxembed.sharding._placement import ShardingPlan
 from jaxembed.sparse import ModelGrads, SparseGrad
 from jaxembed.sparse._nnx import sparse_tables
@@ -164,6 +166,39 @@ def _mark_on_a_mesh(mask: jax.Array, rows: jax.Array, plan: Any, g: Any) -> jax.
     return mapped(mask, rows)
 
 
+def _tables_on_a_mesh(model: Any, tables: Mapping[str, Any]) -> dict[str, TableSharding]:
+    """``{key: layout}`` for each sparse table placed by a :class:`~jaxembed.TableSharding` (a
+    module's ``sharding``), its mesh the table's own."""
+    by_variable = {id(var): key for key, var in tables.items()}
+    found = {}
+    for _, node in nnx.iter_graph(model):
+        layout = getattr(node, "sharding", None)
+        key = by_variable.get(id(getattr(node, "weight", None)))
+        if isinstance(layout, TableSharding) and isinstance(node, nnx.Module) and key:
+            mesh = getattr(tables[key][...].sharding, "mesh", None)
+            found[key] = dataclasses.replace(layout, mesh=layout.mesh or mesh)
+    return found
+
+
+def _mark_by_layout(mask: jax.Array, rows: jax.Array, layout: TableSharding) -> jax.Array:
+    """``mask`` (laid out as the table's rows, ``P(vocab)``) with the rows of a
+    :class:`~jaxembed.TableSharding` table's sparse update set: its entries, global rows split
+    over ``batch``, are gathered as the sharded optimizer gathers them, and each vocab shard
+    marks its own."""
+    n = rows.shape[0] if rows.ndim else 0
+    split = layout.batch is not None and n % layout.count("batch", layout.mesh) == 0
+    entries = layout if split else dataclasses.replace(layout, batch=None)
+    num_local = mask.shape[0] // layout.count("vocab", layout.mesh)
+
+    def body(mask, rows):
+        rows = entries.everyone(rows)
+        rows = jnp.where(rows < 0, mask.shape[0], rows)  # negatives are never rows here
+        return mask.at[layout.localizer(num_local)(rows)].set(True, mode="drop")
+
+    spec = jax.P(layout.vocab)
+    return layout.map(body, (spec, jax.P(entries.batch)), spec, mask, rows)
+
+
 class Touched(nnx.Variable):
     """The ``(V,)`` bool mask of the rows of a table changed since the last checkpoint."""
 
@@ -182,10 +217,11 @@ class DeltaTracker(nnx.Pytree):
       ValueError: the model has no sparse table, or a sparse table renorms as it is read
         (``max_norm``): a forward pass, in evaluation too, then changes rows that no update
         records, so only full checkpoints are exact for it.
-      NotImplementedError: a sparse table placed on a mesh by a
-        :class:`~jaxembed.TableSharding` (save it with :func:`save_tables`). A collection on a
-        mesh (``sharding=plan``) is tracked: each group's mask is laid out as its array's rows,
-        and each device marks the rows its own update wrote.
+
+    Tables on a mesh are tracked too. A collection on a mesh (``sharding=plan``): each group's
+    mask is laid out as its array's rows, and each device marks the rows its own update wrote.
+    A table placed by a :class:`~jaxembed.TableSharding`: its mask is split as its rows
+    (``vocab``), and each vocab shard marks its own rows of the update's entries.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed, optax
@@ -215,23 +251,29 @@ class DeltaTracker(nnx.Pytree):
                 "checkpoint would miss them. Save full checkpoints (touched=None) for this model"
             )
         groups = _groups_on_a_mesh(model)
+        layouts = _tables_on_a_mesh(model, tables)
         on_a_mesh = [
             key
             for key, var in tables.items()
-            if len(getattr(var[...], "sharding", None).device_set) > 1 and key not in groups
+            if len(getattr(var[...], "sharding", None).device_set) > 1
+            and key not in groups
+            and key not in layouts
         ]
-        if on_a_mesh:
+        if on_a_mesh:  # a table placed some other way (by hand, not by a module's layout)
             raise NotImplementedError(
-                f"the sparse tables {on_a_mesh} are placed on a mesh by a TableSharding: its "
-                "update's gradient entries index each device's own rows, so delta checkpoints "
-                "cannot follow them yet. Save them with jaxembed.checkpoint.save_tables"
+                f"the sparse tables {on_a_mesh} are on a mesh, placed by no module's sharding "
+                "(a TableSharding or a collection's plan): delta checkpoints cannot map their "
+                "update's entries to rows. Save them with jaxembed.checkpoint.save_tables"
             )
         masks = untouched({key: var[...] for key, var in tables.items()})
         for key, (plan, g) in groups.items():  # laid out as the group's rows
             sharding = jax.NamedSharding(plan.mesh, _mask_spec(plan, g))
             masks[key] = jax.device_put(masks[key], sharding)
+        for key, layout in layouts.items():  # split as the table's rows
+            sharding = jax.NamedSharding(layout.mesh, jax.P(layout.vocab))
+            masks[key] = jax.device_put(masks[key], sharding)
         self.masks = nnx.data({key: Touched(m) for key, m in masks.items()})
-        self.groups = groups
+        self.groups, self.layouts = groups, layouts
 
     @property
     def touched(self) -> dict[str, jax.Array]:
@@ -250,6 +292,9 @@ class DeltaTracker(nnx.Pytree):
         for key, (plan, g) in self.groups.items():
             if key in sparse:
                 touched[key] = _mark_on_a_mesh(touched[key], sparse.pop(key).indices, plan, g)
+        for key, layout in self.layouts.items():
+            if key in sparse:
+                touched[key] = _mark_by_layout(touched[key], sparse.pop(key).indices, layout)
         for key, mask in track(touched, grads._replace(sparse=sparse)).items():
             self.masks[key].set_value(mask)
 

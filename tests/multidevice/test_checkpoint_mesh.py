@@ -24,12 +24,18 @@ TABLES = [
     E("c", 24, 30, ["fc"], lr_scale=0.5),
     E("d", 8, 61, ["fd"]),  # 61 rows: row-wise pads them
 ]
-LAYOUTS = ["one_device", "data_parallel", "table_wise", "row_wise", "column_wise", "mixed", "four"]
+LAYOUTS = ["one_device", "data_parallel", "table_wise", "row_wise", "column_wise", "mixed", "four",
+           "2d"]  # fmt: skip
 
 
 def _layout(name):
     if name == "one_device":
         return TABLES
+    if name == "2d":  # replica x model: 2 copies of a 4-device placement
+        mesh = jax.make_mesh((2, 4), ("replica", "x"))
+        kinds = [S.row_wise(), S.table_wise(3), S.column_wise(), S.data_parallel()]
+        placements = {t.name: k for t, k in zip(TABLES, kinds, strict=True)}
+        return S.by_hand(TABLES, mesh, placements, axis="x", replica="replica")
     devices = 4 if name == "four" else 8
     mesh = jax.make_mesh((devices,), ("x",), devices=jax.devices()[:devices])
     kinds = {
@@ -93,7 +99,7 @@ def _lists(seed, rows=None):
 def _features(layout, seed, rows=None):
     """:func:`_lists` in ``layout``'s device blocks."""
     lists = _lists(seed, rows)
-    k = layout.num_devices
+    k = layout.num_blocks
     b = 16 // k
     blocks = [
         jaxembed.KeyedJagged.from_lists(
@@ -264,7 +270,7 @@ def test_a_sharded_module_restores_into_a_module_on_another_plan(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", ["mixed", "row_wise"])
+@pytest.mark.parametrize("name", ["mixed", "row_wise", "2d"])
 def test_delta_checkpoints_of_a_sharded_collection_restore_bit_for_bit(tmp_path, name):
     """A DeltaTracker over a collection on a mesh marks, in each group's array, the rows its
     sharded update wrote (a routed owner's entries index its own block): every changed row of
@@ -333,12 +339,59 @@ def test_delta_tracking_refuses_rows_split_over_a_mesh_in_track():
         checkpoint.track(touched, {"t": rows})
 
 
-def test_delta_tracking_refuses_a_table_placed_by_a_table_sharding():
+@pytest.mark.parametrize(
+    "shape,axes",
+    [((2, 4), dict(vocab="x", batch="data")), ((8,), dict(vocab="x")),
+     ((4, 2), dict(vocab="data", dim="x"))],
+)  # fmt: skip
+def test_delta_checkpoints_of_a_table_sharding_table_restore_bit_for_bit(tmp_path, shape, axes):
+    """A DeltaTracker over a table split by a TableSharding (rows; rows and columns; entries
+    split over the batch, or not): its mask is split as the rows, each vocab shard marks its
+    own rows of the update's entries; every changed row of the table and of the row-wise
+    Adagrad state is marked, and a full checkpoint plus deltas restores bit for bit."""
+    import optax
     from flax import nnx
 
-    mesh = jax.make_mesh((8,), ("x",))
-    emb = jaxembed.Embedding(
-        64, 4, sparse=True, rngs=nnx.Rngs(0), sharding=jaxembed.TableSharding(mesh, vocab="x")
-    )
-    with pytest.raises(NotImplementedError, match=r"placed on a mesh by a TableSharding"):
-        checkpoint.DeltaTracker(emb)
+    names = ("data", "x") if len(shape) == 2 else ("x",)
+    mesh = jax.make_mesh(shape, names)
+    layout = jaxembed.TableSharding(mesh, **axes)
+
+    def build(seed):
+        model = jaxembed.Embedding(64, 4, sparse=True, rngs=nnx.Rngs(seed), sharding=layout)
+        opt = jaxembed.sparse.Optimizer(model, optax.sgd(0.1), jaxembed.sparse.rowwise_adagrad(0.1))
+        return model, opt
+
+    model, opt = build(0)
+    tracker = checkpoint.DeltaTracker(model)
+    assert tracker.touched["weight"].sharding.spec == jax.P(axes["vocab"])
+
+    @nnx.jit
+    def step(model, opt, tracker, ids):
+        _, grads = jaxembed.sparse.value_and_grad(lambda m: jnp.sum(m(ids) ** 2))(model)
+        opt.update(model, grads)
+        tracker.update(grads)
+
+    def arrays():
+        return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state((model, opt)))}
+
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        checkpoint.save(tmp_path, 0, nnx.state((model, opt)))
+        for i in (1, 2, 3):
+            before = arrays()
+            ids = layout.put_indices(jnp.asarray(rng.integers(0, 40, (8, 3)), jnp.int32))
+            step(model, opt, tracker, ids)
+            after = arrays()
+            mask = np.asarray(tracker.touched["weight"])
+            assert 0 < mask.sum() < 40  # rows 40.. are never looked up
+            for path, a in after.items():
+                if a.ndim and a.shape[0] == 64:
+                    changed = (a != before[path]).reshape(64, -1).any(axis=1)
+                    assert not (changed & ~mask).any(), f"{path}: changed rows left unmarked"
+            checkpoint.save(tmp_path, i, nnx.state((model, opt)), tracker.touched)
+            tracker.clear()
+        fresh, fresh_opt = build(7)
+        nnx.update((fresh, fresh_opt), checkpoint.restore(tmp_path, nnx.state((fresh, fresh_opt))))
+    for path, a in arrays().items():
+        got = dict(nnx.to_flat_state(nnx.state((fresh, fresh_opt))))[path]
+        np.testing.assert_array_equal(np.asarray(got), a, err_msg=str(path))
