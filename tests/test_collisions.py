@@ -335,6 +335,78 @@ def test_properties_over_random_streams(eviction, seed):
         state = out.state
 
 
+def test_a_time_to_live_by_hand():
+    """ttl=2 over LRU, evicting every call (call t evicts the ids last used before t - 2),
+    worked by hand: an expired id leaves with no new id to take its slot, and a new id takes
+    a freed slot; every row whose id changed is reported once."""
+    mc = ManagedCollision("lru", 1, ttl=2)
+    state = mc.init(6, 3)  # 5 rows for ids, row 5 the miss row
+    calls = [
+        # ids, slots, evicted rows, held ids after
+        ([1, 2, 3], [2, 3, 4], [2, 3, 4], [1, 2, 3]),
+        ([1, 4, 5], [2, 0, 1], [0, 1], [1, 2, 3, 4, 5]),
+        ([1, 6, 7], [2, 3, 4], [3, 4], [1, 4, 5, 6, 7]),  # full: LRU replaces 2 and 3
+        ([1, 1, 1], [2, 2, 2], [], [1, 4, 5, 6, 7]),  # 4, 5 used at call 2: not yet expired
+        ([1, 1, 1], [2, 2, 2], [0, 1], [1, 6, 7]),  # now they are: rows 0, 1 free, unfilled
+        ([8, 1, 1], [1, 2, 2], [1, 3, 4], [1, 8]),  # 6, 7 expire; 8 takes a free row
+    ]
+    step = ours_step(mc)
+    for ids, slots, evicted, held in calls:
+        pairs = raw_ids(np.array(ids, np.int64))
+        out = step(state, pairs.hi, pairs.lo)
+        state = out.state
+        assert np.asarray(out.slots).tolist() == slots, ids
+        assert np.asarray(out.evicted)[: int(out.num_evicted)].tolist() == evicted, ids
+        assert held_ids(state)[0].tolist() == held, ids
+    assert out.evicted.shape == (6,)  # with a ttl, every held id may leave at once
+
+
+@pytest.mark.parametrize("eviction", ["lfu", "lru", "distance_lfu"])
+@pytest.mark.parametrize("seed", [0, *(pytest.param(k, marks=pytest.mark.slow) for k in (1, 2))])
+def test_a_time_to_live_over_random_streams(eviction, seed):
+    """At every eviction no held id was last used more than ttl calls ago, and every id that
+    left (expired or replaced) is reported by its row; a ttl longer than the stream changes
+    nothing against the policy alone (checked against TorchRec above)."""
+    rng = np.random.default_rng(seed)
+    num_slots, per_call = int(rng.integers(4, 30)), int(rng.integers(1, 12))
+    interval, ttl = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+    calls = stream(rng, rng.choice(["zipf", "uniform"]), 16, per_call, int(rng.integers(5, 80)))
+    runs = {}
+    for live in (ttl, 100, None):
+        mc = ManagedCollision(eviction, interval, ttl=live)
+        state, step, last_use, outs = mc.init(num_slots, per_call), ours_step(mc), {}, []
+        for t, ids in enumerate(calls, start=1):
+            pairs = raw_ids(ids)
+            before = dict(zip(*(a.tolist() for a in held_ids(state)), strict=True))
+            out = step(state, pairs.hi, pairs.lo)
+            state = out.state
+            last_use.update(dict.fromkeys(ids.tolist(), t))
+            after = dict(zip(*(a.tolist() for a in held_ids(state)), strict=True))
+            evicted = set(np.asarray(out.evicted)[: int(out.num_evicted)].tolist())
+            assert len(evicted) == int(out.num_evicted)
+            assert {before[i] for i in before if i not in after} <= evicted
+            if live is not None and t % interval == 0:  # this call evicted
+                stale = [i for i in after if t - last_use[i] > live]
+                assert not stale, (t, stale)
+            outs.append((np.asarray(out.slots), held_ids(state)[0]))
+        runs[live] = outs
+    for (a, b), (c, d) in zip(runs[100], runs[None], strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+
+
+def test_a_time_to_live_is_checked_and_has_no_torchrec_state_dict():
+    with pytest.raises(ValueError, match="ttl must be >= 1"):
+        ManagedCollision("lfu", 1, ttl=0)
+    with pytest.raises((ValueError, TypeError), match="ttl"):
+        ManagedCollision("lfu", 1, ttl=1.5)
+    mc = ManagedCollision("lfu", 1, ttl=3)
+    assert mc.uses_last and mc.uses_counts  # LFU with a ttl keeps each id's last use too
+    state = mc.remap(mc.init(4, 2), raw_ids([5, 6])).state
+    with pytest.raises(ValueError, match="no time to live"):
+        to_torchrec(mc, state)
+
+
 def test_valid_mask_and_padding_are_not_profiled():
     mc = ManagedCollision("lfu", 1)
     state = mc.init(6, 4)

@@ -744,8 +744,9 @@ def test_window_kernel_equals_the_reference(case):
 
 @st.composite
 def eviction_streams(draw):
-    """A managed-collision config and a stream of calls: any policy, decay and admission, tables
-    from 2 rows, windows smaller and larger than the table, uniform and Zipf ids."""
+    """A managed-collision config and a stream of calls: any policy, decay, admission and time
+    to live, tables from 2 rows, windows smaller and larger than the table, uniform and Zipf
+    ids."""
     from jaxembed.collisions import ManagedCollision
 
     eviction = draw(st.sampled_from(["lfu", "lru", "distance_lfu"]))
@@ -753,7 +754,8 @@ def eviction_streams(draw):
     value = {"count": draw(st.integers(1, 3)), "probabilistic": 0.3}.get(admission)
     mc = ManagedCollision(eviction, draw(st.integers(1, 3)),
                           decay_exponent=draw(st.sampled_from([0.5, 1.0, 2.0])),
-                          admission=admission, admission_value=value)  # fmt: skip
+                          admission=admission, admission_value=value,
+                          ttl=draw(st.sampled_from([None, None, 1, 2, 4])))  # fmt: skip
     slots = draw(st.integers(2, 60))
     per_call = draw(st.integers(1, 40))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))

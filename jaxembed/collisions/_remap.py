@@ -168,6 +168,12 @@ class ManagedCollision:
           sightings, with no counter kept between windows. The draw is a hash of the id and the
           call, not a PRNG stream: the same stream gives the same decisions.
       admission_value: the admission's parameter (see above); None takes its default.
+      ttl: None, or a time to live in training calls (>= 1): at each eviction, every held id
+        whose last use is more than ``ttl`` calls ago leaves, whether or not a new id takes its
+        slot (its row is reported evicted and reset; new ids fill such free slots first). With
+        any policy; it keeps each id's last use (LFU then costs 20 bytes a slot, as
+        distance-LFU). TorchRec has no TTL (HierarchicalKV's and TFRA's dynamic tables have
+        one), so a state with a ``ttl`` does not go to TorchRec's state dict.
 
     Raises:
       ValueError, TypeError: a bad argument, named.
@@ -190,6 +196,7 @@ class ManagedCollision:
     decay_exponent: float = 1.0
     admission: str | None = None
     admission_value: float | None = None
+    ttl: int | None = None
 
     def __post_init__(self):
         if self.eviction not in POLICIES:
@@ -202,6 +209,8 @@ class ManagedCollision:
             raise ValueError(f"decay_exponent must be a finite number > 0, got {d!r}")
         object.__setattr__(self, "decay_exponent", float(d))
         self._check_admission()
+        if self.ttl is not None:
+            object.__setattr__(self, "ttl", _positive_int("ttl", self.ttl))
 
     def _check_admission(self) -> None:
         kind, value = self.admission, self.admission_value
@@ -257,7 +266,14 @@ class ManagedCollision:
 
     @property
     def uses_last(self) -> bool:
-        return self.eviction in ("lru", "distance_lfu")
+        return self.eviction in ("lru", "distance_lfu") or self.ttl is not None
+
+    def evicted_size(self, state: CollisionState) -> int:
+        """The length of a call's ``evicted`` rows (padded): at most the window's ids enter,
+        and with a ``ttl`` every held id may expire."""
+        if self.ttl is not None:
+            return state.num_slots
+        return min(state.num_slots, state.window_hi.shape[0])
 
     def init(self, num_slots: int, ids_per_call: int) -> CollisionState:
         """An empty state for a table of ``num_slots`` rows.
@@ -352,7 +368,7 @@ class ManagedCollision:
             if mask.dtype != jnp.bool_:
                 raise TypeError(f"valid must be a bool mask, got {mask.dtype}")
             ok = ok & mask.reshape(-1)
-        evicted, num_evicted = _no_eviction(state)
+        evicted, num_evicted = _no_eviction(state, self.evicted_size(state))
         if train:
             state, evicted, num_evicted = self._profile(state, q_hi, q_lo, ok, ids_per_call)
         slots = search(state, q_hi, q_lo, ok)
@@ -373,7 +389,7 @@ class ManagedCollision:
         held = (state.hi, state.lo, state.slot, state.counts, state.last)
 
         def idle(held, window_hi, window_lo):
-            return held, *_no_eviction(state)
+            return held, *_no_eviction(state, self.evicted_size(state))
 
         def evict(held, window_hi, window_lo):
             return self._evict(
@@ -447,12 +463,53 @@ class ManagedCollision:
         n_last = jnp.zeros((window,), jnp.int32).at[put].set(f_last, mode="drop")
         num_new = jnp.sum(new.astype(jnp.int32))
 
+        # (ttl) the held ids unused for more than ttl calls leave first: their slots free
+        entries = (state.hi, state.lo, state.slot, counts, last)
+        expired = None
+        if self.ttl is not None:
+            entries, expired = _expire(entries, it - self.ttl)
+        counts, last = entries[3], entries[4]
+
         # 5.-7. the ranking and the replacement: the CPU kernel where it runs
         held_key = self._keys(counts, last, it)
         new_key = jnp.where(order < num_new, self._keys(n_count, n_last, it), _ids.WORST)
-        entries = (state.hi, state.lo, state.slot, counts, last)
         new = (n_hi, n_lo, n_count, n_last)
-        return _kernels.on_cpu(_kernels.evict, _replace, entries, held_key, new, new_key, num_new)
+        held, evicted, count = _kernels.on_cpu(
+            _kernels.evict, _replace, entries, held_key, new, new_key, num_new
+        )
+        if expired is None:
+            return held, evicted, count
+        # every row whose id changed: the expired ones (refilled or not) and those replaced
+        changed = jnp.zeros((num_slots + 1,), bool).at[expired].set(True).at[evicted].set(True)
+        changed = changed[:num_slots]
+        rows = jnp.nonzero(changed, size=num_slots, fill_value=num_slots)[0].astype(jnp.int32)
+        return held, rows, jnp.sum(changed, dtype=jnp.int32)
+
+
+def _expire(entries, oldest):
+    """The held entries (sorted by id, empties last, the miss entry at the end) with those last
+    used before call ``oldest`` emptied (their rows kept: free slots), still sorted: the
+    entries kept in their order, then the emptied ones, then the empties (the miss entry last).
+    Returns ``(entries, expired)``: ``expired`` ``(num_slots,)`` their rows, padded with
+    ``num_slots``."""
+    hi, lo, slot, counts, last = entries
+    num_slots = hi.shape[0]
+    held = _ids.valid(RawIds(hi, lo))
+    expired = held & (last < oldest) & (jnp.arange(num_slots) < num_slots - 1)
+    kept = held & ~expired
+    n_kept, n_expired = jnp.sum(kept, dtype=jnp.int32), jnp.sum(expired, dtype=jnp.int32)
+    rank = lambda m: jnp.cumsum(m.astype(jnp.int32)) - 1  # noqa: E731
+    dest = jnp.where(kept, rank(kept), jnp.where(
+        expired, n_kept + rank(expired), n_kept + n_expired + rank(~held)))  # fmt: skip
+
+    def moved(values, emptied):
+        return jnp.zeros_like(values).at[dest].set(jnp.where(expired, emptied, values))
+
+    out = (moved(hi, EMPTY), moved(lo, EMPTY), moved(slot, slot), None if counts is None
+           else moved(counts, 0), moved(last, 0))  # fmt: skip
+    at = jnp.where(expired, rank(expired), num_slots)
+    rows = jnp.full((num_slots,), num_slots, jnp.int32).at[at].set(slot, mode="drop")
+    return out, rows
 
 
 def _replace(held, held_key, new, new_key, num_new):
@@ -544,9 +601,8 @@ def _distinct(window_hi, window_lo, first_call, *, ids_per_call: int):
     return u_hi, u_lo, u_count, u_last
 
 
-def _no_eviction(state: CollisionState) -> tuple[jax.Array, jax.Array]:
-    """A call's ``(evicted, num_evicted)`` when it evicts nothing: all padding, and 0."""
-    size = min(state.num_slots, state.window_hi.shape[0])
+def _no_eviction(state: CollisionState, size: int) -> tuple[jax.Array, jax.Array]:
+    """A call's ``(evicted, num_evicted)`` when it evicts nothing: ``size`` padding, and 0."""
     return jnp.full((size,), state.num_slots, jnp.int32), jnp.zeros((), jnp.int32)
 
 

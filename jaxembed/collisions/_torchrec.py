@@ -30,6 +30,14 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _no_ttl(mc: ManagedCollision) -> None:
+    if mc.ttl is not None:
+        raise ValueError(
+            f"mc has ttl={mc.ttl}: TorchRec's managed collisions have no time to live, so its "
+            "state dict cannot hold this policy"
+        )
+
+
 def to_torchrec(
     mc: ManagedCollision, state: CollisionState, *, offset: int = 0
 ) -> dict[str, np.ndarray]:
@@ -46,7 +54,8 @@ def to_torchrec(
       ``zch_size``, policy and offset.
 
     Raises:
-      ValueError: the id ``2**63 - 1`` is held: TorchRec reads it as its empty marker.
+      ValueError: the id ``2**63 - 1`` is held: TorchRec reads it as its empty marker; or
+        ``mc`` has a ``ttl`` (TorchRec has none).
 
     Example:
       >>> from jaxembed.collisions import ManagedCollision, raw_ids, to_torchrec
@@ -59,6 +68,7 @@ def to_torchrec(
       (array([1, 0, 2]), array([2, 0]))
     """
     mc.check_state(state)
+    _no_ttl(mc)
     ids = _ids.to_int64(RawIds(state.hi, state.lo))
     if (ids == _INT64_MAX).any():
         raise ValueError(
@@ -118,6 +128,8 @@ def from_torchrec(
       >>> held_ids(back)
       (array([5, 6, 7]), array([2, 0, 1], dtype=int32))
     """
+
+    _no_ttl(mc)
 
     def get(name: str) -> np.ndarray:
         key = prefix + name

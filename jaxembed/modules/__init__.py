@@ -10,7 +10,9 @@ What this folder owns, module by module:
   :class:`~jaxembed.EmbeddingCollection` over :mod:`jaxembed.collections`;
 * ``_managed``: :class:`~jaxembed.ManagedCollisionEmbeddingBagCollection` and
   :class:`~jaxembed.ManagedCollisionEmbeddingCollection`, a collection behind
-  :mod:`jaxembed.collisions`' remappers, their states held as variables;
+  :mod:`jaxembed.collisions`' remappers, their states held as variables (and
+  :class:`~jaxembed.ManagedCollisionEmbedding` / :class:`~jaxembed.ManagedCollisionEmbeddingBag`,
+  one table behind one);
 * ``_table``: what both share (dtype checks, the initial table, the tied head).
 
 It may import :mod:`jaxembed.core`, :mod:`jaxembed.sparse`, :mod:`jaxembed.sharding`,
@@ -22,6 +24,8 @@ one value to the core on every call.
 
 from jaxembed.modules._collection import EmbeddingBagCollection, EmbeddingCollection
 from jaxembed.modules._managed import (
+    ManagedCollisionEmbedding,
+    ManagedCollisionEmbeddingBag,
     ManagedCollisionEmbeddingBagCollection,
     ManagedCollisionEmbeddingCollection,
     ManagedCollisionState,
@@ -42,6 +46,8 @@ __all__ = [
     "EmbeddingBagCollection",
     "EmbeddingCollection",
     "FrozenWeight",
+    "ManagedCollisionEmbedding",
+    "ManagedCollisionEmbeddingBag",
     "ManagedCollisionEmbeddingBagCollection",
     "ManagedCollisionEmbeddingCollection",
     "ManagedCollisionState",

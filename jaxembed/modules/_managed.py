@@ -1,10 +1,12 @@
-"""``flax.nnx`` managed-collision collections: raw 64-bit ids in, pooled features (or rows) out.
+"""``flax.nnx`` managed-collision modules: raw 64-bit ids in, pooled features (or rows) out.
 
 TorchRec's ``ManagedCollisionEmbeddingBagCollection`` and ``ManagedCollisionEmbeddingCollection``:
 a collection module and a :class:`jaxembed.collisions.ManagedCollisionCollection`, whose states
 the module holds as :class:`ManagedCollisionState` variables (not parameters: no gradient, no
 optimizer), updated by every training call, under ``nnx.jit`` and
-:func:`jaxembed.sparse.value_and_grad` alike.
+:func:`jaxembed.sparse.value_and_grad` alike. :class:`ManagedCollisionEmbedding` and
+:class:`ManagedCollisionEmbeddingBag` put one :class:`jaxembed.collisions.ManagedCollision`
+in front of one :class:`jaxembed.Embedding` / :class:`jaxembed.EmbeddingBag`, the same way.
 """
 
 from __future__ import annotations
@@ -22,24 +24,74 @@ from jaxembed.collections._config import TorchRecInit
 from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.collisions import _remap, _torchrec
 from jaxembed.collisions._collection import ManagedCollisionCollection, RawKeyedJagged
+from jaxembed.collisions._remap import ManagedCollision
 from jaxembed.core import _validation
+from jaxembed.core._init import default_embedding_init
 from jaxembed.modules import _table
 from jaxembed.modules._collection import EmbeddingBagCollection, EmbeddingCollection, _Collection
+from jaxembed.modules._nnx import Embedding, EmbeddingBag
 from jaxembed.sparse import _nnx as _sparse_nnx
 
 _MC_PREFIX = "_managed_collision_collection._managed_collision_modules."
 _EMB_PREFIX = "_embedding_module."
 
 
-def _fresh_rows(table: Any, key: jax.Array, k: int) -> jax.Array:
-    """``k`` rows drawn as the table's init draws them: TorchRec's uniform bound is the whole
-    table's (``sqrt(1 / num_embeddings)``); any other init draws the whole table and keeps its
-    first ``k`` rows (an init may depend on the table's shape)."""
-    shape = (table.num_embeddings, table.embedding_dim)
-    if isinstance(table.init, TorchRecInit):
-        bound = math.sqrt(1.0 / table.num_embeddings)
-        return jax.random.uniform(key, (k, shape[1]), jnp.float32, -bound, bound)
-    return table.init(key, shape, table.param_dtype)[:k]  # k <= num_embeddings
+def _fresh_rows(init: Any, shape: tuple[int, int], dtype: Any, key: jax.Array, k: int):
+    """``k`` rows drawn as the ``shape`` table's ``init`` draws them: TorchRec's uniform bound
+    is the whole table's (``sqrt(1 / num_embeddings)``); any other init draws the whole table
+    and keeps its first ``k`` rows (an init may depend on the table's shape)."""
+    if isinstance(init, TorchRecInit):
+        bound = math.sqrt(1.0 / shape[0])
+        rows = jax.random.uniform(key, (k, shape[1]), jnp.float32, -bound, bound)
+    else:
+        rows = init(key, shape, dtype)[:k]  # k <= num_embeddings
+    return rows.astype(dtype)
+
+
+def _reset_rows(table, slots, num_evicted, key, *, init, shape, dtype, offset=0):
+    """``table`` with the evicted ``slots`` (padded with ``shape[0]``) of one table, at rows
+    ``offset + slot`` of its (stacked) array, drawn afresh; and those rows (the others past the
+    array's end), for the optimizer to reset."""
+    rows = jnp.where(slots < shape[0], slots + offset, table.shape[0])
+    k = slots.shape[0]
+    fresh = jax.lax.cond(
+        num_evicted > 0,
+        lambda key: _fresh_rows(init, shape, dtype, key, k),
+        lambda key: jnp.zeros((k, shape[1]), dtype),
+        key,
+    )
+    return table.at[rows].set(fresh.astype(table.dtype), mode="drop"), rows
+
+
+def _active_tape():
+    """The sparse tape that a training call with ``reset_evicted`` needs, or a ValueError."""
+    tape = _sparse_nnx.active_tape()
+    if tape is None:
+        raise ValueError(
+            "a training call (profiling, evicting) of a managed-collision module with "
+            "reset_evicted=True runs under jaxembed.sparse.value_and_grad, so that the "
+            "optimizer resets the evicted rows' state with the rows; call module.eval() to "
+            "only remap, or pass reset_evicted=False"
+        )
+    return tape
+
+
+def _check_reset(reset_evicted: Any, embedding_module: Any, what: str) -> bool:
+    """``reset_evicted``, checked against the embedding module it resets rows of."""
+    reset_evicted = _validation.check_flag("reset_evicted", reset_evicted)
+    if embedding_module.sharding is not None:
+        raise NotImplementedError(
+            "managed collisions on a mesh (row-wise owners managing their own slots) are "
+            f"not built yet; use {what} on one device"
+        )
+    if reset_evicted and not embedding_module.sparse:
+        raise ValueError(
+            "reset_evicted=True (the default: an evicted row and its optimizer state start "
+            f"afresh, as TorchRec's sharded module) needs a sparse=True {what}, whose "
+            "row-wise optimizer state jaxembed.sparse.Optimizer resets with the rows; pass "
+            "reset_evicted=False to keep evicted rows (TorchRec's unsharded module)"
+        )
+    return reset_evicted
 
 
 class ManagedCollisionState(nnx.Variable):
@@ -47,12 +99,25 @@ class ManagedCollisionState(nnx.Variable):
     gradient, and ``nnx.Optimizer`` / :class:`jaxembed.sparse.Optimizer` leave it alone)."""
 
 
-class _ManagedCollisionCollection(nnx.Module):
-    _embedding_type: type = _Collection
+class _Managed(nnx.Module):
+    """What the managed-collision modules share: the kind of embedding module they front."""
+
+    _embedding_type: type = nnx.Module
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
         _table.readable_signature(cls)
+
+    def _check_embedding_module(self, embedding_module: Any) -> None:
+        if not isinstance(embedding_module, self._embedding_type):
+            raise TypeError(
+                f"embedding_module must be a jaxembed.{self._embedding_type.__name__}, got "
+                f"{type(embedding_module).__name__}"
+            )
+
+
+class _ManagedCollisionCollection(_Managed):
+    _embedding_type = _Collection
 
     def __init__(
         self,
@@ -65,11 +130,7 @@ class _ManagedCollisionCollection(nnx.Module):
         rngs: nnx.Rngs | None = None,
         _state: Mapping[str, Any] | None = None,
     ):
-        if not isinstance(embedding_module, self._embedding_type):
-            raise TypeError(
-                f"embedding_module must be a jaxembed.{self._embedding_type.__name__}, got "
-                f"{type(embedding_module).__name__}"
-            )
+        self._check_embedding_module(embedding_module)
         if not isinstance(managed_collision_collection, ManagedCollisionCollection):
             raise TypeError(
                 "managed_collision_collection must be a "
@@ -81,19 +142,7 @@ class _ManagedCollisionCollection(nnx.Module):
                 "the embedding module and the managed collision collection must hold the same "
                 "table configs (TorchRec asserts the same)"
             )
-        if embedding_module.sharding is not None:
-            raise NotImplementedError(
-                "managed collisions on a mesh (row-wise owners managing their own slots) are "
-                "not built yet; use a collection on one device"
-            )
-        self.reset_evicted = _validation.check_flag("reset_evicted", reset_evicted)
-        if self.reset_evicted and not embedding_module.sparse:
-            raise ValueError(
-                "reset_evicted=True (the default: an evicted row and its optimizer state start "
-                "afresh, as TorchRec's sharded module) needs a sparse=True collection, whose "
-                "row-wise optimizer state jaxembed.sparse.Optimizer resets with the rows; pass "
-                "reset_evicted=False to keep evicted rows (TorchRec's unsharded module)"
-            )
+        self.reset_evicted = _check_reset(reset_evicted, embedding_module, "a collection")
         self.rngs = nnx.Rngs(0) if rngs is None else rngs
         self.embedding_module = embedding_module
         self.managed_collision_collection = managed_collision_collection
@@ -124,30 +173,16 @@ class _ManagedCollisionCollection(nnx.Module):
     def _reset(self, evicted: Mapping[str, jax.Array], num_evicted: Mapping[str, Any]) -> None:
         """The evicted rows drawn afresh from their table's init, each stack written once, and
         marked for :class:`jaxembed.sparse.Optimizer` to reset their state."""
-        tape = _sparse_nnx.active_tape()
-        if tape is None:
-            raise ValueError(
-                "a training call (profiling, evicting) of a managed-collision collection with "
-                "reset_evicted=True runs under jaxembed.sparse.value_and_grad, so that the "
-                "optimizer resets the evicted rows' state with the rows; call module.eval() to "
-                "only remap, or pass reset_evicted=False"
-            )
+        tape = _active_tape()
         emb = self.embedding_module
         for stack in emb.plan.stacks:
             variable = emb.weights[stack.name]
             table = variable.get_value()
             for t, offset in zip(stack.tables, stack.offsets, strict=True):
-                slots = evicted[t.name]
-                rows = jnp.where(slots < t.num_embeddings, slots + offset, stack.num_embeddings)
-                fresh = jax.lax.cond(
-                    num_evicted[t.name] > 0,
-                    lambda key, t=t, k=slots.shape[0]: _fresh_rows(t, key, k).astype(t.param_dtype),
-                    lambda key, t=t, k=slots.shape[0]: jnp.zeros(
-                        (k, t.embedding_dim), t.param_dtype
-                    ),
-                    self.rngs(),
-                )
-                table = table.at[rows].set(fresh.astype(table.dtype), mode="drop")
+                shape = (t.num_embeddings, t.embedding_dim)
+                table, rows = _reset_rows(table, evicted[t.name], num_evicted[t.name],
+                                          self.rngs(), init=t.init, shape=shape,
+                                          dtype=t.param_dtype, offset=offset)  # fmt: skip
                 tape.reset(variable, rows)
             variable.set_value(table)
 
@@ -291,3 +326,147 @@ class ManagedCollisionEmbeddingCollection(_ManagedCollisionCollection):
     """
 
     _embedding_type = EmbeddingCollection
+
+
+class ManagedCollisionEmbedding(_Managed):
+    """One :class:`jaxembed.collisions.ManagedCollision` in front of a
+    :class:`jaxembed.Embedding`: raw 64-bit ids in, their rows out.
+
+    What :class:`ManagedCollisionEmbeddingCollection` does for a collection, for one table:
+    each call remaps the raw ids to the table's rows (slots), then looks them up; in training
+    (the default; ``module.eval()`` and ``module.train()`` switch) the remap state, a
+    :class:`ManagedCollisionState` variable, is profiled and evicted on schedule. The table's
+    ``num_embeddings`` is the number of slots (its last row the miss row).
+
+    Args:
+      embedding_module: the :class:`jaxembed.Embedding` (dense or ``sparse=True``; on one device,
+        not quantized, without ``padding_idx``: a slot is any id's row).
+      managed_collision: the :class:`jaxembed.collisions.ManagedCollision` policy.
+      ids_per_call: the most ids one call brings (a concrete call with more raises).
+      reset_evicted: draw each evicted row afresh from ``init`` and have
+        :class:`jaxembed.sparse.Optimizer` reset its row-wise state (the default; it needs a
+        ``sparse=True`` module trained under :func:`jaxembed.sparse.value_and_grad`). False keeps
+        evicted rows as they are.
+      init: ``init(key, shape, dtype)``, what evicted rows are drawn from (the module's own
+        default, torch's N(0, 1); pass the module's ``embedding_init`` if it was another).
+      rngs: ``nnx.Rngs`` whose default stream draws the fresh rows (default ``nnx.Rngs(0)``).
+
+    Raises:
+      TypeError, ValueError: a bad argument, named; NotImplementedError: a sharded table.
+
+    Example:
+      >>> import numpy as np, jaxembed
+      >>> from flax import nnx
+      >>> from jaxembed.collisions import ManagedCollision
+      >>> users = jaxembed.ManagedCollisionEmbedding(
+      ...     jaxembed.Embedding(100, 8, rngs=nnx.Rngs(0)), ManagedCollision("lru", 1),
+      ...     ids_per_call=4, reset_evicted=False)
+      >>> rows = users(np.array([2**62 + 5, 7, 2**62 + 5], np.int64))  # the miss row, held now
+      >>> rows.shape, len(users.held_ids()[0])
+      ((3, 8), 2)
+      >>> users.remap(np.array([7, 2**62 + 5], np.int64)).tolist()  # their rows, once held
+      [98, 97]
+    """
+
+    _embedding_type = Embedding
+
+    def __init__(
+        self,
+        embedding_module: Any,
+        managed_collision: ManagedCollision,
+        *,
+        ids_per_call: int,
+        reset_evicted: bool = True,
+        init: Any = default_embedding_init,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self._check_embedding_module(embedding_module)
+        if not isinstance(managed_collision, ManagedCollision):
+            raise TypeError(
+                "managed_collision must be a jaxembed.collisions.ManagedCollision, got "
+                f"{type(managed_collision).__name__}"
+            )
+        if embedding_module.bits is not None:
+            raise ValueError("embedding_module is quantized (frozen): its rows cannot be managed")
+        if embedding_module.padding_idx is not None:
+            raise ValueError(
+                f"embedding_module has padding_idx={embedding_module.padding_idx}: a managed "
+                "table's rows are slots that any id may hold, so no row can be padding"
+            )
+        if not callable(init):
+            raise TypeError(f"init must be callable init(key, shape, dtype), got {init!r}")
+        what = self._embedding_type.__name__
+        self.reset_evicted = _check_reset(reset_evicted, embedding_module, what)
+        self.embedding_module = embedding_module
+        self.managed_collision = managed_collision
+        self.init = init
+        self.rngs = nnx.Rngs(0) if rngs is None else rngs
+        state = managed_collision.init(embedding_module.num_embeddings, ids_per_call)
+        self.mc_state = ManagedCollisionState(state)
+        self.deterministic = False  # module.eval(): only remap; module.train(): profile too
+
+    def remap(self, ids: Any, valid: Any = None) -> jax.Array:
+        """The raw ids' rows, in ``ids``' shape (and, in training, the state profiled and
+        evicted, the evicted rows reset). ``valid``: a bool mask of ids to leave out (their
+        row reads ``num_embeddings``, out of range)."""
+        out = self.managed_collision.remap(
+            self.mc_state.get_value(), ids, valid=valid, train=not self.deterministic
+        )
+        if not self.deterministic:
+            if self.reset_evicted:
+                emb = self.embedding_module
+                table, rows = _reset_rows(
+                    emb.weight.get_value(), out.evicted, out.num_evicted, self.rngs(),
+                    init=self.init, shape=(emb.num_embeddings, emb.embedding_dim),
+                    dtype=emb.param_dtype,
+                )  # fmt: skip
+                _active_tape().reset(emb.weight, rows)
+                emb.weight.set_value(table)
+            self.mc_state.set_value(out.state)
+        return out.slots
+
+    def __call__(self, ids: Any) -> jax.Array:
+        """The rows of the raw ``ids`` (any shape): ``ids.shape + (embedding_dim,)``."""
+        return self.embedding_module(self.remap(ids))
+
+    def held_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, rows)``: the held raw ids (int64) and their rows."""
+        return _remap.held_ids(jax.device_get(self.mc_state.get_value()))
+
+
+class ManagedCollisionEmbeddingBag(ManagedCollisionEmbedding):
+    """One :class:`jaxembed.collisions.ManagedCollision` in front of a
+    :class:`jaxembed.EmbeddingBag`: bags of raw 64-bit ids in, pooled rows out.
+
+    As :class:`ManagedCollisionEmbedding` (the same arguments, over an ``EmbeddingBag``); a call
+    takes the bag's arguments, with raw ids for ``indices``. With ``offsets`` and
+    ``num_valid``, the ids past ``num_valid`` are in no bag and are not profiled.
+
+    Example:
+      >>> import numpy as np, jaxembed
+      >>> from flax import nnx
+      >>> from jaxembed.collisions import ManagedCollision
+      >>> items = jaxembed.ManagedCollisionEmbeddingBag(
+      ...     jaxembed.EmbeddingBag(50, 4, mode="mean", rngs=nnx.Rngs(0)),
+      ...     ManagedCollision("lfu", 2), ids_per_call=6, reset_evicted=False)
+      >>> items(np.array([[2**40, 3, 3], [9, 2**40, 1]], np.int64)).shape
+      (2, 4)
+    """
+
+    _embedding_type = EmbeddingBag
+
+    def __call__(
+        self,
+        indices: Any,
+        offsets: Any = None,
+        per_sample_weights: Any = None,
+        num_valid: Any = None,
+    ) -> jax.Array:
+        """The bags' pooled rows, ``(num_bags, embedding_dim)`` (see
+        :meth:`jaxembed.EmbeddingBag.__call__`), of the raw ids ``indices``."""
+        valid = None
+        if num_valid is not None:
+            n = int(np.prod(np.shape(getattr(indices, "hi", indices))))
+            valid = jnp.arange(n, dtype=jnp.int32) < jnp.asarray(num_valid, jnp.int32)
+        slots = self.remap(indices, valid)
+        return self.embedding_module(slots, offsets, per_sample_weights, num_valid)
