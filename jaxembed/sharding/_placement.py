@@ -338,22 +338,22 @@ class ShardingPlan:
 
     @property
     def num_devices(self) -> int:
-        """``K``: the devices along ``axis``, among which a replica's tables are placed."""
+        """``K``, the devices along ``axis``, among which a replica's tables are placed."""
         return self.mesh.shape[self.axis]
 
     @property
     def num_replicas(self) -> int:
-        """``R``: the replicas of every table (the size of ``replica``; 1 without one)."""
+        """``R``, the replicas of every table (the size of ``replica``; 1 without one)."""
         return 1 if self.replica is None else self.mesh.shape[self.replica]
 
     @property
     def num_blocks(self) -> int:
-        """``R * K``: the batch's blocks, one per device."""
+        """``R * K``, the batch's blocks, one per device."""
         return self.num_replicas * self.num_devices
 
     @property
     def batch_axes(self) -> str | tuple[str, str]:
-        """The mesh axes the batch splits over: ``axis``, or ``(replica, axis)``."""
+        """The mesh axes the batch splits over, ``axis`` or ``(replica, axis)``."""
         return self.axis if self.replica is None else (self.replica, self.axis)
 
     def replicated(self, x: jax.Array) -> jax.Array:
