@@ -322,11 +322,19 @@ def test_delta_checkpoints_of_a_sharded_collection_restore_bit_for_bit(tmp_path,
             assert any(not m.all() for m in masks.values())  # a delta, not everything
             checkpoint.save(tmp_path, i, nnx.state((model, opt)), tracker.touched)
             tracker.clear()
-        fresh, fresh_opt = build(7)
-        nnx.update((fresh, fresh_opt), checkpoint.restore(tmp_path, nnx.state((fresh, fresh_opt))))
-    for path, a in arrays().items():
-        got = dict(nnx.to_flat_state(nnx.state((fresh, fresh_opt))))[path]
-        np.testing.assert_array_equal(np.asarray(got), a, err_msg=str(path))
+        _assert_restored(tmp_path, build, arrays())
+
+
+def _assert_restored(tmp_path, build, live):
+    """A fresh model and optimizer (``build(seed)``) restored from ``tmp_path``'s chain hold the
+    ``live`` arrays bit for bit."""
+    from flax import nnx
+
+    fresh = build(7)
+    nnx.update(fresh, checkpoint.restore(tmp_path, nnx.state(fresh)))
+    got = dict(nnx.to_flat_state(nnx.state(fresh)))
+    for path, a in live.items():
+        np.testing.assert_array_equal(np.asarray(got[path]), a, err_msg=str(path))
 
 
 def test_delta_tracking_refuses_rows_split_over_a_mesh_in_track():
@@ -390,8 +398,4 @@ def test_delta_checkpoints_of_a_table_sharding_table_restore_bit_for_bit(tmp_pat
                     assert not (changed & ~mask).any(), f"{path}: changed rows left unmarked"
             checkpoint.save(tmp_path, i, nnx.state((model, opt)), tracker.touched)
             tracker.clear()
-        fresh, fresh_opt = build(7)
-        nnx.update((fresh, fresh_opt), checkpoint.restore(tmp_path, nnx.state((fresh, fresh_opt))))
-    for path, a in arrays().items():
-        got = dict(nnx.to_flat_state(nnx.state((fresh, fresh_opt))))[path]
-        np.testing.assert_array_equal(np.asarray(got), a, err_msg=str(path))
+        _assert_restored(tmp_path, build, arrays())
