@@ -54,14 +54,16 @@ def _flat(bags):
 
 @pytest.mark.parametrize(
     "mc,mode",
-    [
-        (ManagedCollision("lfu", 1), "sum"),
+    [  # the README's command runs LRU; -m slow the rest (CI runs both)
+        pytest.param(ManagedCollision("lfu", 1), "sum", marks=pytest.mark.slow),
         (ManagedCollision("lru", 2), "mean"),
-        (ManagedCollision("distance_lfu", 3, decay_exponent=1.5), "sum"),
-        (ManagedCollision("lfu", 2, admission="count", admission_value=2), "mean"),
+        pytest.param(ManagedCollision("distance_lfu", 3, decay_exponent=1.5), "sum",
+                     marks=pytest.mark.slow),
+        pytest.param(ManagedCollision("lfu", 2, admission="count", admission_value=2), "mean",
+                     marks=pytest.mark.slow),
     ],
     ids=["lfu", "lru", "distance_lfu", "lfu_count_admission"],
-)
+)  # fmt: skip
 def test_the_bag_module_trains_as_the_one_table_collection(mc, mode):
     """Sparse training with reset_evicted (the default): every call's pooled rows, the table,
     the row-wise Adagrad state and the remap state equal the collection's, bit for bit."""
