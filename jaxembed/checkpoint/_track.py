@@ -209,6 +209,11 @@ class DeltaTracker(nnx.Pytree):
     Update it with the same :class:`~jaxembed.sparse.ModelGrads` as the optimizer, inside the
     jitted step; hand :attr:`touched` to :func:`save`, then :meth:`clear` it.
 
+    Tables on a mesh are tracked too. A collection on a mesh (``sharding=plan``): each group's
+    mask is laid out as its array's rows, and each device marks the rows its own update wrote.
+    A table placed by a :class:`~jaxembed.TableSharding`: its mask is split as its rows
+    (``vocab``), and each vocab shard marks its own rows of the update's entries.
+
     Args:
       model: the model; its :class:`~jaxembed.sparse.SparseParam` tables are tracked, keyed by
         path as in ``ModelGrads`` (``"embed/weight"``).
@@ -217,11 +222,8 @@ class DeltaTracker(nnx.Pytree):
       ValueError: the model has no sparse table, or a sparse table renorms as it is read
         (``max_norm``): a forward pass, in evaluation too, then changes rows that no update
         records, so only full checkpoints are exact for it.
-
-    Tables on a mesh are tracked too. A collection on a mesh (``sharding=plan``): each group's
-    mask is laid out as its array's rows, and each device marks the rows its own update wrote.
-    A table placed by a :class:`~jaxembed.TableSharding`: its mask is split as its rows
-    (``vocab``), and each vocab shard marks its own rows of the update's entries.
+      NotImplementedError: a sparse table on a mesh that no module's ``sharding`` placed (its
+        update's entries cannot be mapped to its rows); save it with :func:`save_tables`.
 
     Example:
       >>> import jax.numpy as jnp, jaxembed, optax
