@@ -507,13 +507,15 @@ def _forward(g: Group, weight, features, feat, plan: ShardingPlan, *, sparse: bo
         weight = jax.lax.stop_gradient(weight)
     lookup = Lookup.start(weight, ids, g.stack.options, layout, g.stack.num_embeddings)
     rows = weight.shape[0]
-    if g.kind is Kind.DATA_PARALLEL:
-        # the replica as this device's copy: the bag loops' carries vary as the ids do, and the
-        # gradient of the copy is summed over the devices (the transpose of the cast)
+    # a replica (or, on a 2-D mesh, a column block's copy) as this device's copy: the bag
+    # loops' carries vary as the ids do, and the gradient of the copy is summed over the
+    # devices that hold it (the transpose of the cast)
+    copies = plan.batch_axes if g.kind is Kind.DATA_PARALLEL else plan.replica
+    if copies is not None:
         lookup = dataclasses.replace(
             lookup,
-            weight=jax.lax.pcast(lookup.weight, plan.batch_axes, to="varying"),
-            table=jax.lax.pcast(lookup.table, plan.batch_axes, to="varying"),
+            weight=jax.lax.pcast(lookup.weight, copies, to="varying"),
+            table=jax.lax.pcast(lookup.table, copies, to="varying"),
         )
     style, mode = g.stack.options.lookup_style, g.stack.pooling
     pieces = None
