@@ -186,8 +186,7 @@ def _mark_by_layout(mask: jax.Array, rows: jax.Array, layout: TableSharding) -> 
     over ``batch``, are gathered as the sharded optimizer gathers them, and each vocab shard
     marks its own."""
     n = rows.shape[0] if rows.ndim else 0
-    split = layout.batch is not None and n % layout.count("batch", layout.mesh) == 0
-    entries = layout if split else dataclasses.replace(layout, batch=None)
+    entries = layout.entries(n)
     num_local = mask.shape[0] // layout.count("vocab", layout.mesh)
 
     def body(mask, rows):

@@ -261,6 +261,13 @@ class TableSharding(Layout):
         )
         return mapped(*args)
 
+    def entries(self, n: int) -> TableSharding:
+        """The layout of ``n`` sparse-update entries: split over ``batch`` where they divide
+        evenly among its shards (as a lookup returns them), else whole on every device."""
+        if self.batch is not None and n % self.count("batch", self.mesh) == 0:
+            return self
+        return dataclasses.replace(self, batch=None)
+
     def everyone(self, x: jax.Array) -> jax.Array:
         """``x`` (one device's slice along ``batch``) gathered from every device, in global order.
 

@@ -13,7 +13,6 @@ over every column shard.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any
 
@@ -86,8 +85,7 @@ def shard_optimizer(optimizer: RowOptimizer, sharding: Any) -> RowOptimizer:
         if not isinstance(grad, SparseGrad):
             raise TypeError(f"grad must be a jaxembed.sparse.SparseGrad, got {type(grad).__name__}")
         n = grad.indices.shape[0] if grad.indices.ndim else 0
-        split = layout.batch is not None and n % layout.count("batch", layout.mesh) == 0
-        entries = layout if split else dataclasses.replace(layout, batch=None)
+        entries = layout.entries(n)
         num_local = table.shape[0] // layout.count("vocab", layout.mesh)
         specs = local_state_specs(table, layout)
 
