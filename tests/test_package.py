@@ -108,6 +108,7 @@ ALLOWED = {
         "jaxembed.core",
         "jaxembed.sparse",
         "jaxembed.collections",
+        "jaxembed.sharding",
         "jaxembed.collisions",
     ),
     "jaxembed.modules": (

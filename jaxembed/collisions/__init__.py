@@ -25,14 +25,16 @@ What this folder owns, module by module:
 * ``_collection``: a collection's remappers, and its raw keyed jagged ids.
 
 It may import :mod:`jaxembed.core`, :mod:`jaxembed.kernels` (the remap's CPU kernel),
-:mod:`jaxembed.sparse` (the optimizers' state reset) and :mod:`jaxembed.collections` (its
-configs and :class:`jaxembed.KeyedJagged`), and nothing else of jaxembed.
+:mod:`jaxembed.sparse` (the optimizers' state reset), :mod:`jaxembed.collections` (its
+configs and :class:`jaxembed.KeyedJagged`) and :mod:`jaxembed.sharding` (a remap on a
+plan's mesh), and nothing else of jaxembed.
 """
 
 from jaxembed.collisions._collection import (
     ManagedCollisionCollection,
     RawKeyedJagged,
     RemappedFeatures,
+    put_raw_features,
 )
 from jaxembed.collisions._ids import RawIds, raw_ids, to_int64
 from jaxembed.collisions._remap import (
@@ -54,6 +56,7 @@ __all__ = [
     "RemappedFeatures",
     "from_torchrec",
     "held_ids",
+    "put_raw_features",
     "raw_ids",
     "reset_rows",
     "reset_state",

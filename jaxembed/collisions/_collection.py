@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxembed.collections import EmbeddingConfig, KeyedJagged
@@ -24,6 +25,8 @@ from jaxembed.collisions import _ids
 from jaxembed.collisions._ids import RawIds
 from jaxembed.collisions._remap import CollisionState, ManagedCollision
 from jaxembed.core import _serialization
+from jaxembed.sharding import _collection as _mesh
+from jaxembed.sharding._placement import ShardingPlan
 
 
 @jax.tree_util.register_pytree_node_class
@@ -134,6 +137,30 @@ def _bag(ids: Any) -> np.ndarray:
     if not np.issubdtype(bag.dtype, np.integer):
         raise TypeError(f"features must hold integer ids, got {bag.dtype}")
     return bag
+
+
+def put_raw_features(blocks: Sequence[RawKeyedJagged], sharding: ShardingPlan) -> RawKeyedJagged:
+    """The batch of raw ids on the mesh from each device's own :class:`RawKeyedJagged` block,
+    as :func:`jaxembed.sharding.put_features` puts a :class:`jaxembed.KeyedJagged`'s (what a
+    managed-collision collection module on a mesh takes).
+
+    Args:
+      blocks: one block per device of this process, in the mesh's order; they share keys,
+        capacity, batch size and weightedness.
+      sharding: the :class:`jaxembed.sharding.ShardingPlan`.
+
+    Returns:
+      A :class:`RawKeyedJagged` whose leaves are the blocks side by side, split over the
+      plan's ``batch_axes``.
+
+    Raises:
+      TypeError, ValueError: blocks of another type or shape, or not one per local device.
+    """
+    if not isinstance(sharding, ShardingPlan):
+        raise TypeError(
+            f"sharding must be a jaxembed.sharding.ShardingPlan, got {type(sharding).__name__}"
+        )
+    return _mesh.put_blocks(blocks, sharding, RawKeyedJagged)
 
 
 _serialization.register_node(
@@ -255,7 +282,12 @@ class ManagedCollisionCollection:
         }
 
     def remap(
-        self, state: Mapping[str, CollisionState], features: RawKeyedJagged, *, train: bool = True
+        self,
+        state: Mapping[str, CollisionState],
+        features: RawKeyedJagged,
+        *,
+        train: bool = True,
+        sharding: ShardingPlan | None = None,
     ) -> RemappedFeatures:
         """Maps each feature's raw ids to rows of its table; in training, profiles and evicts.
 
@@ -268,13 +300,21 @@ class ManagedCollisionCollection:
           state: ``{table name: CollisionState}`` from :meth:`init`.
           features: the :class:`RawKeyedJagged`; its keys are exactly the tables' features.
           train: profile and evict (TorchRec's training mode); False only remaps.
+          sharding: None, or the :class:`jaxembed.sharding.ShardingPlan` whose mesh holds
+            ``features`` (:func:`put_raw_features`). Then every device gathers the whole
+            batch's ids and runs this one-device remap on them, with the state replicated: the
+            states, rows and evictions are exactly those of one device on the whole batch
+            (samples block after block), and each device keeps its own block's rows. The
+            ``ids_per_call`` are the whole batch's; each device's remap work is the whole
+            batch's too (it does not shrink with the mesh).
 
         Returns:
           :class:`RemappedFeatures` ``(features, state, evicted, num_evicted)``.
 
         Raises:
           ValueError: keys that no table looks up or that are missing, a state for other tables,
-            more ids for a table than its ``ids_per_call`` (concrete lengths).
+            more ids for a table than its ``ids_per_call`` (concrete lengths), features not
+            split into the plan's blocks.
         """
         if not isinstance(features, RawKeyedJagged):
             raise TypeError(
@@ -296,6 +336,13 @@ class ManagedCollisionCollection:
                 f"features must hold exactly the tables' features {wanted}: "
                 f"unknown {unknown}, missing {missing}"
             )
+        if sharding is not None:
+            return self._on_mesh(state, features, train, sharding)
+        return self._remap(state, features, train)
+
+    def _remap(self, state, features: RawKeyedJagged, train: bool) -> RemappedFeatures:
+        """:meth:`remap` on one device, the arguments checked."""
+        keys = features.keys
         per_key = features.lengths.reshape(len(keys), -1).sum(1, dtype=jnp.int32)
         starts = jnp.cumsum(per_key, dtype=jnp.int32) - per_key
         # every position starts out of range for its table: padding, and ids no call could take
@@ -333,6 +380,71 @@ class ManagedCollisionCollection:
             )
             values = values.at[at].set(slots, mode="drop")
         return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
+
+    def _on_mesh(self, state, features: RawKeyedJagged, train: bool, plan: Any):
+        """:meth:`remap` of features split over ``plan``'s blocks: the one-device remap of the
+        whole batch on every device (see ``sharding`` there)."""
+        if not isinstance(plan, ShardingPlan):
+            raise TypeError(
+                f"sharding must be a jaxembed.sharding.ShardingPlan, got {type(plan).__name__}"
+            )
+        k, axes, nf = plan.num_blocks, plan.batch_axes, len(features.keys)
+        if features.capacity % k or features.lengths.shape[0] % (k * nf):
+            raise ValueError(
+                f"features must hold the plan's {k} equal device blocks "
+                f"(jaxembed.collisions.put_raw_features); got {features!r}"
+            )
+        capacity, b = features.capacity // k, features.batch_size // k
+        lengths = features.lengths
+        if not isinstance(lengths, jax.core.Tracer) and lengths.is_fully_addressable:
+            per_key = np.asarray(lengths).reshape(k, nf, b).sum((0, 2))
+            for t in self.tables:
+                n = self.managed_collisions[t.name].check_state(state[t.name])
+                total = sum(int(per_key[features.keys.index(f)]) for f in t.feature_names)
+                if total > n:
+                    raise ValueError(
+                        f"table {t.name!r} gets {total} ids in this call over the mesh's whole "
+                        f"batch (features {list(t.feature_names)}), more than its state's "
+                        f"ids_per_call {n}"
+                    )
+
+        def body(state, ids, lengths):
+            ids = jax.tree.map(lambda x: jax.lax.all_gather(x, axes, tiled=True), ids)
+            lengths = jax.lax.all_gather(lengths, axes, tiled=True).reshape(k, nf, b)
+            dest = _whole_batch_positions(lengths, capacity)
+            whole_ids = jax.tree.map(
+                lambda x: jnp.zeros_like(x).at[dest.reshape(-1)].set(x, mode="drop"), ids
+            )
+            whole_lengths = lengths.transpose(1, 0, 2).reshape(-1)
+            whole = RawKeyedJagged.tree_unflatten(features.keys, (whole_ids, whole_lengths, None))
+            out = self._remap(state, whole, train)
+            mine = dest[jax.lax.axis_index(axes)]
+            values = jnp.take(out.features.values, mine, mode="fill", fill_value=0)
+            return values, out.state, out.evicted, out.num_evicted
+
+        values, new_state, evicted, num_evicted = _mesh._run(
+            body, plan.mesh, (P(), P(axes), P(axes)), (P(axes), P(), P(), P()),
+            dict(state), features.ids, features.lengths,
+        )  # fmt: skip
+        return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
+
+
+def _whole_batch_positions(lengths: jax.Array, capacity: int) -> jax.Array:
+    """``(k, capacity)`` int32: where each id of ``k`` blocks of ``lengths`` ``(k, F, B)`` goes
+    in the whole batch's feature-major layout (feature ``f`` of block 0, of block 1, ..., then
+    feature ``f + 1``); ``k * capacity``, past the end, for the blocks' padding."""
+    k, nf = lengths.shape[:2]
+    counts = lengths.sum(2, dtype=jnp.int32)  # (k, F): each block's ids of each feature
+    ends = jnp.cumsum(counts, axis=1, dtype=jnp.int32)
+    j = jnp.arange(capacity, dtype=jnp.int32)
+    f = jax.vmap(lambda e: jnp.searchsorted(e, j, side="right", method="compare_all"))(ends)
+    fc = jnp.minimum(f, nf - 1)
+    within = j - jnp.take_along_axis(ends - counts, fc, axis=1)
+    totals = counts.sum(0)
+    start = jnp.cumsum(totals, dtype=jnp.int32) - totals  # feature f's first id, whole batch
+    before = jnp.cumsum(counts, axis=0, dtype=jnp.int32) - counts  # its ids in earlier blocks
+    dest = start[fc] + jnp.take_along_axis(before, fc, axis=1) + within
+    return jnp.where(f < nf, dest, k * capacity).astype(jnp.int32)
 
 
 def _feature_of(per_key: jax.Array, capacity: int) -> jax.Array:

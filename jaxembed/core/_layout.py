@@ -125,3 +125,12 @@ def check(sharding: Any) -> Layout:
     if isinstance(sharding, Layout):
         return sharding
     raise TypeError(f"sharding must be a jaxembed.TableSharding or None, got {sharding!r}")
+
+
+def set_rows(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """``x`` with ``rows`` (out of range: dropped) set to ``values``, laid out as ``x`` is: on
+    a mesh of explicit axes, a scatter into a sharded array must name its output's sharding."""
+    sharding = jax.typeof(x).sharding
+    if any(axis is not None for axis in getattr(sharding, "spec", ())):
+        return x.at[rows].set(values, mode="drop", out_sharding=sharding)
+    return x.at[rows].set(values, mode="drop")

@@ -11,7 +11,9 @@ in front of one :class:`jaxembed.Embedding` / :class:`jaxembed.EmbeddingBag`, th
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +27,7 @@ from jaxembed.collections._jagged import KeyedJagged
 from jaxembed.collisions import _remap, _torchrec
 from jaxembed.collisions._collection import ManagedCollisionCollection, RawKeyedJagged
 from jaxembed.collisions._remap import ManagedCollision
-from jaxembed.core import _validation
+from jaxembed.core import _layout, _validation
 from jaxembed.core._init import default_embedding_init
 from jaxembed.modules import _table
 from jaxembed.modules._collection import EmbeddingBagCollection, EmbeddingCollection, _Collection
@@ -48,11 +50,13 @@ def _fresh_rows(init: Any, shape: tuple[int, int], dtype: Any, key: jax.Array, k
     return rows.astype(dtype)
 
 
-def _reset_rows(table, slots, num_evicted, key, *, init, shape, dtype, offset=0):
-    """``table`` with the evicted ``slots`` (padded with ``shape[0]``) of one table, at rows
-    ``offset + slot`` of its (stacked) array, drawn afresh; and those rows (the others past the
-    array's end), for the optimizer to reset."""
-    rows = jnp.where(slots < shape[0], slots + offset, table.shape[0])
+def _reset_rows(table, slots, num_evicted, key, *, init, shape, dtype, rows_of=None):
+    """``table`` with the evicted ``slots`` (padded with ``shape[0]``) of one table drawn
+    afresh, and the array rows they are (the others past the array's end), for the optimizer
+    to reset. ``rows_of(slots)``: the array rows of valid slots (default: the slots)."""
+    valid = slots < shape[0]
+    safe = jnp.where(valid, slots, 0)
+    rows = jnp.where(valid, safe if rows_of is None else rows_of(safe), table.shape[0])
     k = slots.shape[0]
     fresh = jax.lax.cond(
         num_evicted > 0,
@@ -60,7 +64,7 @@ def _reset_rows(table, slots, num_evicted, key, *, init, shape, dtype, offset=0)
         lambda key: jnp.zeros((k, shape[1]), dtype),
         key,
     )
-    return table.at[rows].set(fresh.astype(table.dtype), mode="drop"), rows
+    return _layout.set_rows(table, rows, fresh.astype(table.dtype)), rows
 
 
 def _active_tape():
@@ -76,13 +80,15 @@ def _active_tape():
     return tape
 
 
-def _check_reset(reset_evicted: Any, embedding_module: Any, what: str) -> bool:
-    """``reset_evicted``, checked against the embedding module it resets rows of."""
+def _check_reset(reset_evicted: Any, embedding_module: Any, what: str, *, mesh: bool = False):
+    """``reset_evicted``, checked against the embedding module it resets rows of (on a mesh
+    only where ``mesh``: the collections)."""
     reset_evicted = _validation.check_flag("reset_evicted", reset_evicted)
-    if embedding_module.sharding is not None:
+    if not mesh and embedding_module.sharding is not None:
         raise NotImplementedError(
-            "managed collisions on a mesh (row-wise owners managing their own slots) are "
-            f"not built yet; use {what} on one device"
+            f"managed collisions over a sharded {what} are not built; put the table in a "
+            "collection (ManagedCollisionEmbeddingBagCollection or "
+            "ManagedCollisionEmbeddingCollection), which runs on a mesh"
         )
     if reset_evicted and not embedding_module.sparse:
         raise ValueError(
@@ -142,7 +148,7 @@ class _ManagedCollisionCollection(_Managed):
                 "the embedding module and the managed collision collection must hold the same "
                 "table configs (TorchRec asserts the same)"
             )
-        self.reset_evicted = _check_reset(reset_evicted, embedding_module, "a collection")
+        self.reset_evicted = _check_reset(reset_evicted, embedding_module, "collection", mesh=True)
         self.rngs = nnx.Rngs(0) if rngs is None else rngs
         self.embedding_module = embedding_module
         self.managed_collision_collection = managed_collision_collection
@@ -150,6 +156,8 @@ class _ManagedCollisionCollection(_Managed):
             "return_remapped_features", return_remapped_features
         )
         state = managed_collision_collection.init(ids_per_call) if _state is None else _state
+        if embedding_module.sharding is not None:  # every device remaps the whole batch
+            state = jax.tree.map(embedding_module.sharding.replicated, state)
         self.mc_state = nnx.Dict({k: ManagedCollisionState(v) for k, v in state.items()})
         # False: each call profiles its ids and evicts on schedule (TorchRec's training mode);
         # module.eval() sets it True (only remap), module.train() False again
@@ -162,7 +170,9 @@ class _ManagedCollisionCollection(_Managed):
     def remap(self, features: RawKeyedJagged) -> KeyedJagged:
         """The features' rows (and, in training, the states profiled and evicted)."""
         state = {k: self.mc_state[k].get_value() for k in self._tables()}
-        out = self.managed_collision_collection.remap(state, features, train=not self.deterministic)
+        out = self.managed_collision_collection.remap(
+            state, features, train=not self.deterministic, sharding=self.embedding_module.sharding
+        )
         if not self.deterministic:
             if self.reset_evicted:
                 self._reset(out.evicted, out.num_evicted)
@@ -175,14 +185,23 @@ class _ManagedCollisionCollection(_Managed):
         marked for :class:`jaxembed.sparse.Optimizer` to reset their state."""
         tape = _active_tape()
         emb = self.embedding_module
-        for stack in emb.plan.stacks:
-            variable = emb.weights[stack.name]
+        # one key a table, in the tables' order, wherever the tables are placed
+        keys = {t.name: self.rngs() for t in self.managed_collision_collection.tables}
+        if emb.sharding is None:  # each stack's tables at their row offsets
+            arrays = [(s.name, [(t, functools.partial(operator.add, off))
+                                for t, off in zip(s.tables, s.offsets, strict=True)])
+                      for s in emb.plan.stacks]  # fmt: skip
+        else:  # each group's tables where the plan placed their rows
+            arrays = [(g.name, [(t, functools.partial(g.rows_of, t.name)) for t in g.stack.tables])
+                      for g in emb.sharding.groups]  # fmt: skip
+        for name, tables in arrays:
+            variable = emb.weights[name]
             table = variable.get_value()
-            for t, offset in zip(stack.tables, stack.offsets, strict=True):
+            for t, rows_of in tables:
                 shape = (t.num_embeddings, t.embedding_dim)
                 table, rows = _reset_rows(table, evicted[t.name], num_evicted[t.name],
-                                          self.rngs(), init=t.init, shape=shape,
-                                          dtype=t.param_dtype, offset=offset)  # fmt: skip
+                                          keys[t.name], init=t.init, shape=shape,
+                                          dtype=t.param_dtype, rows_of=rows_of)  # fmt: skip
                 tape.reset(variable, rows)
             variable.set_value(table)
 
@@ -275,17 +294,21 @@ class ManagedCollisionEmbeddingBagCollection(_ManagedCollisionCollection):
 
     Args:
       embedding_module: the :class:`jaxembed.EmbeddingBagCollection` (dense or
-        ``sparse=True``; on one device).
+        ``sparse=True``; on one device, or on a mesh with ``sharding=``: then each call takes
+        :func:`jaxembed.collisions.put_raw_features`' batch, every device remaps the whole
+        batch with the states replicated, exactly as one device would, and the lookup runs
+        on the plan; see :meth:`jaxembed.collisions.ManagedCollisionCollection.remap`).
       managed_collision_collection: the tables' remappers, over the same table configs.
-      ids_per_call: the most ids a call brings to a table (all its features), one number or
-        ``{table name: n}``; a concrete call with more raises.
+      ids_per_call: the most ids a call brings to a table (all its features; on a mesh, the
+        whole batch's), one number or ``{table name: n}``; a concrete call with more raises.
       return_remapped_features: return ``(pooled, remapped KeyedJagged)``.
       reset_evicted: draw each evicted row afresh from its table's init, and have
         :class:`jaxembed.sparse.Optimizer` reset its row-wise state (TorchRec's sharded
         semantics, the default). It needs a ``sparse=True`` collection, trained under
         :func:`jaxembed.sparse.value_and_grad`. False keeps evicted rows as they are (TorchRec's
         unsharded module: a new id inherits the old id's trained row).
-      rngs: ``nnx.Rngs`` whose default stream draws the fresh rows (default ``nnx.Rngs(0)``).
+      rngs: ``nnx.Rngs`` whose default stream draws the fresh rows (default ``nnx.Rngs(0)``):
+        a key a table, in the tables' order, at every training call.
 
     Example:
       >>> import jaxembed

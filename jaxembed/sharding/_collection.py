@@ -222,18 +222,25 @@ def put_features(blocks: Sequence[KeyedJagged], sharding: ShardingPlan) -> Keyed
     Raises:
       ValueError: blocks that differ in keys or shape, or not one per local device.
     """
-    plan = _check_plan(sharding)
+    return put_blocks(blocks, _check_plan(sharding), KeyedJagged)
+
+
+def put_blocks(blocks: Sequence[Any], plan: ShardingPlan, kind: type) -> Any:
+    """:func:`put_features` for blocks of ``kind`` (a KeyedJagged or a layout like it, with
+    ``keys``, ``capacity``, ``batch_size`` and ``weights``): every leaf of the blocks side by
+    side, split over the plan's ``batch_axes``."""
     blocks = list(blocks)
     local = [d for d in plan.mesh.devices.reshape(-1) if d.process_index == jax.process_index()]
     if len(blocks) != len(local):
         raise ValueError(
-            f"blocks must hold one KeyedJagged per device of this process ({len(local)}), "
+            f"blocks must hold one {kind.__name__} per device of this process ({len(local)}), "
             f"got {len(blocks)}"
         )
+    for b in blocks:
+        if not isinstance(b, kind):
+            raise TypeError(f"blocks must be {kind.__name__}, got {type(b).__name__}")
     first = blocks[0]
     for b in blocks:
-        if not isinstance(b, KeyedJagged):
-            raise TypeError(f"blocks must be KeyedJagged, got {type(b).__name__}")
         same = (b.keys, b.capacity, b.batch_size, b.weights is None)
         if same != (first.keys, first.capacity, first.batch_size, first.weights is None):
             raise ValueError(
@@ -243,14 +250,12 @@ def put_features(blocks: Sequence[KeyedJagged], sharding: ShardingPlan) -> Keyed
     sharding_ = NamedSharding(plan.mesh, P(plan.batch_axes))
     k = plan.num_blocks
 
-    def put(leaves):
+    def put(*leaves):
         local_data = np.concatenate([np.asarray(x) for x in leaves])
         shape = (local_data.shape[0] * k // len(blocks),)
         return jax.make_array_from_process_local_data(sharding_, local_data, shape)
 
-    weights = None if first.weights is None else put([b.weights for b in blocks])
-    children = (put([b.values for b in blocks]), put([b.lengths for b in blocks]), weights)
-    return KeyedJagged.tree_unflatten(first.keys, children)
+    return jax.tree.map(put, *blocks)
 
 
 def _check_features(features: Any, plan: ShardingPlan) -> KeyedJagged:
@@ -1089,6 +1094,8 @@ def group_optimizers(tx: RowOptimizer, plan: ShardingPlan) -> dict[str, RowOptim
         specs = jax.tree.map(lambda x, g=g: _state_spec(g, x, axis), jax.eval_shape(tx.init, block))
 
         def init(w, g=g, specs=specs):
+            if w.shape != g.global_shape:  # a row of its own (a reset row's fresh state)
+                return tx.init(w)
             return _run(tx.init, plan.mesh, (spec_of(g, axis),), specs, w)
 
         def update(grad, state, table, g=g, specs=specs):

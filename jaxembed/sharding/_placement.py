@@ -193,12 +193,13 @@ class Group:
             return rows // self.rows, rows % self.rows
         return rows % self.devices, rows // self.devices
 
-    def rows_of(self, table: str) -> np.ndarray:
-        """The rows of the group's whole array that hold ``table``'s rows, in order (a
-        row-wise stack's as :meth:`owner_of` places them)."""
+    def rows_of(self, table: str, rows: Any = None) -> Any:
+        """The rows of the group's whole array that hold ``table``'s ``rows`` (NumPy or JAX;
+        default: all of them, in order), a row-wise stack's as :meth:`owner_of` places them."""
         device, offset = self.where(table)
-        n = next(t.num_embeddings for t in self.stack.tables if t.name == table)
-        rows = offset + np.arange(n)
+        if rows is None:
+            rows = np.arange(next(t.num_embeddings for t in self.stack.tables if t.name == table))
+        rows = offset + rows
         if self.kind is Kind.ROW_WISE:
             owner, local = self.owner_of(rows)
             return owner * self.rows + local

@@ -683,13 +683,14 @@ def fresh_state(optimizer: RowOptimizer, state: Any, table: jax.Array, rows: jax
     table's ``V`` rows; other leaves (the step count) are left alone."""
     num_rows = table.shape[0]
     rows = jnp.where(rows < 0, jnp.iinfo(jnp.int32).max, rows).astype(jnp.int32)
-    fresh = optimizer.init(table[:1])
+    # a fresh row's state, of a row of zeros (not the table's first row, which a mesh splits)
+    fresh = optimizer.init(jnp.zeros((1, *table.shape[1:]), table.dtype))
 
     def reset(leaf, one):
         if not hasattr(leaf, "shape") or leaf.ndim == 0 or leaf.shape[0] != num_rows:
             return leaf
         value = jnp.broadcast_to(jnp.asarray(one)[0], (rows.shape[0], *leaf.shape[1:]))
-        return leaf.at[rows].set(value.astype(leaf.dtype), mode="drop")
+        return _layout.set_rows(leaf, rows, value.astype(leaf.dtype))
 
     return jax.tree.map(reset, state, fresh)
 
