@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 
 import jaxembed
 from jaxembed import sharding as S
@@ -56,12 +57,13 @@ PLACEMENTS = {
 }
 
 
-def _plan(shape):
-    if shape == "1d":
-        mesh = jax.make_mesh((N,), ("x",))
-        return S.by_hand(TABLES, mesh, PLACEMENTS)
+def _plan(shape, tables=TABLES, placements=PLACEMENTS):
+    if shape in ("1d", "1d-auto"):
+        kind = AxisType.Auto if shape == "1d-auto" else AxisType.Explicit
+        mesh = jax.make_mesh((N,), ("x",), axis_types=(kind,))
+        return S.by_hand(tables, mesh, placements)
     mesh = jax.make_mesh((2, N // 2), ("replica", "x"))
-    return S.by_hand(TABLES, mesh, PLACEMENTS, axis="x", replica="replica")
+    return S.by_hand(tables, mesh, placements, axis="x", replica="replica")
 
 
 def _universe(rng):
@@ -164,7 +166,7 @@ def _module(plan, seed=0):
     )
 
 
-@pytest.mark.parametrize("shape", ["1d", "2d"])
+@pytest.mark.parametrize("shape", ["1d", "2d", "1d-auto"])
 def test_the_module_on_a_mesh_trains_with_resets_as_on_one_device(shape):
     """Sparse row-wise Adagrad with reset_evicted (the default), every placement kind at once:
     the remap states equal one device's exactly; the tables and the optimizer's state equal
@@ -231,6 +233,62 @@ def test_the_module_on_a_mesh_trains_with_resets_as_on_one_device(shape):
                 atol=2e-6,
                 err_msg=t.name,
             )
+
+
+def test_the_unpooled_module_on_a_mesh_trains_with_resets_as_on_one_device():
+    """ManagedCollisionEmbeddingCollection over a sharded EmbeddingCollection (row-wise and
+    data-parallel): the rows of every id, the remap states and the trained tables equal the
+    one-device module's."""
+    tables = [
+        jaxembed.EmbeddingConfig("a", 4, 24, ["f1", "f2"]),
+        jaxembed.EmbeddingConfig("b", 4, 12, ["f3", "f4", "f5"]),
+    ]
+    policies = {"a": POLICIES["a"], "b": POLICIES["b"]}
+    per_table = {"a": PER_TABLE["a"], "b": 3 * N * B * 3}
+    plan = _plan("1d", tables, {"a": S.row_wise(), "b": S.data_parallel()})
+
+    def module(sharding):
+        ec = jaxembed.EmbeddingCollection(
+            tables, rngs=nnx.Rngs(0), sparse=True, stack=False, sharding=sharding
+        )
+        mcc = ManagedCollisionCollection(policies, tables)
+        return jaxembed.ManagedCollisionEmbeddingCollection(
+            ec, mcc, ids_per_call=per_table, rngs=nnx.Rngs(3)
+        )
+
+    def train(model, batches):
+        opt = jaxembed.sparse.Optimizer(model, optax.sgd(0.0), jaxembed.sparse.adagrad(0.3))
+
+        @nnx.jit
+        def step(model, opt, raw):
+            def loss(m):
+                # padding rows read zero, and add nothing
+                return sum(jnp.sum(jnp.sin(j.values) ** 2) for j in m(raw).values())
+
+            value, grads = jaxembed.sparse.value_and_grad(loss)(model)
+            opt.update(model, grads)
+            return value
+
+        return [float(step(model, opt, raw)) for raw in batches]
+
+    rng = np.random.default_rng(4)
+    universe = _universe(rng)
+    batches = [_batch(rng, universe) for _ in range(5)]
+    with jax.set_mesh(plan.mesh):
+        sharded, single = module(plan), module(None)
+        got = train(sharded, [put_raw_features(blocks, plan) for _, blocks in batches])
+        want = train(single, [whole for whole, _ in batches])
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    for t in tables:
+        _assert_same_tree(sharded.mc_state[t.name].get_value(),
+                          single.mc_state[t.name].get_value(), t.name)  # fmt: skip
+        np.testing.assert_allclose(
+            sharded.embedding_module.tables()[t.name],
+            single.embedding_module.tables()[t.name],
+            rtol=2e-5,
+            atol=2e-6,
+            err_msg=t.name,
+        )
 
 
 def test_what_the_modules_on_a_mesh_refuse_is_named():
