@@ -155,6 +155,16 @@ def put_raw_features(blocks: Sequence[RawKeyedJagged], sharding: ShardingPlan) -
 
     Raises:
       TypeError, ValueError: blocks of another type or shape, or not one per local device.
+
+    Example:
+      >>> import jax, jaxembed
+      >>> from jaxembed import sharding as S
+      >>> from jaxembed.collisions import RawKeyedJagged, put_raw_features
+      >>> tables = [jaxembed.EmbeddingBagConfig("t", 4, 8, ["f"])]
+      >>> plan = S.by_hand(tables, jax.make_mesh((1,), ("x",)), {"t": S.row_wise()})
+      >>> raw = put_raw_features([RawKeyedJagged.from_lists({"f": [[2**60, 3]]})], plan)
+      >>> raw.capacity, raw.ids.hi.sharding.spec
+      (16, P('x',))
     """
     if not isinstance(sharding, ShardingPlan):
         raise TypeError(
