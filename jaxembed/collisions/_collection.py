@@ -10,6 +10,7 @@ included.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -432,10 +433,11 @@ class ManagedCollisionCollection:
             values = jnp.take(out.features.values, mine, mode="fill", fill_value=0)
             return values, out.state, out.evicted, out.num_evicted
 
-        values, new_state, evicted, num_evicted = _mesh._run(
-            body, plan.mesh, (P(), P(axes), P(axes)), (P(axes), P(), P(), P()),
-            dict(state), features.ids, features.lengths,
-        )  # fmt: skip
+        # jitted even when called eagerly: an eager shard_map runs the body op by op, and its
+        # lax.cond on the pure-JAX path once crashed XLA in CI's rehearsal (a segfault)
+        specs = ((P(), P(axes), P(axes)), (P(axes), P(), P(), P()))
+        run = jax.jit(functools.partial(_mesh._run, body, plan.mesh, *specs))
+        values, new_state, evicted, num_evicted = run(dict(state), features.ids, features.lengths)
         return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
 
 
