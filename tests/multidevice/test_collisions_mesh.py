@@ -111,6 +111,23 @@ def _assert_same_tree(a, b, what):
         np.testing.assert_array_equal(np.asarray(data(x)), np.asarray(data(y)), err_msg=what)
 
 
+def _assert_trained_alike(sharded, single, tables):
+    """The remap states and held ids equal; the tables equal to rounding (a routed owner sums
+    each device's sums)."""
+    for t in tables:
+        _assert_same_tree(sharded.mc_state[t.name].get_value(),
+                          single.mc_state[t.name].get_value(), t.name)  # fmt: skip
+        np.testing.assert_allclose(
+            sharded.embedding_module.tables()[t.name],
+            single.embedding_module.tables()[t.name],
+            rtol=2e-5,
+            atol=2e-6,
+            err_msg=t.name,
+        )
+        for ids_a, ids_b in zip(sharded.held_ids()[t.name], single.held_ids()[t.name], strict=True):
+            np.testing.assert_array_equal(ids_a, ids_b)
+
+
 @pytest.mark.parametrize("shape", ["1d", "2d"])
 @pytest.mark.parametrize("jit", [True, False])
 def test_the_remap_on_a_mesh_is_one_devices_on_the_whole_batch(shape, jit):
@@ -208,18 +225,7 @@ def test_the_module_on_a_mesh_trains_with_resets_as_on_one_device(shape):
         want, single_opt = train(single, [whole for whole, _ in batches])
     np.testing.assert_allclose(got, want, rtol=2e-5)
     assert traces.count(True) == 1 and traces.count(False) == 1
-    for t in TABLES:
-        _assert_same_tree(sharded.mc_state[t.name].get_value(),
-                          single.mc_state[t.name].get_value(), t.name)  # fmt: skip
-        np.testing.assert_allclose(
-            sharded.embedding_module.tables()[t.name],
-            single.embedding_module.tables()[t.name],
-            rtol=2e-5,
-            atol=2e-6,
-            err_msg=t.name,
-        )
-        for ids_a, ids_b in zip(sharded.held_ids()[t.name], single.held_ids()[t.name], strict=True):
-            np.testing.assert_array_equal(ids_a, ids_b)
+    _assert_trained_alike(sharded, single, TABLES)
     # the optimizer's row-wise state, reset with the evicted rows, sits where the plan put it
     group_sums = {
         g.name: np.asarray(opt.sparse_state[f"embedding_module/weights/{g.name}"].sum.get_value())
@@ -282,16 +288,7 @@ def test_the_unpooled_module_on_a_mesh_trains_with_resets_as_on_one_device():
         got = train(sharded, [put_raw_features(blocks, plan) for _, blocks in batches])
         want = train(single, [whole for whole, _ in batches])
     np.testing.assert_allclose(got, want, rtol=2e-5)
-    for t in tables:
-        _assert_same_tree(sharded.mc_state[t.name].get_value(),
-                          single.mc_state[t.name].get_value(), t.name)  # fmt: skip
-        np.testing.assert_allclose(
-            sharded.embedding_module.tables()[t.name],
-            single.embedding_module.tables()[t.name],
-            rtol=2e-5,
-            atol=2e-6,
-            err_msg=t.name,
-        )
+    _assert_trained_alike(sharded, single, tables)
 
 
 def test_a_checkpoint_of_the_module_on_a_mesh_resumes_bit_for_bit(tmp_path):
