@@ -347,9 +347,40 @@ class ManagedCollisionCollection:
                 f"features must hold exactly the tables' features {wanted}: "
                 f"unknown {unknown}, missing {missing}"
             )
+        if sharding is not None and not isinstance(sharding, ShardingPlan):
+            raise TypeError(
+                f"sharding must be a jaxembed.sharding.ShardingPlan, got {type(sharding).__name__}"
+            )
+        k = 1 if sharding is None else sharding.num_blocks
+        if features.capacity % k or features.lengths.shape[0] % (k * len(keys)):
+            raise ValueError(
+                f"features must hold the plan's {k} equal device blocks "
+                f"(jaxembed.collisions.put_raw_features); got {features!r}"
+            )
+        self._check_ids_per_call(state, features, k)
         if sharding is not None:
             return self._on_mesh(state, features, train, sharding)
         return self._remap(state, features, train)
+
+    def _check_ids_per_call(self, state, features: RawKeyedJagged, k: int) -> None:
+        """Concrete lengths of ``k`` device blocks: each table's ids, over every block, within
+        its state's ``ids_per_call`` (under ``jit``, the ids past it are not remapped)."""
+        lengths = features.lengths
+        if isinstance(lengths, jax.core.Tracer) or not getattr(
+            lengths, "is_fully_addressable", True
+        ):
+            return
+        keys = features.keys
+        per_key = np.asarray(lengths).reshape(k, len(keys), -1).sum((0, 2))
+        where = " over the mesh's whole batch" if k > 1 else ""
+        for t in self.tables:
+            n = self.managed_collisions[t.name].check_state(state[t.name])
+            total = sum(int(per_key[keys.index(f)]) for f in t.feature_names)
+            if total > n:
+                raise ValueError(
+                    f"table {t.name!r} gets {total} ids in this call{where} (features "
+                    f"{list(t.feature_names)}), more than its state's ids_per_call {n}"
+                )
 
     def _remap(self, state, features: RawKeyedJagged, train: bool) -> RemappedFeatures:
         """:meth:`remap` on one device, the arguments checked."""
@@ -369,11 +400,6 @@ class ManagedCollisionCollection:
             js = np.array([keys.index(f) for f in t.feature_names], np.int32)
             counts, begins = per_key[js], starts[js]
             total = jnp.sum(counts)
-            if not isinstance(total, jax.core.Tracer) and int(total) > n:
-                raise ValueError(
-                    f"table {t.name!r} gets {int(total)} ids in this call (features "
-                    f"{list(t.feature_names)}), more than its state's ids_per_call {n}"
-                )
             # the k-th id of the table's call: feature j = the block holding k, in config order
             k = jnp.arange(n, dtype=jnp.int32)
             ends = jnp.cumsum(counts, dtype=jnp.int32)
@@ -392,32 +418,11 @@ class ManagedCollisionCollection:
             values = values.at[at].set(slots, mode="drop")
         return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
 
-    def _on_mesh(self, state, features: RawKeyedJagged, train: bool, plan: Any):
-        """:meth:`remap` of features split over ``plan``'s blocks: the one-device remap of the
-        whole batch on every device (see ``sharding`` there)."""
-        if not isinstance(plan, ShardingPlan):
-            raise TypeError(
-                f"sharding must be a jaxembed.sharding.ShardingPlan, got {type(plan).__name__}"
-            )
+    def _on_mesh(self, state, features: RawKeyedJagged, train: bool, plan: ShardingPlan):
+        """:meth:`remap` of features split over ``plan``'s blocks, the arguments checked: the
+        one-device remap of the whole batch on every device (see ``sharding`` there)."""
         k, axes, nf = plan.num_blocks, plan.batch_axes, len(features.keys)
-        if features.capacity % k or features.lengths.shape[0] % (k * nf):
-            raise ValueError(
-                f"features must hold the plan's {k} equal device blocks "
-                f"(jaxembed.collisions.put_raw_features); got {features!r}"
-            )
         capacity, b = features.capacity // k, features.batch_size // k
-        lengths = features.lengths
-        if not isinstance(lengths, jax.core.Tracer) and lengths.is_fully_addressable:
-            per_key = np.asarray(lengths).reshape(k, nf, b).sum((0, 2))
-            for t in self.tables:
-                n = self.managed_collisions[t.name].check_state(state[t.name])
-                total = sum(int(per_key[features.keys.index(f)]) for f in t.feature_names)
-                if total > n:
-                    raise ValueError(
-                        f"table {t.name!r} gets {total} ids in this call over the mesh's whole "
-                        f"batch (features {list(t.feature_names)}), more than its state's "
-                        f"ids_per_call {n}"
-                    )
 
         def body(state, ids, lengths):
             ids = jax.tree.map(lambda x: jax.lax.all_gather(x, axes, tiled=True), ids)
