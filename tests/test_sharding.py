@@ -40,9 +40,17 @@ def _multidevice(marks: str, *, files: tuple[str, ...] = ("tests/multidevice",))
         text=True,
         timeout=1800,
     )
-    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+    assert result.returncode == 0, result.stdout[-20000:] + _fatal_error(result.stderr)
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+
+
+def _fatal_error(stderr: str) -> str:
+    """The end of ``stderr``, and where a crash was reported, the start of faulthandler's report
+    (the faulting thread comes first there: a report's end holds only the main thread)."""
+    at = stderr.find("Fatal Python error")
+    head = stderr[at : at + 12000] + "\n[...]\n" if at >= 0 else ""
+    return head + stderr[-5000:]
 
 
 # the mesh properties (random placements and uneven table-wise groups train as on one device:
