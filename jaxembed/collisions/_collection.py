@@ -27,6 +27,7 @@ from jaxembed.collisions._ids import RawIds
 from jaxembed.collisions._remap import CollisionState, ManagedCollision
 from jaxembed.core import _serialization
 from jaxembed.sharding import _collection as _mesh
+from jaxembed.sharding._layout import place
 from jaxembed.sharding._placement import ShardingPlan
 
 
@@ -352,11 +353,7 @@ class ManagedCollisionCollection:
                 f"sharding must be a jaxembed.sharding.ShardingPlan, got {type(sharding).__name__}"
             )
         k = 1 if sharding is None else sharding.num_blocks
-        if features.capacity % k or features.lengths.shape[0] % (k * len(keys)):
-            raise ValueError(
-                f"features must hold the plan's {k} equal device blocks "
-                f"(jaxembed.collisions.put_raw_features); got {features!r}"
-            )
+        _mesh.check_blocks(features, k, "jaxembed.collisions.put_raw_features")
         self._check_ids_per_call(state, features, k)
         if sharding is not None:
             return self._on_mesh(state, features, train, sharding)
@@ -421,29 +418,42 @@ class ManagedCollisionCollection:
     def _on_mesh(self, state, features: RawKeyedJagged, train: bool, plan: ShardingPlan):
         """:meth:`remap` of features split over ``plan``'s blocks, the arguments checked: the
         one-device remap of the whole batch on every device (see ``sharding`` there)."""
-        k, axes, nf = plan.num_blocks, plan.batch_axes, len(features.keys)
-        capacity, b = features.capacity // k, features.batch_size // k
-
-        def body(state, ids, lengths):
-            ids = jax.tree.map(lambda x: jax.lax.all_gather(x, axes, tiled=True), ids)
-            lengths = jax.lax.all_gather(lengths, axes, tiled=True).reshape(k, nf, b)
-            dest = _whole_batch_positions(lengths, capacity)
-            whole_ids = jax.tree.map(
-                lambda x: jnp.zeros_like(x).at[dest.reshape(-1)].set(x, mode="drop"), ids
-            )
-            whole_lengths = lengths.transpose(1, 0, 2).reshape(-1)
-            whole = RawKeyedJagged.tree_unflatten(features.keys, (whole_ids, whole_lengths, None))
-            out = self._remap(state, whole, train)
-            mine = dest[jax.lax.axis_index(axes)]
-            values = jnp.take(out.features.values, mine, mode="fill", fill_value=0)
-            return values, out.state, out.evicted, out.num_evicted
-
-        # jitted even when called eagerly: an eager shard_map runs the body op by op, and its
-        # lax.cond on the pure-JAX path once crashed XLA in CI's rehearsal (a segfault)
-        specs = ((P(), P(axes), P(axes)), (P(axes), P(), P(), P()))
-        run = jax.jit(functools.partial(_mesh._run, body, plan.mesh, *specs))
-        values, new_state, evicted, num_evicted = run(dict(state), features.ids, features.lengths)
+        # the state replicated on the mesh first: a state from init (on one device) and one
+        # from an earlier call (on the mesh) then call the same program
+        state = {n: jax.tree.map(lambda x: place(x, plan.mesh, P()), s) for n, s in state.items()}
+        values, new_state, evicted, num_evicted = _remap_on_mesh(
+            self, state, features.ids, features.lengths,
+            keys=features.keys, plan=plan, train=train,
+        )  # fmt: skip
         return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
+
+
+# jitted even when called eagerly, and compiled once per collection, plan, keys and shapes:
+# an eager shard_map would run the body op by op
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("keys", "plan", "train"))
+def _remap_on_mesh(mcc: ManagedCollisionCollection, state, ids: RawIds, lengths: jax.Array, *,
+                   keys: tuple[str, ...], plan: ShardingPlan, train: bool):  # fmt: skip
+    """``mcc``'s :meth:`ManagedCollisionCollection.remap` of the batch that ``plan``'s blocks
+    hold: ``(values, state, evicted, num_evicted)``, the values split as the blocks are."""
+    k, axes, nf = plan.num_blocks, plan.batch_axes, len(keys)
+    capacity, b = ids.hi.shape[0] // k, lengths.shape[0] // (k * nf)
+
+    def body(state, ids, lengths):
+        ids = jax.tree.map(lambda x: jax.lax.all_gather(x, axes, tiled=True), ids)
+        lengths = jax.lax.all_gather(lengths, axes, tiled=True).reshape(k, nf, b)
+        dest = _whole_batch_positions(lengths, capacity)
+        whole_ids = jax.tree.map(
+            lambda x: jnp.zeros_like(x).at[dest.reshape(-1)].set(x, mode="drop"), ids
+        )
+        whole_lengths = lengths.transpose(1, 0, 2).reshape(-1)
+        whole = RawKeyedJagged.tree_unflatten(keys, (whole_ids, whole_lengths, None))
+        out = mcc._remap(state, whole, train)
+        mine = dest[jax.lax.axis_index(axes)]
+        values = jnp.take(out.features.values, mine, mode="fill", fill_value=0)
+        return values, out.state, out.evicted, out.num_evicted
+
+    specs = ((P(), P(axes), P(axes)), (P(axes), P(), P(), P()))
+    return _mesh._run(body, plan.mesh, *specs, state, ids, lengths)
 
 
 def _whole_batch_positions(lengths: jax.Array, capacity: int) -> jax.Array:

@@ -155,6 +155,22 @@ def test_the_remap_on_a_mesh_is_one_devices_on_the_whole_batch(shape, jit):
     assert evictions > 20  # slots were taken and given up
 
 
+def test_the_eager_remap_on_a_mesh_does_not_retrace(monkeypatch):
+    """An eager call on a mesh runs one jitted program, traced once and reused call after call
+    (a state from init, on one device, is first replicated on the mesh), not compiled anew."""
+    plan = _plan("1d")
+    mcc = ManagedCollisionCollection(POLICIES, TABLES)
+    traces, remap = [], mcc._remap
+    monkeypatch.setattr(mcc, "_remap", lambda *args: traces.append(1) or remap(*args))
+    rng = np.random.default_rng(3)
+    universe = _universe(rng)
+    state = mcc.init(PER_TABLE)
+    for _ in range(4):
+        _, blocks = _batch(rng, universe)
+        state = mcc.remap(state, put_raw_features(blocks, plan), sharding=plan).state
+    assert len(traces) == 1
+
+
 def test_the_remap_on_a_mesh_refuses_what_it_cannot_do():
     plan = _plan("1d")
     mcc = ManagedCollisionCollection(POLICIES, TABLES)
