@@ -264,11 +264,7 @@ def _check_features(features: Any, plan: ShardingPlan) -> KeyedJagged:
     if not isinstance(features, KeyedJagged):
         raise TypeError(f"features must be a jaxembed.KeyedJagged, got {type(features).__name__}")
     k = plan.num_blocks
-    if features.capacity % k or features.lengths.shape[0] % (k * len(features.keys)):
-        raise ValueError(
-            f"features must hold {k} equal device blocks (jaxembed.sharding.put_features); "
-            f"got capacity {features.capacity} and {features.lengths.shape[0]} lengths"
-        )
+    check_blocks(features, k, "jaxembed.sharding.put_features")
     leaves = jax.tree.leaves(features)
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
     addressable = not traced and all(getattr(x, "is_fully_addressable", True) for x in leaves)
@@ -278,6 +274,16 @@ def _check_features(features: Any, plan: ShardingPlan) -> KeyedJagged:
         for block in range(k):
             _coll._check_features(_block(features, block, k), stack_plan, pooled=plan.pooled)
     return features
+
+
+def check_blocks(features: Any, k: int, put: str) -> None:
+    """Keyed jagged ``features`` (ids or raw ids) that split into ``k`` equal device blocks, as
+    ``put`` lays them out: ``ValueError`` otherwise."""
+    if features.capacity % k or features.lengths.shape[0] % (k * len(features.keys)):
+        raise ValueError(
+            f"features must hold {k} equal device blocks ({put}); "
+            f"got capacity {features.capacity} and {features.lengths.shape[0]} lengths"
+        )
 
 
 def _block(features: KeyedJagged, block: int, k: int) -> KeyedJagged:

@@ -231,6 +231,16 @@ def whole_table(tables, feature):
     return next(t.name for t in tables if feature in t.feature_names)
 
 
+def test_features_not_split_into_the_plans_blocks_are_refused():
+    tables = _tables()
+    plan = _plan("row_wise", tables, _mesh())
+    whole, _ = _batch(tables)
+    params = S.init(jax.random.key(0), plan)
+    short = jaxembed.KeyedJagged(whole.keys, whole.values[:-1], whole.lengths)
+    with pytest.raises(ValueError, match=r"8 equal device blocks \(jaxembed\.sharding\.put"):
+        S.embedding_bag_collection(params, short, plan)
+
+
 @pytest.mark.parametrize("name", ["data_parallel", "table_wise", "row_wise", "column_wise"])
 def test_an_id_outside_its_table_gives_a_nan_bag_under_jit(name):
     tables = _tables()
