@@ -169,6 +169,26 @@ def test_evicted_rows_and_an_overflow():
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_eager_remap_runs_one_jitted_program_call_after_call(monkeypatch):
+    """Eager calls trace the collection's remap once (each table's eviction ``lax.cond``,
+    run op by op, was traced and compiled anew on every call) and give the traced result."""
+    mcc = ManagedCollisionCollection(policies("mixed"), TABLES)
+    traces, remap = [], mcc._remap
+    monkeypatch.setattr(mcc, "_remap", lambda *args: traces.append(1) or remap(*args))
+    rng = np.random.default_rng(5)
+    ids = universe(rng)
+    state = want = mcc.init(PER_TABLE)
+    for _ in range(4):
+        raw = RawKeyedJagged.from_lists(batch_lists(rng, ids))
+        got = mcc.remap(state, raw)
+        ref = remap(want, raw, True)  # the same body, op by op
+        np.testing.assert_array_equal(got.features.values, ref.features.values)
+        for x, y in zip(jax.tree.leaves(got.state), jax.tree.leaves(ref.state), strict=True):
+            np.testing.assert_array_equal(x, y)
+        state, want = got.state, ref.state
+    assert len(traces) == 1
+
+
 def test_remap_feeds_sparse_training_and_does_not_retrace():
     mcs = {t.name: ManagedCollision("lfu", 2) for t in TABLES}
     mcc = ManagedCollisionCollection(mcs, TABLES)

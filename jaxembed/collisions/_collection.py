@@ -357,7 +357,7 @@ class ManagedCollisionCollection:
         self._check_ids_per_call(state, features, k)
         if sharding is not None:
             return self._on_mesh(state, features, train, sharding)
-        return self._remap(state, features, train)
+        return _remap_on_one_device(self, dict(state), features, train=train)
 
     def _check_ids_per_call(self, state, features: RawKeyedJagged, k: int) -> None:
         """Concrete lengths of ``k`` device blocks: each table's ids, over every block, within
@@ -428,8 +428,16 @@ class ManagedCollisionCollection:
         return RemappedFeatures(features.with_ids(values), new_state, evicted, num_evicted)
 
 
-# jitted even when called eagerly, and compiled once per collection, plan, keys and shapes:
-# an eager shard_map would run the body op by op
+# Both paths are jitted even when called eagerly, and compiled once per collection (plan),
+# keys and shapes: run op by op, each table's eviction lax.cond traced its branches anew and
+# compiled them on every call (and an eager shard_map would run the mesh body op by op)
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("train",))
+def _remap_on_one_device(mcc: ManagedCollisionCollection, state, features: RawKeyedJagged, *,
+                         train: bool) -> RemappedFeatures:  # fmt: skip
+    """``mcc``'s :meth:`ManagedCollisionCollection.remap` on one device."""
+    return mcc._remap(state, features, train)
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("keys", "plan", "train"))
 def _remap_on_mesh(mcc: ManagedCollisionCollection, state, ids: RawIds, lengths: jax.Array, *,
                    keys: tuple[str, ...], plan: ShardingPlan, train: bool):  # fmt: skip
